@@ -1,0 +1,274 @@
+"""Typed, validated configs. Key names and defaults follow deepmd-kit's input.json (argcheck),
+so the `model`, `learning_rate`, `loss` and `training` sections of a deepmd-kit input can be reused.
+
+Validated once at the edge (`load_train_config`); inner code receives these frozen objects.
+Where we deviate from deepmd-kit's argcheck default we say so next to the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+Precision = Literal["default", "float64", "float32"]
+Activation = Literal["tanh", "gelu", "gelu_tf", "relu", "silu", "softplus", "sigmoid", "linear", "none"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def dtype_name(precision: str) -> str:
+    """deepmd-kit's "default" precision is float64."""
+    return "float32" if precision == "float32" else "float64"
+
+
+class SeE2AConfig(Strict):
+    """se_e2_a (DeepPot-SE); defaults as deepmd-kit argcheck."""
+
+    type: Literal["se_e2_a", "se_a"] = "se_e2_a"
+    rcut: float = Field(6.0, gt=0)  # Angstrom
+    rcut_smth: float = Field(0.5, ge=0)  # Angstrom, < rcut
+    sel: Union[list[int], str] = "auto"  # max neighbours per type, or "auto" / "auto:1.1"
+    neuron: list[int] = [10, 20, 40]  # embedding net widths, M1 = neuron[-1]
+    axis_neuron: int = Field(4, gt=0)  # M2
+    type_one_side: bool = False  # True: one embedding net per neighbour type
+    resnet_dt: bool = False
+    activation_function: Activation = "tanh"
+    precision: Precision = "default"
+    set_davg_zero: bool = False
+    env_protection: float = 0.0
+    exclude_types: list[list[int]] = []
+    trainable: bool = True
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_common(self)
+        if self.axis_neuron > self.neuron[-1]:
+            raise ValueError(f"axis_neuron {self.axis_neuron} > neuron[-1] {self.neuron[-1]}")
+        return self
+
+
+class SeAttenConfig(Strict):
+    """se_atten (DPA-1) and se_atten_v2; defaults as deepmd-kit argcheck, except
+    `smooth_type_embedding`, which defaults to True here (deepmd-kit: False) so that the
+    energy is continuous at rcut, as our physics contract requires. An input that sets it
+    to False explicitly gets deepmd-kit's masked (non-smooth) attention."""
+
+    type: Literal["se_atten", "dpa1", "se_atten_v2"] = "se_atten"
+    rcut: float = Field(6.0, gt=0)
+    rcut_smth: float = Field(0.5, ge=0)
+    sel: Union[int, list[int], str] = "auto"  # total neighbours (mixed types); a list is summed
+    neuron: list[int] = [10, 20, 40]
+    axis_neuron: int = Field(4, gt=0)
+    tebd_dim: int = Field(8, gt=0)
+    tebd_input_mode: Literal["concat", "strip"] = "concat"
+    resnet_dt: bool = False
+    type_one_side: bool = False
+    attn: int = Field(128, gt=0)  # hidden width of the gated attention
+    attn_layer: int = Field(2, ge=0)
+    attn_dotr: bool = True
+    attn_mask: bool = False
+    activation_function: Activation = "tanh"
+    precision: Precision = "default"
+    scaling_factor: float = 1.0
+    normalize: bool = True
+    temperature: float | None = None
+    concat_output_tebd: bool = True
+    set_davg_zero: bool = True
+    smooth_type_embedding: bool = True  # deviation, see class docstring
+    exclude_types: list[list[int]] = []
+    env_protection: float = 0.0
+    trainable: bool = True
+    trainable_ln: bool = True
+    ln_eps: float = 1e-5
+    use_econf_tebd: bool = False
+    use_tebd_bias: bool = False
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_common(self)
+        if self.use_econf_tebd:
+            raise ValueError("use_econf_tebd is not supported by lamflow")
+        return self
+
+    @property
+    def strip(self) -> bool:
+        return self.type == "se_atten_v2" or self.tebd_input_mode == "strip"
+
+
+def _check_common(cfg) -> None:
+    if cfg.rcut_smth >= cfg.rcut:
+        raise ValueError(f"rcut_smth {cfg.rcut_smth} must be < rcut {cfg.rcut}")
+    if not cfg.neuron or any(n <= 0 for n in cfg.neuron):
+        raise ValueError("neuron must be a non-empty list of positive widths")
+    if cfg.exclude_types:
+        raise ValueError("exclude_types is not supported by lamflow")
+    if isinstance(cfg.sel, str) and not (cfg.sel == "auto" or cfg.sel.startswith("auto:")):
+        raise ValueError(f"sel must be a list of ints, an int, 'auto' or 'auto:RATIO', got {cfg.sel!r}")
+
+
+class FittingConfig(Strict):
+    """Energy fitting net; defaults as deepmd-kit argcheck."""
+
+    type: Literal["ener"] = "ener"
+    neuron: list[int] = [120, 120, 120]
+    resnet_dt: bool = True
+    activation_function: Activation = "tanh"
+    precision: Precision = "default"
+    numb_fparam: int = 0
+    numb_aparam: int = 0
+    trainable: bool = True
+    rcond: float | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.numb_fparam or self.numb_aparam:
+            raise ValueError("frame/atomic parameters (numb_fparam, numb_aparam) are not supported by lamflow")
+        return self
+
+
+DescriptorConfig = Annotated[Union[SeE2AConfig, SeAttenConfig], Field(discriminator="type")]
+
+
+class ModelConfig(Strict):
+    type_map: list[str]
+    descriptor: DescriptorConfig
+    fitting_net: FittingConfig = FittingConfig()
+    data_stat_nbatch: int = Field(10, gt=0)
+    data_stat_protect: float = 1e-2
+
+    @field_validator("type_map")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v) or not v:
+            raise ValueError(f"type_map must be a non-empty list of distinct elements, got {v}")
+        return v
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.descriptor.precision)
+
+
+class LearningRateConfig(Strict):
+    type: Literal["exp"] = "exp"
+    start_lr: float = Field(1e-3, gt=0)
+    stop_lr: float = Field(1e-8, gt=0)
+    decay_steps: int = Field(5000, gt=0)
+    scale_by_worker: Literal["linear", "sqrt", "none"] = "linear"
+
+
+class LossConfig(Strict):
+    type: Literal["ener"] = "ener"
+    start_pref_e: float = 0.02
+    limit_pref_e: float = 1.0
+    start_pref_f: float = 1000.0
+    limit_pref_f: float = 1.0
+    start_pref_v: float = 0.0
+    limit_pref_v: float = 0.0
+
+
+class DataConfig(Strict):
+    systems: Union[str, list[str]]
+    batch_size: Union[int, str] = "auto"  # int, "auto" (>= 32 atoms per batch) or "auto:N"
+    numb_btch: int = Field(1, gt=0)  # validation batches per display step
+    fmt: str = "auto"  # dpdata format; "auto" detects deepmd/npy and deepmd/raw
+
+    @property
+    def system_list(self) -> list[str]:
+        return [self.systems] if isinstance(self.systems, str) else list(self.systems)
+
+
+class TrainingConfig(Strict):
+    training_data: DataConfig
+    validation_data: DataConfig | None = None
+    numb_steps: int = Field(1000, ge=0)
+    seed: int | None = None
+    disp_freq: int = Field(100, gt=0)
+    save_freq: int = Field(1000, gt=0)
+    max_ckpt_keep: int = Field(2, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
+
+
+class TrainConfig(Strict):
+    model: ModelConfig
+    learning_rate: LearningRateConfig = LearningRateConfig()
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig
+
+
+def strip_comments(obj: Any) -> Any:
+    """Drop keys starting with '_' (deepmd-kit inputs use "_comment")."""
+    if isinstance(obj, dict):
+        return {k: strip_comments(v) for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_"))}
+    if isinstance(obj, list):
+        return [strip_comments(v) for v in obj]
+    return obj
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("se_e2_a", "se_atten", "dpa1", "se_a", "se_atten_v2")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown type {e.get('input', {}).get('type') if isinstance(e.get('input'), dict) else e.get('input')!r}"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> Any:
+    """Read YAML (or JSON, a YAML subset) with safe_load; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        text = path.read_text()
+        return yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(f"{path}: malformed {'JSON' if path.suffix == '.json' else 'YAML'}{line}: {getattr(e, 'problem', e)}") from None
+
+
+def parse_config(cls: type[BaseModel], raw: Any, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(strip_comments(raw))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(source, e)) from None
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a training config; relative data paths are resolved against the config's folder."""
+    path = Path(path)
+    raw = read_yaml(path)
+    cfg = parse_config(TrainConfig, raw, str(path))
+    return resolve_data_paths(cfg, path.parent)
+
+
+def resolve_data_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
+    def fix(dc: DataConfig | None) -> DataConfig | None:
+        if dc is None:
+            return None
+        systems = [str(p if Path(p).is_absolute() else (base / p)) for p in dc.system_list]
+        return dc.model_copy(update={"systems": systems})
+
+    training = cfg.training.model_copy(
+        update={"training_data": fix(cfg.training.training_data), "validation_data": fix(cfg.training.validation_data)}
+    )
+    return cfg.model_copy(update={"training": training})

@@ -1,0 +1,26 @@
+"""Descriptor registry: the `type` key of a descriptor config -> its class."""
+
+from __future__ import annotations
+
+from .base import DescriptorOutput, TypeEmbedding
+from .se_atten import SeAtten
+from .se_e2_a import SeE2A
+
+REGISTRY = {
+    "se_e2_a": SeE2A,
+    "se_a": SeE2A,
+    "se_atten": SeAtten,
+    "dpa1": SeAtten,
+    "se_atten_v2": SeAtten,
+}
+
+
+def build_descriptor(cfg, ntypes: int):
+    try:
+        cls = REGISTRY[cfg.type]
+    except KeyError:
+        raise ValueError(f"unknown descriptor type {cfg.type!r}; known: {sorted(REGISTRY)}") from None
+    return cls(cfg, ntypes)
+
+
+__all__ = ["REGISTRY", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A"]
