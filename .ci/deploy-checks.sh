@@ -14,7 +14,8 @@
 #              must have a schema (only built-in kinds are rendered offline)
 #   policy     no real secret values, every image pinned (tag or digest, never
 #              `latest`), remote kustomize resources pinned to a release tag
-#              or commit, no wildcard / Secret / cluster-wide RBAC
+#              or commit, no wildcard / cluster-wide RBAC, no Secret access
+#              beyond `get` on named Secrets
 #
 # Nothing here talks to a cluster or a registry. Rendering works on a
 # temporary copy of the tree in which:
@@ -385,8 +386,11 @@ for path in sorted(rendered.glob("*.yaml")):
                 for field in ("apiGroups", "resources", "verbs"):
                     if "*" in (rule.get(field) or []):
                         problems.append(f"{where}: Role {obj['metadata'].get('name')}: wildcard in {field}")
-                if "secrets" in (rule.get("resources") or []):
-                    problems.append(f"{where}: Role {obj['metadata'].get('name')}: grants access to Secrets")
+                # Secrets: at most `get` on Secrets named in resourceNames.
+                if "secrets" in (rule.get("resources") or []) and (
+                        not rule.get("resourceNames") or set(rule.get("verbs") or []) - {"get"}):
+                    problems.append(f"{where}: Role {obj['metadata'].get('name')}: grants access to Secrets "
+                                    "(only `get` with resourceNames is allowed)")
 
 for problem in problems:
     print(f"policy: {problem}", file=sys.stderr)
