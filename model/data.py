@@ -27,6 +27,7 @@ from .errors import DataError
 from .neighbor import FrameGraph, NeighborOverflow, NlistRequest, build_graph, find_pairs, neighbor_counts
 
 LABELS = ("energy", "force", "virial")
+MULTI_FORMATS = {"extxyz", "quip/gap/xyz", "xyz", "ase/structure"}
 
 
 @dataclass
@@ -106,7 +107,7 @@ def _read_deepmd_npy(path: Path) -> dict:
         if any(present) and not all(present):
             missing = [str(s.name) for s, ok in zip(sets, present) if not ok]
             raise DataError(f"{path}: {k}.npy missing in {', '.join(missing)} but present in other sets")
-        out[k] = [np.asarray(a, dtype=np.float64).reshape(len(a), -1) if a.ndim else a for a in arrs] if all(present) else None
+        out[k] = [np.asarray(a, dtype=np.float64) for a in arrs] if all(present) else None
     return out
 
 
@@ -128,7 +129,7 @@ def _read_deepmd_raw(path: Path) -> dict:
 def _per_frame(path: Path, key: str, arrs: list[np.ndarray] | None, width: int, nframes: int | None) -> np.ndarray | None:
     if arrs is None:
         return None
-    a = np.concatenate([x.reshape(len(x), -1) for x in arrs], axis=0)
+    a = np.concatenate([x.reshape(0, width) if x.size == 0 else x.reshape(len(x), -1) for x in arrs], axis=0)
     if a.shape[1] != width:
         raise DataError(f"{path}: {key} has {a.shape[1]} values per frame, expected {width}")
     if nframes is not None and a.shape[0] != nframes:
@@ -159,11 +160,11 @@ def _read_dpdata(path: Path, fmt: str, labeled: bool) -> list[tuple[str, list[st
     import dpdata
 
     try:
-        try:
-            systems = [dpdata.LabeledSystem(str(path), fmt=fmt) if labeled else dpdata.System(str(path), fmt=fmt)]
-        except (NotImplementedError, TypeError, KeyError):
-            ms = dpdata.MultiSystems.from_file(str(path), fmt=fmt)
+        if fmt in MULTI_FORMATS:  # one file, many frames / compositions
+            ms = dpdata.MultiSystems.from_file(str(path), fmt=fmt, labeled=labeled) if labeled else dpdata.MultiSystems.from_file(str(path), fmt=fmt)
             systems = list(ms.systems.values())
+        else:
+            systems = [dpdata.LabeledSystem(str(path), fmt=fmt) if labeled else dpdata.System(str(path), fmt=fmt)]
     except DataError:
         raise
     except Exception as e:
@@ -290,8 +291,8 @@ def elements_in(paths: list[str] | str, fmt: str = "auto") -> list[str]:
 
 
 def auto_sel(max_counts: np.ndarray, ratio: float = 1.1) -> list[int]:
-    """deepmd-kit's `sel: auto`: max neighbour count * ratio, rounded up to a multiple of 4."""
-    return [int(np.ceil(np.ceil(c * ratio) / 4.0) * 4) if c > 0 else 0 for c in max_counts]
+    """deepmd-kit's `sel: auto`: max neighbour count * ratio, rounded up to a multiple of 4 (at least 4)."""
+    return [max(4, int(np.ceil(np.ceil(c * ratio) / 4.0) * 4)) for c in max_counts]
 
 
 def max_neighbor_counts(systems: list[System], rcut: float, ntypes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -377,7 +378,7 @@ def collate(items: list[tuple[System, int, FrameGraph]], dtype: torch.dtype) -> 
         if s.box is not None:
             box[f] = s.box[k]
         # extended layout per frame: [nloc padded locals | ghosts]
-        mapping[f, :n] = np.arange(n)
+        mapping[f, :nloc] = np.arange(nloc)  # padded local slots map to themselves (atype -1)
         shift[f, :n] = g.shift[:n]  # locals are wrapped into the cell, ghosts are images of wrapped atoms
         mapping[f, nloc : nloc + ng] = g.mapping[n:]
         shift[f, nloc : nloc + ng] = g.shift[n:]

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..config import SeAttenConfig, dtype_name
 from ..env_mat import gather_neighbors
 from ..network import DTYPES, EmbeddingNet, Layer, make_generator
+from ..data import auto_sel
 from ..neighbor import NlistRequest
 from .base import DescriptorOutput, EnvMatBlock, TypeEmbedding
 
@@ -72,7 +73,8 @@ class SeAtten(nn.Module):
 
     def __init__(self, cfg: SeAttenConfig, ntypes: int):
         super().__init__()
-        assert isinstance(cfg.sel, int), "sel must be resolved before building"
+        if not isinstance(cfg.sel, int):
+            raise ValueError(f"se_atten sel must be resolved to an int before building, got {cfg.sel!r}")
         self.cfg, self.ntypes, self.nnei = cfg, ntypes, cfg.sel
         dtype = DTYPES[dtype_name(cfg.precision)]
         g = make_generator(cfg.seed)
@@ -134,6 +136,17 @@ class SeAtten(nn.Module):
         if self.cfg.concat_output_tebd:
             D = torch.cat([D, tebd_i], dim=-1)
         return DescriptorOutput(D, G, diff, sw, nlist)
+
+    @staticmethod
+    def resolve_sel(cfg: SeAttenConfig, counter):
+        """sel "auto"/"auto:r" -> max total neighbour count * r; a list is summed (mixed types)."""
+        if isinstance(cfg.sel, str):
+            ratio = 1.1 if cfg.sel == "auto" else float(cfg.sel.split(":")[1])
+            _, total = counter(cfg.rcut)
+            return cfg.model_copy(update={"sel": auto_sel([total], ratio)[0]})
+        if isinstance(cfg.sel, list):
+            return cfg.model_copy(update={"sel": int(sum(cfg.sel))})
+        return cfg
 
     def set_stats(self, samples, protect: float = 1e-2) -> None:
         self.env.set_stats(samples, protect)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import SeE2AConfig, dtype_name
 from ..network import DTYPES, EmbeddingNet, make_generator
+from ..data import auto_sel
 from ..neighbor import NlistRequest
 from .base import DescriptorOutput, EnvMatBlock
 
@@ -28,7 +29,8 @@ class SeE2A(nn.Module):
 
     def __init__(self, cfg: SeE2AConfig, ntypes: int):
         super().__init__()
-        assert isinstance(cfg.sel, list) and len(cfg.sel) == ntypes, "sel must be resolved before building"
+        if not isinstance(cfg.sel, list) or len(cfg.sel) != ntypes:
+            raise ValueError(f"se_e2_a sel must list one count per type ({ntypes}), got {cfg.sel!r}")
         self.cfg, self.ntypes = cfg, ntypes
         self.sel = list(cfg.sel)
         self.nnei = sum(self.sel)
@@ -71,6 +73,15 @@ class SeE2A(nn.Module):
         T = T / self.nnei
         D = T.transpose(-1, -2) @ T[..., : self.m2]  # [nf, nloc, M1, M2]
         return DescriptorOutput(D.flatten(-2), torch.cat(G_all, dim=2), diff, sw, nlist)
+
+    @staticmethod
+    def resolve_sel(cfg: SeE2AConfig, counter):
+        """sel "auto"/"auto:r" -> per-type max neighbour counts * r; an explicit list is checked for length."""
+        if isinstance(cfg.sel, str):
+            ratio = 1.1 if cfg.sel == "auto" else float(cfg.sel.split(":")[1])
+            per_type, _ = counter(cfg.rcut)
+            return cfg.model_copy(update={"sel": auto_sel(per_type, ratio)})
+        return cfg
 
     def set_stats(self, samples, protect: float = 1e-2) -> None:
         self.env.set_stats(samples, protect)

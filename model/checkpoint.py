@@ -1,0 +1,112 @@
+"""Self-describing checkpoints: {format, version, kind, config, type_map, state_dict[, train_state]}.
+
+Written to a temporary file in the same folder and renamed (`os.replace`), so a killed process
+never leaves a half-written checkpoint; read with `torch.load(weights_only=True)`, which runs
+no code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "lamflow-model"
+VERSION = 1
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def model_payload(model, kind: str = "energy", extra: dict | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "config": model.cfg.model_dump(mode="json"),
+        "type_map": list(model.type_map),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(extra or {}),
+    }
+
+
+def save_model(model, path, kind: str = "energy", extra: dict | None = None) -> Path:
+    return atomic_save(model_payload(model, kind, extra), path)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # not a torch file, or one that needs code to load
+        raise CheckpointError(f"{path}: not a lamflow checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        hint = " (a deepmd-kit checkpoint? use `lamflow import-deepmd`)" if isinstance(payload, dict) and "model" in payload else ""
+        raise CheckpointError(f"{path}: not a lamflow checkpoint{hint}")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: format version {payload['version']}, this lamflow reads <= {VERSION}")
+    return payload
+
+
+def build_from_payload(payload: dict, source: str = "checkpoint"):
+    """Rebuild the model a payload describes (its kind picks the class)."""
+    from .config import ModelConfig
+    from .potential import EnergyModel
+
+    kind = payload.get("kind", "energy")
+    builders = {"energy": (ModelConfig, EnergyModel)}
+    try:
+        from . import multitask  # noqa: F401  (registers "multitask" when present)
+
+        builders.update(getattr(multitask, "BUILDERS", {}))
+    except ImportError:
+        pass
+    if kind not in builders:
+        raise CheckpointError(f"{source}: unknown model kind {kind!r}")
+    cfg_cls, model_cls = builders[kind]
+    model = model_cls(cfg_cls.model_validate(payload["config"]))
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    payload = read_checkpoint(path)
+    model = build_from_payload(payload, str(path))
+    return model.to(resolve_device(device)).eval()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

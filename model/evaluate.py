@@ -1,0 +1,116 @@
+"""Errors of a model on labelled systems: energy per atom, force, virial per atom (RMSE and MAE),
+per system and overall (frames weight energies and virials, atoms weight forces), as JSON and a
+parity plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_text
+from .data import DataSet, System, load_systems
+from .infer import evaluate_system
+
+
+def system_errors(pred: dict, s: System) -> dict:
+    """Per-frame error arrays (eV/atom, eV/A components, eV/atom)."""
+    out = {}
+    if s.energy is not None:
+        out["e_per_atom"] = (pred["energy"] - s.energy) / s.natoms
+    if s.force is not None and "force" in pred:
+        out["f"] = (pred["force"] - s.force).reshape(-1)
+    if s.virial is not None and "virial" in pred:
+        out["v_per_atom"] = ((pred["virial"] - s.virial) / s.natoms).reshape(-1)
+    return out
+
+
+def summarize(errs: dict, nframes: int, natoms: int) -> dict:
+    m = {"nframes": nframes, "natoms": natoms}
+    names = {"e_per_atom": "e_per_atom", "f": "f", "v_per_atom": "v_per_atom"}
+    for k, name in names.items():
+        if k in errs and len(errs[k]):
+            e = errs[k]
+            m[f"rmse_{name}"] = float(np.sqrt(np.mean(e**2)))
+            m[f"mae_{name}"] = float(np.mean(np.abs(e)))
+    return m
+
+
+def collect(per_system: list[tuple[System, dict]]) -> dict:
+    systems, pooled = {}, {}
+    nf = na = 0
+    for s, pred in per_system:
+        errs = system_errors(pred, s)
+        systems[s.name] = summarize(errs, s.nframes, s.natoms)
+        for k, v in errs.items():
+            pooled.setdefault(k, []).append(v)
+        nf += s.nframes
+        na += s.nframes * s.natoms
+    overall = summarize({k: np.concatenate(v) for k, v in pooled.items()}, nf, na)
+    return {"systems": systems, "overall": overall}
+
+
+def predict_dataset(model, ds: DataSet) -> list[tuple[System, dict]]:
+    from .potential import predict
+
+    device = model.out_bias.device
+    acc: dict[int, dict[str, list]] = {}
+    for i, batch in ds.batches():
+        p = predict(model, batch.to(device), forces=True, virial=batch.box is not None)
+        d = acc.setdefault(i, {"energy": [], "force": [], "virial": []})
+        d["energy"].append(p.energy.detach().double().cpu().numpy())
+        n = ds.systems[i].natoms
+        d["force"].append(p.force.detach().double().cpu().numpy()[:, :n])
+        if p.virial is not None:
+            d["virial"].append(p.virial.detach().double().cpu().numpy())
+    return [(ds.systems[i], {k: np.concatenate(v) for k, v in d.items() if v}) for i, d in sorted(acc.items())]
+
+
+def dataset_metrics(model, ds: DataSet) -> dict:
+    return collect(predict_dataset(model, ds))
+
+
+def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | None = None, label: str = "model") -> dict:
+    """Evaluate on every system; write metrics.json and parity.png into out_dir when given."""
+    per = [(s, evaluate_system(model, s, virial=s.virial is not None and s.box is not None)) for s in systems]
+    result = collect(per)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        parity_plot(per, out / "parity.png", label)
+    return result
+
+
+def parity_plot(per: list[tuple[System, dict]], png: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for s, pred in per:
+        label = Path(s.name).name or s.name
+        if s.energy is not None:
+            axes[0].scatter(s.energy / s.natoms, pred["energy"] / s.natoms, s=6, label=label)
+        if s.force is not None:
+            axes[1].scatter(s.force.reshape(-1), pred["force"].reshape(-1), s=2, alpha=0.5, label=label)
+    for ax, what in zip(axes, ("energy (eV/atom)", "force (eV/A)")):
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel(f"DFT {what}")
+        ax.set_ylabel(f"model {what}")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def evaluate_paths(model, paths: list[str], type_map_check: bool = True, fmt: str = "auto", out_dir=None) -> dict:
+    systems = load_systems(paths, list(model.type_map), fmt)
+    return evaluate_systems(model, systems, out_dir)

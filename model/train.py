@@ -1,0 +1,338 @@
+"""Training: one loop for single-task and multi-task runs.
+
+Each step draws a task with probability `prob` (one task for a single-task run), draws a batch
+from its training data, and takes one Adam step on that task's loss at lr(step). Every
+`disp_freq` steps it evaluates the validation batches, prints one progress line and appends
+to `lcurve.csv`; every `save_freq` steps it writes a checkpoint atomically (model + optimizer +
+sampler state, so `--restart` continues exactly as an uninterrupted run would).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, atomic_write_text, model_payload, read_checkpoint, resolve_device
+from .config import ModelConfig, TrainConfig
+from .data import DataSet, System, load_systems, max_neighbor_counts
+from .errors import ConfigError, DataError, TrainingError
+from .loss import EnergyLoss, ExpDecayLR
+from .network import DTYPES
+from .potential import EnergyModel
+from .stats import fit_statistics
+
+
+@dataclass
+class Task:
+    name: str
+    model: nn.Module  # the head this task trains (shares modules with the root model)
+    loss: Callable  # (model, batch, coef, training) -> (loss, metrics)
+    train: DataSet
+    valid: DataSet | None
+    prob: float = 1.0
+    numb_btch: int = 1
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    lcurve: Path
+    metrics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def resolve_sel(desc_cfg, systems: list[System], ntypes: int):
+    """Replace sel "auto"/"auto:r" by counts from the data (deepmd-kit's neighbour stat)."""
+    from .descriptor import REGISTRY
+
+    cls = REGISTRY[desc_cfg.type]
+    return cls.resolve_sel(desc_cfg, lambda rcut: max_neighbor_counts(systems, rcut, ntypes))
+
+
+def load_data(cfg: TrainConfig, labeled: bool = True) -> tuple[list[System], list[System] | None]:
+    tm = cfg.model.type_map
+    td = cfg.training.training_data
+    train = load_systems(td.system_list, tm, td.fmt, labeled)
+    vd = cfg.training.validation_data
+    valid = load_systems(vd.system_list, tm, vd.fmt, labeled) if vd else None
+    return train, valid
+
+
+def seed_everything(seed: int | None) -> np.random.Generator:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, root: nn.Module, tasks: list[Task], cfg: TrainConfig, out_dir: Path, kind: str = "energy",
+                 rng: np.random.Generator | None = None, log: Callable = print, rank: int = 0, world: int = 1,
+                 extra_payload: dict | None = None):
+        self.root, self.tasks, self.cfg, self.out = root, tasks, cfg, Path(out_dir)
+        self.kind, self.log, self.rank, self.world = kind, log, rank, world
+        self.extra_payload = extra_payload or {}
+        self.rng = rng or np.random.default_rng(cfg.training.seed)
+        self.numb_steps = cfg.training.numb_steps
+        self.lr = ExpDecayLR(cfg.learning_rate, self.numb_steps)
+        params = [p for p in root.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=cfg.learning_rate.start_lr)
+        self.step = 0
+        probs = np.array([t.prob for t in tasks], dtype=float)
+        self.task_prob = probs / probs.sum()
+        self.history: list[dict] = []
+        self.step_hook: Callable | None = None  # called with (step, task, loss) after each step (DDP sync, tests)
+
+    # -- state
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "samplers": {t.name: t.train.state() for t in self.tasks},
+            "history": self.history,
+        }
+
+    def load_state(self, st: dict) -> None:
+        self.step = int(st["step"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        for t in self.tasks:
+            t.train.load_state(st["samplers"][t.name])
+        self.history = list(st.get("history", []))
+
+    def save(self, path: Path, with_state: bool = True) -> Path:
+        extra = dict(self.extra_payload)
+        if with_state:
+            extra["train_state"] = self.state()
+        return atomic_save(model_payload(self.root, self.kind, extra), path)
+
+    # -- evaluation
+    def validate(self, task: Task, coef: float) -> dict:
+        if task.valid is None:
+            return {}
+        sums: dict[str, list[float]] = {}
+        for k, (_, batch) in enumerate(task.valid.batches()):
+            if k >= task.numb_btch:
+                break
+            batch = batch.to(self.device)
+            _, m = task.loss(task.model, batch, coef, False)
+            for key, v in m.items():
+                sums.setdefault(key, []).append(v)
+        return {k: float(np.sqrt(np.mean(np.square(v)))) for k, v in sums.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.root.buffers()).device
+
+    # -- main loop
+    def run(self) -> list[dict]:
+        t0, step0 = time.time(), self.step
+        tcfg = self.cfg.training
+        lcurve = self.out / "lcurve.csv"
+        start_lr = self.cfg.learning_rate.start_lr
+        while self.step < self.numb_steps:
+            step = self.step
+            lr = self.lr(step)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            ti = int(self.rng.choice(len(self.tasks), p=self.task_prob)) if len(self.tasks) > 1 else 0
+            task = self.tasks[ti]
+            batch = task.train.sample(self.rng).to(self.device)
+            self.root.train()
+            loss, metrics = task.loss(task.model, batch, lr / start_lr, True)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"step {step}: loss is {loss.item()} on task {task.name!r} (lr {lr:.3g}); "
+                    f"last good checkpoint: {self.out / 'model.ckpt'} — lower start_lr or check the data"
+                )
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.step_hook is not None:
+                self.step_hook(step, task, loss)
+            self.opt.step()
+            self.step += 1
+            last = self.step == self.numb_steps
+            if step % tcfg.disp_freq == 0 or last:
+                self._display(step, task, loss.item(), metrics, lr, t0, step0, lcurve)
+            if self.rank == 0 and (self.step % tcfg.save_freq == 0 or last):
+                self.save(self.out / "model.ckpt")
+                if not last:
+                    self._keep_numbered()
+        return self.history
+
+    def _display(self, step, task, loss, metrics, lr, t0, step0, lcurve):
+        row = {"step": step, "task": task.name, "loss": loss, "lr": lr}
+        row.update({f"{k}_trn": v for k, v in metrics.items()})
+        coef = lr / self.cfg.learning_rate.start_lr
+        for t in self.tasks:
+            val = self.validate(t, coef)
+            prefix = "" if len(self.tasks) == 1 else f"{t.name}:"
+            row.update({f"{prefix}{k}_val": v for k, v in val.items()})
+        done = self.step - step0
+        elapsed = time.time() - t0
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        eta = (self.numb_steps - self.step) / rate if rate and rate > 0 else float("nan")
+        row["steps_per_s"] = rate
+        row["elapsed_s"] = elapsed
+        self.history.append(row)
+        if self.rank != 0:
+            return
+        parts = [f"step {step:>6d}/{self.numb_steps}", f"loss {loss:.3e}"]
+        parts += [f"{k} {v:.3e}" for k, v in row.items() if k.startswith(("rmse", f"{task.name}:rmse")) or ":rmse" in k]
+        parts += [f"lr {lr:.2e}", f"{rate:.2f} steps/s", f"ETA {_fmt_time(eta)}"]
+        self.log("  ".join(parts))
+        self._write_lcurve(lcurve)
+
+    def _write_lcurve(self, path: Path) -> None:
+        keys: list[str] = []
+        for r in self.history:
+            keys += [k for k in r if k not in keys]
+        lines = [",".join(keys)]
+        for r in self.history:
+            lines.append(",".join(_fmt_cell(r.get(k, "")) for k in keys))
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def _keep_numbered(self) -> None:
+        ckdir = self.out / "checkpoints"
+        self.save(ckdir / f"model-{self.step}.ckpt")
+        old = sorted(ckdir.glob("model-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
+        for p in old[: -self.cfg.training.max_ckpt_keep]:
+            p.unlink(missing_ok=True)
+
+
+def _fmt_cell(v) -> str:
+    return f"{v:.6e}" if isinstance(v, float) else str(v)
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def plot_lcurve(history: list[dict], png: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return None
+    keys = sorted({k for r in history for k in r if "rmse" in k})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in history if isinstance(r.get(k), float) and r[k] > 0]
+        if pts:
+            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("RMSE (eV/atom, eV/A)")
+    ax.legend(fontsize=7)
+    ax.set_title("learning curve")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+# ----------------------------------------------------------------------------- single-task entry point
+
+
+def build_energy_model(cfg: TrainConfig, train_sys: list[System]) -> EnergyModel:
+    ntypes = len(cfg.model.type_map)
+    desc = resolve_sel(cfg.model.descriptor, train_sys, ntypes)
+    mcfg = cfg.model.model_copy(update={"descriptor": desc})
+    return EnergyModel(mcfg)
+
+
+def check_labels(systems: list[System], cfg: TrainConfig, what: str) -> None:
+    loss = EnergyLoss(cfg.loss)
+    for s in systems:
+        if loss.has_e and s.energy is None and s.force is None:
+            raise DataError(f"{s.name}: no energy or force labels for {what}")
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.PathLike | None = None,
+          init: Callable[[EnergyModel, list[System]], None] | None = None, log: Callable = print) -> TrainResult:
+    """Train one energy model. `restart`: a checkpoint with train_state to continue from
+    ("auto": out_dir/model.ckpt if it exists). `init(model, train_systems)`: called instead of the
+    statistics fit (fine-tuning loads weights and re-fits the bias there)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.training.num_threads)
+    device = resolve_device(cfg.training.device)
+    rng = seed_everything(cfg.training.seed)
+    train_sys, valid_sys = load_data(cfg)  # DataError before any expensive work
+    check_labels(train_sys, cfg, "training")
+
+    if restart == "auto":
+        restart = out / "model.ckpt" if (out / "model.ckpt").is_file() else None
+    payload = read_checkpoint(restart) if restart else None
+    if payload is not None:
+        if "train_state" not in payload:
+            raise ConfigError(f"{restart}: has no training state to restart from (a final or imported model?)")
+        model = EnergyModel(ModelConfig.model_validate(payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+    else:
+        model = build_energy_model(cfg, train_sys)
+    model.to(device)
+    dtype = DTYPES[model.cfg.dtype_name]
+    reqs = model.nlist_requests()
+    td, vd = cfg.training.training_data, cfg.training.validation_data
+    train_ds = DataSet(train_sys, reqs, td.batch_size, dtype)
+    valid_ds = DataSet(valid_sys, reqs, vd.batch_size, dtype) if valid_sys else None
+    log(f"data: {train_ds.nframes} training frames in {len(train_sys)} systems"
+        + (f", {valid_ds.nframes} validation frames" if valid_ds else "") + f"; sel {model.descriptor.nlist_requests()[0].sel}")
+    if payload is None:
+        if init is not None:
+            init(model, train_sys)
+        else:
+            fit_statistics(model, train_ds, cfg.model.data_stat_nbatch, cfg.model.data_stat_protect, log)
+    nparam = sum(p.numel() for p in model.parameters())
+    log(f"model: {model.cfg.descriptor.type}, {nparam} parameters, {model.cfg.dtype_name}, device {device}")
+    task = Task("default", model, EnergyLoss(cfg.loss), train_ds, valid_ds, 1.0, vd.numb_btch if vd else 1)
+    trainer = Trainer(model, [task], cfg, out, rng=rng, log=log)
+    if payload is not None:
+        trainer.load_state(payload["train_state"])
+        log(f"restarting from {restart} at step {trainer.step}")
+    t0 = time.time()
+    step0 = trainer.step
+    trainer.run()
+    wall = time.time() - t0
+    metrics = final_metrics(model, valid_ds or train_ds)
+    metrics.update({"steps": trainer.numb_steps, "train_wall_s": wall,
+                    "steps_per_s": (trainer.numb_steps - step0) / wall if wall > 0 else None, "n_params": nparam})
+    atomic_write_text(out / "train.json", json.dumps(metrics, indent=2))
+    plot_lcurve(trainer.history, out / "lcurve.png")
+    return TrainResult(out, out / "model.ckpt", out / "lcurve.csv", metrics)
+
+
+def final_metrics(model, ds: DataSet) -> dict:
+    from .evaluate import dataset_metrics
+
+    return dataset_metrics(model, ds)["overall"]
