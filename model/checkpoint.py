@@ -43,7 +43,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def model_payload(model, kind: str = "energy", extra: dict | None = None) -> dict:
+def model_payload(model, kind: str | None = None, extra: dict | None = None) -> dict:
+    kind = kind or getattr(model, "kind", "energy")
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -55,7 +56,7 @@ def model_payload(model, kind: str = "energy", extra: dict | None = None) -> dic
     }
 
 
-def save_model(model, path, kind: str = "energy", extra: dict | None = None) -> Path:
+def save_model(model, path, kind: str | None = None, extra: dict | None = None) -> Path:
     return atomic_save(model_payload(model, kind, extra), path)
 
 
@@ -75,23 +76,28 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return payload
 
 
+# kind -> "module:Class"; the class has `from_config(dict)` and loads the payload's state_dict.
+# A new kind of model (multi-task, compressed, ...) adds one line here.
+KINDS = {
+    "energy": "lamflow.model.potential:EnergyModel",
+    "multitask": "lamflow.model.multitask:MultiTaskModel",
+    "compressed": "lamflow.model.compress:CompressedModel",
+}
+
+
 def build_from_payload(payload: dict, source: str = "checkpoint"):
-    """Rebuild the model a payload describes (its kind picks the class)."""
-    from .config import ModelConfig
-    from .potential import EnergyModel
+    """Rebuild the model a payload describes (its kind picks the class) and load its weights."""
+    import importlib
 
     kind = payload.get("kind", "energy")
-    builders = {"energy": (ModelConfig, EnergyModel)}
+    if kind not in KINDS:
+        raise CheckpointError(f"{source}: unknown model kind {kind!r} (known: {sorted(KINDS)})")
+    mod, cls = KINDS[kind].split(":")
     try:
-        from . import multitask  # noqa: F401  (registers "multitask" when present)
-
-        builders.update(getattr(multitask, "BUILDERS", {}))
-    except ImportError:
-        pass
-    if kind not in builders:
-        raise CheckpointError(f"{source}: unknown model kind {kind!r}")
-    cfg_cls, model_cls = builders[kind]
-    model = model_cls(cfg_cls.model_validate(payload["config"]))
+        model_cls = getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError):
+        raise CheckpointError(f"{source}: model kind {kind!r} is not available in this lamflow") from None
+    model = model_cls.from_config(payload["config"])
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -31,6 +31,12 @@ class EnergyModel(nn.Module):
         self.fitting = EnergyFitting(cfg.fitting_net, self.descriptor.dim_out, ntypes, self.descriptor.mixed_types)
         self.register_buffer("out_bias", torch.zeros(ntypes, dtype=DTYPES[cfg.dtype_name]))
 
+    kind = "energy"  # checkpoint kind (checkpoint.KINDS)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "EnergyModel":
+        return cls(ModelConfig.model_validate(config))
+
     @property
     def dtype(self) -> torch.dtype:
         return self.out_bias.dtype

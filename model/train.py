@@ -86,7 +86,7 @@ def set_threads(n: int | None) -> None:
 
 
 class Trainer:
-    def __init__(self, root: nn.Module, tasks: list[Task], cfg: TrainConfig, out_dir: Path, kind: str = "energy",
+    def __init__(self, root: nn.Module, tasks: list[Task], cfg: TrainConfig, out_dir: Path, kind: str | None = None,
                  rng: np.random.Generator | None = None, log: Callable = print, rank: int = 0, world: int = 1,
                  extra_payload: dict | None = None):
         self.root, self.tasks, self.cfg, self.out = root, tasks, cfg, Path(out_dir)
