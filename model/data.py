@@ -200,8 +200,10 @@ def detect_format(path: Path) -> str:
     raise DataError(f"{path}: cannot guess the format; give fmt (any dpdata format)")
 
 
-def load_system(path: str | os.PathLike, type_map: list[str], fmt: str = "auto", labeled: bool = True) -> list[System]:
-    """Read one path (which may hold several systems) and map its elements onto `type_map`."""
+def load_system(path: str | os.PathLike, type_map: list[str], fmt: str = "auto", labeled: bool = True,
+                check_finite: bool = True) -> list[System]:
+    """Read one path (which may hold several systems) and map its elements onto `type_map`.
+    `check_finite=False` keeps NaN/inf values (the data cleaner drops such frames itself)."""
     path = Path(path)
     f = detect_format(path) if fmt == "auto" else fmt
     if f in ("deepmd/npy", "deepmd/raw", "deepmd", "npy"):
@@ -210,10 +212,11 @@ def load_system(path: str | os.PathLike, type_map: list[str], fmt: str = "auto",
         items = [(str(path), names, types, raw, nopbc)]
     else:
         items = _read_dpdata(path, f, labeled)
-    return [_validate(*it, type_map=type_map, labeled=labeled) for it in items]
+    return [_validate(*it, type_map=type_map, labeled=labeled, check_finite=check_finite) for it in items]
 
 
-def _validate(name: str, names: list[str], types: np.ndarray, raw: dict, nopbc: bool, *, type_map: list[str], labeled: bool) -> System:
+def _validate(name: str, names: list[str], types: np.ndarray, raw: dict, nopbc: bool, *, type_map: list[str], labeled: bool,
+              check_finite: bool = True) -> System:
     missing = sorted({names[t] for t in np.unique(types)} - set(type_map))
     if missing:
         raise DataError(f"{name}: element(s) {', '.join(missing)} not in the model type map {type_map}")
@@ -236,7 +239,7 @@ def _validate(name: str, names: list[str], types: np.ndarray, raw: dict, nopbc: 
         raise DataError(f"{name}: no labels (energy and force both missing)")
     arrays = {"coord": coord, "box": box, "energy": energy, "force": force, "virial": virial}
     for key, a in arrays.items():
-        if a is None:
+        if a is None or not check_finite:
             continue
         bad = ~np.isfinite(a).all(axis=1)
         if bad.any():
@@ -260,12 +263,13 @@ def _validate(name: str, names: list[str], types: np.ndarray, raw: dict, nopbc: 
     )
 
 
-def load_systems(paths: list[str] | str, type_map: list[str], fmt: str = "auto", labeled: bool = True) -> list[System]:
+def load_systems(paths: list[str] | str, type_map: list[str], fmt: str = "auto", labeled: bool = True,
+                 check_finite: bool = True) -> list[System]:
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     out = []
     for p in paths:
         for sp in find_systems(p) if fmt in ("auto", "deepmd/npy", "deepmd/raw") else [Path(p)]:
-            out.extend(load_system(sp, type_map, fmt, labeled))
+            out.extend(load_system(sp, type_map, fmt, labeled, check_finite))
     if not out:
         raise DataError(f"{paths}: no systems")
     return out
