@@ -86,3 +86,24 @@ def test_se_atten_without_smoothing_is_discontinuous_at_rcut():
     base[2, 1] = 4.000001
     e_out = evaluate(model, base[None], None, np.array([0, 1, 2]))["energy"][0]
     assert abs(e_in - e_out) > 1e-6
+
+
+@pytest.mark.parametrize("type_one_side", [True, False])
+def test_se_e2_a_real_neighbour_embedding_equals_evaluating_every_slot(type_one_side, monkeypatch):
+    """The fast path (nets on real neighbours, one evaluation per empty-slot input) is exact."""
+    import numpy as np
+    from physics import chon_frame
+    from lamflow.model.descriptor.se_e2_a import SeE2A
+    from lamflow.model.infer import evaluate
+
+    t = TestSeE2A()
+    cfg = ModelConfig(type_map=t.type_map, descriptor={"type": "se_e2_a", "rcut": 4.0, "sel": [8, 12, 8], "neuron": [4, 8],
+                      "axis_neuron": 2, "seed": 1, "type_one_side": type_one_side}, fitting_net={"neuron": [8], "seed": 2})
+    model = _randomize_stats(EnergyModel(cfg))
+    assert model.descriptor._stats_tiled()
+    coord, _, atype = chon_frame()
+    fast = evaluate(model, coord[None], None, t._map(atype))
+    monkeypatch.setattr(SeE2A, "_stats_tiled", lambda self: False)
+    slow = evaluate(model, coord[None], None, t._map(atype))
+    assert abs(fast["energy"][0] - slow["energy"][0]) < 1e-12
+    np.testing.assert_allclose(fast["force"], slow["force"], atol=1e-12)

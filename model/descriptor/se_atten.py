@@ -113,7 +113,7 @@ class SeAtten(nn.Module):
             Gt = Gt * sw[..., None]
         return Gs * Gt + Gs
 
-    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor]) -> DescriptorOutput:
+    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor], mapping: Tensor | None = None) -> DescriptorOutput:
         nlist = nlists[0]
         nf, nloc, nnei = nlist.shape
         atype = atype_ext[:, :nloc]

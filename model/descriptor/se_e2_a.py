@@ -52,27 +52,53 @@ class SeE2A(nn.Module):
     def nlist_requests(self) -> list[NlistRequest]:
         return [NlistRequest(self.cfg.rcut, tuple(self.sel), mixed=False)]
 
-    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor]) -> DescriptorOutput:
+    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor], mapping: Tensor | None = None) -> DescriptorOutput:
         nlist = nlists[0]
         nf, nloc, nnei = nlist.shape
         atype = atype_ext[:, :nloc]
         R, diff, sw = self.env(coord_ext, atype, nlist)  # [nf, nloc, nnei, 4]
-        T = R.new_zeros(nf, nloc, 4, self.m1)
-        G_all = []
-        for tj in range(self.ntypes):
-            Rb = R[:, :, self.sec[tj] : self.sec[tj + 1]]  # [nf, nloc, sel_t, 4]
-            if self.cfg.type_one_side:
-                G = self.nets[tj](Rb[..., :1])  # [nf, nloc, sel_t, M1]
-            else:
-                G = Rb.new_zeros(*Rb.shape[:3], self.m1)
-                for ti in range(self.ntypes):
-                    m = atype == ti
-                    G = G.index_put((m,), self.nets[ti * self.ntypes + tj](Rb[m][..., :1]))
-            T = T + Rb.transpose(-1, -2) @ G  # [nf, nloc, 4, M1]
-            G_all.append(G)
-        T = T / self.nnei
+        G = self.embed(R[..., 0], nlist >= 0, atype)  # [nf, nloc, nnei, M1]
+        T = R.transpose(-1, -2) @ G / self.nnei  # [nf, nloc, 4, M1]
         D = T.transpose(-1, -2) @ T[..., : self.m2]  # [nf, nloc, M1, M2]
-        return DescriptorOutput(D.flatten(-2), torch.cat(G_all, dim=2), diff, sw, nlist)
+        return DescriptorOutput(D.flatten(-2), G, diff, sw, nlist)
+
+    def net(self, ti: int, tj: int) -> EmbeddingNet:
+        return self.nets[tj] if self.cfg.type_one_side else self.nets[ti * self.ntypes + tj]
+
+    def embed(self, s: Tensor, mask: Tensor, atype: Tensor) -> Tensor:
+        """G_ij = N(s_ij) for every slot. The nets run on real neighbours only: every empty slot
+        of block t_j around a centre of type t_i has the same input -mean/std, so its embedding is
+        computed once per (t_i, t_j) (exact when the statistics are tiled over the slots of a
+        block, as they are when computed from data; otherwise all slots are evaluated)."""
+        nt, m1 = self.ntypes, self.m1
+        t = atype.clamp(min=0)
+        tiled = self._stats_tiled()
+        blocks = []
+        for tj, (s_b, m_b) in enumerate(zip(s.split(self.sel, dim=2), mask.split(self.sel, dim=2))):
+            if not tiled:
+                G_b = s_b.new_zeros(*s_b.shape, m1)
+                for ti in range(nt):
+                    sel_i = atype == ti
+                    G_b = G_b.index_put((sel_i,), self.net(ti, tj)(s_b[sel_i].unsqueeze(-1)))
+                blocks.append(G_b)
+                continue
+            off = self.sec[tj]
+            s_pad = -self.env.mean[:, off, 0] / self.env.stddev[:, off, 0]  # [ntypes] empty-slot input per centre type
+            G_pad = torch.cat([self.net(ti, tj)(s_pad[ti].reshape(1, 1)) for ti in range(nt)])  # [ntypes, M1]
+            G_b = G_pad[t][:, :, None, :].expand(*s_b.shape, m1).clone()  # [nf, nloc, sel_t, M1]
+            if self.cfg.type_one_side:
+                G_b[m_b] = self.nets[tj](s_b[m_b].unsqueeze(-1))
+            else:
+                for ti in range(nt):
+                    mm = m_b & (atype == ti).unsqueeze(-1)
+                    G_b[mm] = self.net(ti, tj)(s_b[mm].unsqueeze(-1))
+            blocks.append(G_b)
+        return torch.cat(blocks, dim=2)
+
+    def _stats_tiled(self) -> bool:
+        m, s = self.env.mean[..., 0], self.env.stddev[..., 0]  # [ntypes, nnei]
+        return all(bool((m[:, a:b] == m[:, a : a + 1]).all() and (s[:, a:b] == s[:, a : a + 1]).all())
+                   for a, b in zip(self.sec[:-1], self.sec[1:]) if b > a)
 
     @staticmethod
     def resolve_sel(cfg: SeE2AConfig, counter):
