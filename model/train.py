@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import atomic_save, atomic_write_text, model_payload, read_checkpoint, resolve_device
 from .config import ModelConfig, TrainConfig
 from .data import DataSet, System, load_systems, max_neighbor_counts
@@ -102,6 +103,17 @@ class Trainer:
         self.task_prob = probs / probs.sum()
         self.history: list[dict] = []
         self.step_hook: Callable | None = None  # called with (step, task, loss) after each step (DDP sync, tests)
+        self.train_time, self.timed_steps = 0.0, 0  # optimisation steps only, first 10 excluded (as deepmd-kit)
+        self.lr_scale = 1.0
+        if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
+            from .distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale
+
+            for t in tasks:
+                t.train = ShardedDataSet(t.train, rank, world)
+            broadcast_module(root)
+            self.step_hook = GradAllReduce(root, world)
+            self.lr_scale = lr_scale(cfg.learning_rate.scale_by_worker, world)
+            torch.manual_seed(torch.initial_seed() + rank)  # own noise stream per rank (denoise); rank 0 unchanged
 
     # -- state
     def state(self) -> dict:
@@ -155,9 +167,10 @@ class Trainer:
         start_lr = self.cfg.learning_rate.start_lr
         while self.step < self.numb_steps:
             step = self.step
+            t_step = time.perf_counter()
             lr = self.lr(step)
             for g in self.opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * self.lr_scale
             ti = int(self.rng.choice(len(self.tasks), p=self.task_prob)) if len(self.tasks) > 1 else 0
             task = self.tasks[ti]
             batch = task.train.sample(self.rng).to(self.device)
@@ -173,6 +186,9 @@ class Trainer:
             if self.step_hook is not None:
                 self.step_hook(step, task, loss)
             self.opt.step()
+            if step >= 10:
+                self.train_time += time.perf_counter() - t_step
+                self.timed_steps += 1
             self.step += 1
             last = self.step == self.numb_steps
             if step % tcfg.disp_freq == 0 or last:
@@ -285,7 +301,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.training.num_threads)
-    device = resolve_device(cfg.training.device)
+    rank, world, device = distributed.setup(cfg.training.device)  # (0, 1, device) unless launched by torchrun
+    log = log if rank == 0 else _quiet
     rng = seed_everything(cfg.training.seed)
     train_sys, valid_sys = load_data(cfg)  # DataError before any expensive work
     check_labels(train_sys, cfg, "training")
@@ -316,7 +333,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model: {model.cfg.descriptor.type}, {nparam} parameters, {model.cfg.dtype_name}, device {device}")
     task = Task("default", model, EnergyLoss(cfg.loss), train_ds, valid_ds, 1.0, vd.numb_btch if vd else 1)
-    trainer = Trainer(model, [task], cfg, out, rng=rng, log=log)
+    trainer = Trainer(model, [task], cfg, out, rng=rng, log=log, rank=rank, world=world)
     if payload is not None:
         trainer.load_state(payload["train_state"])
         log(f"restarting from {restart} at step {trainer.step}")
@@ -326,10 +343,16 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
     wall = time.time() - t0
     metrics = final_metrics(model, valid_ds or train_ds)
     metrics.update({"steps": trainer.numb_steps, "train_wall_s": wall,
+                    "s_per_step": trainer.train_time / trainer.timed_steps if trainer.timed_steps else None,
                     "steps_per_s": (trainer.numb_steps - step0) / wall if wall > 0 else None, "n_params": nparam})
-    atomic_write_text(out / "train.json", json.dumps(metrics, indent=2))
-    plot_lcurve(trainer.history, out / "lcurve.png")
+    if rank == 0:
+        atomic_write_text(out / "train.json", json.dumps(metrics, indent=2))
+        plot_lcurve(trainer.history, out / "lcurve.png")
     return TrainResult(out, out / "model.ckpt", out / "lcurve.csv", metrics)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def final_metrics(model, ds: DataSet) -> dict:
