@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -105,6 +105,128 @@ class SeAttenConfig(Strict):
         return self.type == "se_atten_v2" or self.tebd_input_mode == "strip"
 
 
+def _check_auto(value, key: str) -> None:
+    if isinstance(value, str) and not (value == "auto" or value.startswith("auto:")):
+        raise ValueError(f"{key} must be an int, 'auto' or 'auto:RATIO', got {value!r}")
+
+
+class RepinitConfig(Strict):
+    """DPA-2 `repinit` block (se_atten without attention); defaults as deepmd-kit argcheck, except
+    that `nsel` defaults to "auto" (deepmd-kit: required). The three-body block is not supported."""
+
+    rcut: float = Field(gt=0)  # Angstrom
+    rcut_smth: float = Field(ge=0)  # Angstrom, < rcut
+    nsel: Union[int, str] = "auto"  # total neighbours (mixed list), or "auto" / "auto:1.1"
+    neuron: list[int] = [25, 50, 100]
+    axis_neuron: int = Field(16, gt=0)
+    tebd_dim: int = Field(8, gt=0)
+    tebd_input_mode: Literal["concat", "strip"] = "concat"
+    set_davg_zero: bool = True
+    activation_function: Activation = "tanh"
+    resnet_dt: bool = False
+    type_one_side: bool = False
+    use_three_body: bool = False
+    three_body_neuron: list[int] = [2, 4, 8]
+    three_body_sel: Union[int, str] = 40
+    three_body_rcut: float = 4.0
+    three_body_rcut_smth: float = 0.5
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.rcut_smth >= self.rcut:
+            raise ValueError(f"rcut_smth {self.rcut_smth} must be < rcut {self.rcut}")
+        if not self.neuron or any(n <= 0 for n in self.neuron):
+            raise ValueError("neuron must be a non-empty list of positive widths")
+        if self.axis_neuron > self.neuron[-1]:
+            raise ValueError(f"axis_neuron {self.axis_neuron} > neuron[-1] {self.neuron[-1]}")
+        _check_auto(self.nsel, "nsel")
+        if self.use_three_body:
+            raise ValueError("use_three_body: true (the se_t_tebd three-body block) is not supported by lamflow; "
+                             "set it to false")
+        return self
+
+
+class RepformerConfig(Strict):
+    """DPA-2 `repformer` block; defaults as deepmd-kit argcheck, except that `nsel` defaults to
+    "auto" (deepmd-kit: required)."""
+
+    rcut: float = Field(gt=0)
+    rcut_smth: float = Field(ge=0)
+    nsel: Union[int, str] = "auto"
+    nlayers: int = Field(3, ge=1)
+    g1_dim: int = Field(128, gt=0)  # single-atom channel
+    g2_dim: int = Field(16, gt=0)  # pair channel
+    axis_neuron: int = Field(4, gt=0)
+    direct_dist: bool = False
+    update_g1_has_conv: bool = True
+    update_g1_has_drrd: bool = True
+    update_g1_has_grrg: bool = True
+    update_g1_has_attn: bool = True
+    update_g2_has_g1g1: bool = True
+    update_g2_has_attn: bool = True
+    update_h2: bool = False
+    attn1_hidden: int = Field(64, gt=0)
+    attn1_nhead: int = Field(4, gt=0)
+    attn2_hidden: int = Field(16, gt=0)
+    attn2_nhead: int = Field(4, gt=0)
+    attn2_has_gate: bool = False
+    activation_function: Activation = "tanh"
+    update_style: Literal["res_avg", "res_incr", "res_residual"] = "res_avg"
+    update_residual: float = 0.001
+    update_residual_init: Literal["norm", "const"] = "norm"
+    set_davg_zero: bool = True
+    trainable_ln: bool = True
+    ln_eps: float | None = None  # None = 1e-5
+    use_sqrt_nnei: bool = True
+    g1_out_conv: bool = True
+    g1_out_mlp: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.rcut_smth >= self.rcut:
+            raise ValueError(f"rcut_smth {self.rcut_smth} must be < rcut {self.rcut}")
+        _check_auto(self.nsel, "nsel")
+        if self.update_g1_has_grrg and self.axis_neuron > self.g2_dim:
+            raise ValueError(f"axis_neuron {self.axis_neuron} > g2_dim {self.g2_dim} (used by update_g1_has_grrg)")
+        if self.update_g1_has_drrd and self.axis_neuron > self.g1_dim:
+            raise ValueError(f"axis_neuron {self.axis_neuron} > g1_dim {self.g1_dim} (used by update_g1_has_drrd)")
+        return self
+
+
+class DPA2Config(Strict):
+    """DPA-2 (`type: dpa2`); keys and defaults as deepmd-kit argcheck. Not supported (rejected):
+    exclude_types, use_econf_tebd, repinit.use_three_body."""
+
+    type: Literal["dpa2"] = "dpa2"
+    repinit: RepinitConfig
+    repformer: RepformerConfig
+    concat_output_tebd: bool = True
+    precision: Precision = "default"
+    smooth: bool = True
+    exclude_types: list[list[int]] = []
+    env_protection: float = 0.0
+    trainable: bool = True
+    seed: int | None = None
+    add_tebd_to_repinit_out: bool = Field(
+        False, validation_alias=AliasChoices("add_tebd_to_repinit_out", "repformer_add_type_ebd_to_seq"))
+    use_econf_tebd: bool = False
+    use_tebd_bias: bool = False
+    type_map: list[str] | None = None  # informational (deepmd-kit passes the model's); checked against it
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.exclude_types:
+            raise ValueError("exclude_types is not supported by lamflow")
+        if self.use_econf_tebd:
+            raise ValueError("use_econf_tebd is not supported by lamflow")
+        return self
+
+    @property
+    def rcut(self) -> float:
+        """The largest cutoff: ghost atoms and smoothness checks use it."""
+        return max(self.repinit.rcut, self.repformer.rcut)
+
+
 def _check_common(cfg) -> None:
     if cfg.rcut_smth >= cfg.rcut:
         raise ValueError(f"rcut_smth {cfg.rcut_smth} must be < rcut {cfg.rcut}")
@@ -137,7 +259,7 @@ class FittingConfig(Strict):
         return self
 
 
-DescriptorConfig = Annotated[Union[SeE2AConfig, SeAttenConfig], Field(discriminator="type")]
+DescriptorConfig = Annotated[Union[SeE2AConfig, SeAttenConfig, DPA2Config], Field(discriminator="type")]
 
 
 class ModelConfig(Strict):
@@ -220,7 +342,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("se_e2_a", "se_atten", "dpa1", "se_a", "se_atten_v2")))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("se_e2_a", "se_atten", "dpa1", "se_a", "se_atten_v2", "dpa2")))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -44,14 +44,16 @@ class EnergyModel(nn.Module):
     def nlist_requests(self):
         return self.descriptor.nlist_requests()
 
-    def atomic_energy(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor]) -> Tensor:
+    def atomic_energy(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor],
+                      mapping: Tensor | None = None) -> Tensor:
+        """mapping [nf, nall]: extended -> local atom (message-passing descriptors such as dpa2 need it)."""
         nloc = nlists[0].shape[1]
         atype = atype_ext[:, :nloc]
-        d = self.descriptor(coord_ext, atype_ext, nlists)
+        d = self.descriptor(coord_ext, atype_ext, nlists, mapping=mapping)
         return self.fitting(d.descriptor, atype) + self.out_bias[atype.clamp(min=0)] * (atype >= 0)
 
-    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor]) -> Tensor:
-        return self.atomic_energy(coord_ext, atype_ext, nlists)
+    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor], mapping: Tensor | None = None) -> Tensor:
+        return self.atomic_energy(coord_ext, atype_ext, nlists, mapping)
 
 
 @dataclass
@@ -81,7 +83,7 @@ def energy_and_grad(atomic_energy_fn, batch: Batch, dtype: torch.dtype, *, force
     if need_grad:
         coord_ext = coord_ext.detach().requires_grad_(True)
     with torch.set_grad_enabled(need_grad or torch.is_grad_enabled()):
-        ae = atomic_energy_fn(coord_ext, atype_ext, batch.nlists)  # [nf, nloc]
+        ae = atomic_energy_fn(coord_ext, atype_ext, batch.nlists, mapping=batch.mapping)  # [nf, nloc]
         energy = ae.sum(-1)
         pred = Prediction(energy, ae)
         if need_grad:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import DescriptorOutput, TypeEmbedding
+from .dpa2 import DPA2
 from .se_atten import SeAtten
 from .se_e2_a import SeE2A
 
@@ -12,6 +13,7 @@ REGISTRY = {
     "se_atten": SeAtten,
     "dpa1": SeAtten,
     "se_atten_v2": SeAtten,
+    "dpa2": DPA2,
 }
 
 
@@ -23,4 +25,4 @@ def build_descriptor(cfg, ntypes: int):
     return cls(cfg, ntypes)
 
 
-__all__ = ["REGISTRY", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A"]
+__all__ = ["REGISTRY", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A", "DPA2"]
