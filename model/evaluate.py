@@ -1,12 +1,16 @@
 """Errors of a model on labelled systems: energy per atom, force, virial per atom (RMSE and MAE),
 per system and overall (frames weight energies and virials, atoms weight forces), as JSON and a
-parity plot."""
+parity plot; `transferability` adds a parity plot per system, a bar chart across systems, the
+zero-shot (energy bias refit) errors of a pretrained model for comparison, and report.md."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -72,9 +76,13 @@ def dataset_metrics(model, ds: DataSet) -> dict:
     return collect(predict_dataset(model, ds))
 
 
+def predict_systems(model, systems: list[System]) -> list[tuple[System, dict]]:
+    return [(s, evaluate_system(model, s, virial=s.virial is not None and s.box is not None)) for s in systems]
+
+
 def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | None = None, label: str = "model") -> dict:
     """Evaluate on every system; write metrics.json and parity.png into out_dir when given."""
-    per = [(s, evaluate_system(model, s, virial=s.virial is not None and s.box is not None)) for s in systems]
+    per = predict_systems(model, systems)
     result = collect(per)
     if out_dir is not None:
         out = Path(out_dir)
@@ -114,3 +122,75 @@ def parity_plot(per: list[tuple[System, dict]], png: Path, title: str = "") -> P
 def evaluate_paths(model, paths: list[str], type_map_check: bool = True, fmt: str = "auto", out_dir=None) -> dict:
     systems = load_systems(paths, list(model.type_map), fmt)
     return evaluate_systems(model, systems, out_dir)
+
+
+# ----------------------------------------------------------------------------- transferability
+
+
+@dataclass
+class TransferResult:
+    out_dir: Path
+    metrics: dict  # {"systems": {name: m}, "overall": m} of the model (metrics.json)
+    zero_shot: dict | None  # the same for the pretrained model after a bias refit per system
+    compare: dict | None  # {"labels", "first": zero-shot, "second": model} (compare.json)
+    report: Path  # report.md
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "system"
+
+
+def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt: str = "auto",
+                    zero_shot=None, label: str = "model", log: Callable = print) -> TransferResult:
+    """Test `model` on every system of `paths`: metrics.json, parity.png (all systems),
+    parity/<nn>_<system>.png, bars.png and report.md in out_dir. With `zero_shot` (a pretrained
+    checkpoint path or model), its energy bias is refit on each system on its own and its errors
+    go to zero_shot/metrics.json, beside the model's in compare.json and the report's table."""
+    from .clean import load_pretrained, refit_bias, retype
+    from .report import Section, bar_chart, compare_table, metrics_table, short_names, write_markdown
+
+    out = Path(out_dir)
+    pre = None
+    if zero_shot is not None:  # a bad checkpoint fails before any evaluation
+        pre = load_pretrained(zero_shot) if isinstance(zero_shot, (str, os.PathLike)) else zero_shot
+    systems = load_systems(paths, list(model.type_map), fmt)
+    per = predict_systems(model, systems)
+    metrics = collect(per)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    parity_plot(per, out / "parity.png", label)
+    short = short_names([s.name for s in systems])
+    images = []
+    for i, (s, pred) in enumerate(per):
+        images.append(parity_plot([(s, pred)], out / "parity" / f"{i:02d}_{_slug(short[s.name])}.png", f"{label}: {short[s.name]}"))
+    sections = [Section(f"Errors of {label}", f"{metrics['overall']['nframes']} frames in {len(systems)} systems.",
+                        [metrics_table(metrics)], [out / "parity.png"])]
+    zs = compare = None
+    if pre is not None:
+        zper, skipped = [], []
+        for s in systems:
+            r = retype(s, list(pre.type_map))
+            if r is None or r.energy is None:
+                skipped.append(s.name)
+                continue
+            _, preds, _ = refit_bias(pre, [r])
+            zper.append((r, preds[0]))
+        zs = collect(zper) if zper else {"systems": {}, "overall": {}}
+        zs["skipped"] = skipped
+        atomic_write_text(out / "zero_shot" / "metrics.json", json.dumps(zs, indent=2))
+        if zper:
+            parity_plot(zper, out / "zero_shot" / "parity.png", "zero-shot (energy bias refit per system)")
+        compare = {"labels": ["zero-shot", label], "first": zs, "second": metrics}
+        atomic_write_text(out / "compare.json", json.dumps(compare, indent=2))
+        text = "The pretrained model with only its energy bias refit on each system, against " + label + "."
+        if skipped:
+            text += f" Not covered by the pretrained type map: {', '.join(short[n] for n in skipped)}."
+        sections.append(Section("Zero-shot vs " + label, text, [compare_table(zs, metrics, ("zero-shot", label))],
+                                [out / "zero_shot" / "parity.png"] if zper else []))
+        bar_chart({"zero-shot": zs, label: metrics}, out / "bars.png", title="errors per system")
+    else:
+        bar_chart(metrics, out / "bars.png", title=f"errors of {label} per system")
+    sections.append(Section("Per system", "", [], [out / "bars.png"] + images))
+    report = write_markdown(sections, out / "report.md", title=f"Transferability test: {label}")
+    log(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and plots")
+    return TransferResult(out, metrics, zs, compare, report)

@@ -1,34 +1,57 @@
-"""`lamflow test -m MODEL -s SYSTEM [...] [-o OUT]`: energy per atom / force / virial errors."""
+"""`lamflow test -m MODEL -s SYSTEM [...] [-o OUT] [--zero-shot PRETRAINED]`: energy per atom /
+force / virial errors per system and overall (metrics.json), parity plots, a bar chart across
+systems and report.md; with --zero-shot, the pretrained model's errors after an energy-bias
+refit on each system, side by side."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("test", help="errors of a model on labelled systems (JSON + parity PNG)")
+    p = sub.add_parser("test", help="errors of a model on labelled systems (JSON, parity plots, report.md)")
     p.add_argument("-m", "--model", required=True, help="model checkpoint")
     p.add_argument("-s", "--system", nargs="+", required=True, help="systems (folders or files in any dpdata format)")
     p.add_argument("--fmt", default="auto", help="dpdata format (default: detect deepmd/npy, deepmd/raw)")
-    p.add_argument("-o", "--output", type=Path, default=Path("test_out"), help="folder for metrics.json and parity.png")
+    p.add_argument("-o", "--output", type=Path, default=Path("test_out"), help="folder for metrics.json, plots and report.md")
+    p.add_argument("--zero-shot", metavar="PRETRAINED", help="also test this pretrained checkpoint after an energy-bias "
+                   "refit on each system, and compare")
+    p.add_argument("--label", default=None, help="name of the model in plots and the report (default: file name)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lamflow.model.checkpoint import load_model
-    from lamflow.model.evaluate import evaluate_paths
+    from lamflow.model.clean import load_pretrained
+    from lamflow.model.errors import DataError
+    from lamflow.model.evaluate import transferability
+    from lamflow.model.report import short_names
 
+    for s in args.system:
+        if not Path(s).exists():
+            raise DataError(f"{s}: no such file or directory")
     model = load_model(args.model, args.device)
-    res = evaluate_paths(model, args.system, fmt=args.fmt, out_dir=args.output)
-    rows = [("system", "frames", "E rmse meV/atom", "F rmse meV/A", "V rmse meV/atom")]
-    for name, m in list(res["systems"].items()) + [("overall", res["overall"])]:
-        rows.append((name, str(m["nframes"]), _meV(m.get("rmse_e_per_atom")), _meV(m.get("rmse_f")), _meV(m.get("rmse_v_per_atom"))))
-    w = [max(len(r[i]) for r in rows) for i in range(5)]
+    pre = load_pretrained(args.zero_shot, device=args.device) if args.zero_shot else None
+    label = args.label or Path(args.model).stem
+    res = transferability(model, args.system, args.output, fmt=args.fmt, zero_shot=pre, label=label, log=lambda *a: None)
+    zs = res.zero_shot or {"systems": {}, "overall": {}}
+    head = ("system", "frames", "E rmse meV/atom", "F rmse meV/A", "V rmse meV/atom")
+    if pre is not None:
+        head += ("E zero-shot", "F zero-shot")
+    names = short_names(list(res.metrics["systems"]))
+    rows = [head]
+    for name, m in list(res.metrics["systems"].items()) + [("overall", res.metrics["overall"])]:
+        row = (names.get(name, name), str(m["nframes"]), _meV(m.get("rmse_e_per_atom")), _meV(m.get("rmse_f")),
+               _meV(m.get("rmse_v_per_atom")))
+        if pre is not None:
+            z = zs["overall"] if name == "overall" else zs["systems"].get(name, {})
+            row += (_meV(z.get("rmse_e_per_atom")), _meV(z.get("rmse_f")))
+        rows.append(row)
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
-    print(f"wrote {args.output / 'metrics.json'} and {args.output / 'parity.png'}")
+    print(f"wrote {args.output / 'metrics.json'}, {args.output / 'parity.png'} and {res.report}")
     return 0
 
 
