@@ -120,6 +120,37 @@ class TestDPA2ResidualG1Attention(PotentialContract):
         )
 
 
+DEEPMD_REFERENCE = Path(__file__).parent / "data" / "dpa2_deepmd_3.2.0.npz"  # tests/data/make_dpa2_reference.py
+
+
+def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
+    """deepmd-kit 3.2.0's weights, inputs and outputs for four option sets (res_avg / res_residual
+    / res_incr, concat / strip, gate, h2, direct_dist, non-smooth, ...): same descriptor and
+    gradient to round-off, with the weights renamed by from_deepmd_key."""
+    import json
+
+    from lamflow.model.config import DPA2Config
+    from lamflow.model.descriptor.dpa2 import DPA2, from_deepmd_key
+
+    ref = np.load(DEEPMD_REFERENCE)
+    cases = sorted({k.split("/")[0] for k in ref.files})
+    assert len(cases) == 4
+    for case in cases:
+        kw = json.loads(str(ref[f"{case}/kwargs"]))
+        model = DPA2(DPA2Config(type="dpa2", precision="float64", **kw), 3)
+        theirs = {k.split("/state/")[1]: torch.as_tensor(ref[k]) for k in ref.files if k.startswith(f"{case}/state/")}
+        state = {from_deepmd_key(k): v for k, v in theirs.items() if from_deepmd_key(k) is not None}
+        assert set(state) == set(model.state_dict()), case
+        model.load_state_dict(state)
+        coord_ext = torch.as_tensor(ref[f"{case}/coord_ext"]).requires_grad_(True)
+        nlists = [torch.as_tensor(ref[f"{case}/nlist_repinit"]), torch.as_tensor(ref[f"{case}/nlist_repformer"])]
+        g1 = model(coord_ext, torch.as_tensor(ref[f"{case}/atype_ext"]), nlists,
+                   mapping=torch.as_tensor(ref[f"{case}/mapping"])).descriptor
+        (grad,) = torch.autograd.grad((g1**2).sum(), coord_ext)
+        np.testing.assert_allclose(g1.detach().numpy(), ref[f"{case}/g1"], rtol=0, atol=1e-12, err_msg=case)
+        np.testing.assert_allclose(grad.numpy(), ref[f"{case}/grad"], rtol=0, atol=1e-11, err_msg=case)
+
+
 def small_cfg(**repformer) -> dict:
     return {"type": "dpa2", "repinit": {"rcut": 4.0, "rcut_smth": 0.5, "nsel": "auto", "neuron": [4, 8], "axis_neuron": 2,
                                         "tebd_dim": 4},

@@ -54,8 +54,10 @@ Conventions kept for importing deepmd-kit weights (module names are deepmd-kit's
   loc_attn.mapkv columns c * H + h (c < attn1_hidden key, else value), loc_attn.head_map rows
   h * g1_dim + c (head-major); attn2_ev_apply.head_map is [H, 1] without bias.
 - g1_residual / g2_residual / h2_residual are applied in the order of the update lists above.
-- `g1_shape_tranform` is deepmd-kit's spelling; repinit/repformers env stats are
-  `repinit.env.mean/stddev` and `repformers.env.mean/stddev` (deepmd-kit: `repinit.mean`, ...).
+- `g1_shape_tranform` is deepmd-kit's spelling. Only a few prefixes differ from deepmd-kit's
+  state_dict (env stats live in `repinit.env` / `repformers.env`, the embedding nets are
+  `repinit.net(_strip)`, the type embedding `type_embedding.net`): `from_deepmd_key` renames them,
+  and tests/test_dpa2.py checks the result against deepmd-kit 3.2.0's outputs to round-off.
 Deviations: empty slots of repinit use the zero padding type embedding (deepmd-kit reads atom 0's,
 which only matters, and breaks permutation invariance there, if repinit.set_davg_zero is false);
 use_three_body, exclude_types and use_econf_tebd are rejected by the config.
@@ -358,6 +360,30 @@ class Repformers(nn.Module):
         for layer in self.layers:
             g1, g2, h2 = layer(g1, g2, h2, nei, mask, sw)
         return g1, g2, h2, diff, sw
+
+
+# deepmd-kit 3.2.0 DescrptDPA2 state_dict prefixes -> ours; every other key is the same
+DEEPMD_PREFIXES = (
+    ("type_embedding.embedding.embedding_net.", "type_embedding.net."),
+    ("repinit.filter_layers.networks.0.", "repinit.net."),
+    ("repinit.filter_layers_strip.networks.0.", "repinit.net_strip."),
+    ("repinit.mean", "repinit.env.mean"),
+    ("repinit.stddev", "repinit.env.stddev"),
+    ("repformers.mean", "repformers.env.mean"),
+    ("repformers.stddev", "repformers.env.stddev"),
+)
+
+
+def from_deepmd_key(key: str) -> str | None:
+    """Name in DPA2.state_dict() of a deepmd-kit DescrptDPA2 state_dict key (without the model's
+    `descriptor.` prefix); None for entries that hold no weights here (duplicate `_networks`
+    views, compression tables)."""
+    if "._networks." in key or key.startswith(("repinit.compress_", "repinit.type_embd_data")):
+        return None
+    for theirs, ours in DEEPMD_PREFIXES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key
 
 
 class DPA2(nn.Module):
