@@ -1,0 +1,84 @@
+"""Pretrain: train the base model on the pretraining datasets.
+
+Several datasets train one multi-task model (one fitting head per dataset, shared descriptor)
+when lamflow.model.multitask is available; a single dataset trains one energy model with
+lamflow.model.train.train. Either way the run continues from its last checkpoint when the step
+is rerun (`restart="auto"` in `resume_dir`, or in the step's own output folder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
+
+from .common import (copy_outputs, dataset_fmt, pick_root, set_threads, split_paths, trace, train_config,
+                     training_dir, user_errors_are_fatal, write_json)
+
+OUTPUT_FILES = ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"]
+
+
+def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *, type_map: list[str],
+                 cleaned: Path | None = None, resume_dir: str | None = None, log=print) -> dict:
+    """Train on `datasets` (staged data); write model.ckpt, lcurve.csv/png, train.json and
+    summary.json into out_dir. Returns the summary (headline numbers of the stage)."""
+    out = Path(out_dir)
+    work = training_dir(out, resume_dir)
+    if len(datasets) > 1:
+        return _run_multitask(config, data, datasets, out, work, type_map=type_map, cleaned=cleaned, log=log)
+    from lamflow.model.train import train
+
+    name = datasets[0]
+    root = pick_root(name, data, cleaned)
+    cfg = train_config(config, type_map, split_paths(root, name, "train"), split_paths(root, name, "valid"),
+                       dataset_fmt(root, name), source=f"stages.pretrain ({name})")
+    res = train(cfg, work, restart="auto", log=log)
+    copy_outputs(work, out, OUTPUT_FILES)
+    summary = {"kind": "single-task", "heads": {name: _headline(res.metrics)}, "steps": res.metrics.get("steps"),
+               "train_wall_s": res.metrics.get("train_wall_s")}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, work: Path, *, type_map, cleaned, log) -> dict:
+    from lamflow.model.errors import ConfigError
+
+    raise ConfigError(f"stages.pretrain.datasets: {len(datasets)} datasets need multi-task training, "
+                      "which this build of lamflow.model does not have; pretrain on one dataset")
+
+
+def _headline(m: dict) -> dict:
+    keys = ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom")
+    return {k: m[k] for k in keys if m.get(k) is not None}
+
+
+class Pretrain(OP):
+    @classmethod
+    def get_input_sign(cls):
+        return OPIOSign({
+            "config": Parameter(dict),                      # model/learning_rate/loss/training (deepmd-kit keys)
+            "datasets": Parameter(List[str]),               # pretraining datasets: one head each
+            "type_map": Parameter(List[str]),               # the pipeline's elements
+            "resume_dir": Parameter(str, default=""),       # checkpoint folder that survives a failed step
+            "data": Artifact(Path),                         # staged datasets (ops.common layout)
+            "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
+        })
+
+    @classmethod
+    def get_output_sign(cls):
+        return OPIOSign({
+            "model": Artifact(Path),                        # folder: model.ckpt, lcurve.csv/png, train.json, summary.json
+            "summary": Parameter(dict),                     # headline numbers (validation RMSEs per head)
+        })
+
+    @OP.exec_sign_check
+    def execute(self, ip: OPIO) -> OPIO:
+        trace("pretrain")
+        set_threads()
+        out = Path("pretrain")
+        with user_errors_are_fatal():
+            summary = run_pretrain(ip["config"], ip["data"], list(ip["datasets"]), out, type_map=list(ip["type_map"]),
+                                   cleaned=ip["cleaned"], resume_dir=ip["resume_dir"] or None)
+        return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})

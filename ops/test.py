@@ -1,0 +1,105 @@
+"""Test: errors of a model on one downstream system (its valid and test splits).
+
+With a pretrained model as well, also the zero-shot errors: the pretrained model with only its
+per-element energy bias re-fitted on the system's training data (lamflow.model.finetune.zero_shot),
+so the report can show how much fine-tuning gained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
+
+from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
+
+
+def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Path | None = None,
+             pretrained: Path | None = None, branch: str | None = None, log=print) -> dict:
+    """Evaluate `model` (a checkpoint file or a folder holding model.ckpt) on the system; write
+    metrics.json, parity.png (and zero_shot/...) into out_dir; return the summary."""
+    from lamflow.model.checkpoint import load_model
+    from lamflow.model.data import load_systems
+    from lamflow.model.evaluate import evaluate_systems
+
+    out = Path(out_dir)
+    root = pick_root(system, data, cleaned)
+    fmt = dataset_fmt(root, system)
+    paths = split_paths(root, system, "valid") + split_paths(root, system, "test")
+    if not paths:
+        paths = split_paths(root, system, "train")
+    net = load_model(_ckpt(model))
+    systems = load_systems(paths, list(net.type_map), fmt)
+    res = evaluate_systems(net, systems, out, label=f"{system}: model")
+    summary = {"system": system, "model": _headline(res["overall"]), "nframes": res["overall"]["nframes"]}
+    if pretrained is not None:
+        summary["zero_shot"] = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, log)
+    write_json(out / "summary.json", summary)
+    log(f"test {system}: " + json.dumps(summary))
+    return summary
+
+
+def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, log) -> dict:
+    from lamflow.model.data import load_systems
+    from lamflow.model.evaluate import evaluate_systems
+    from lamflow.model.finetune import zero_shot
+
+    train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
+    net = zero_shot(_ckpt(pretrained), train, branch=branch)
+    res = evaluate_systems(net, systems, out, label=f"{system}: zero-shot")
+    return _headline(res["overall"])
+
+
+def _type_map(ckpt: Path) -> list[str]:
+    from lamflow.model.checkpoint import read_checkpoint
+
+    return list(read_checkpoint(_ckpt(ckpt))["type_map"])
+
+
+def _ckpt(p: Path) -> Path:
+    p = Path(p)
+    return p / "model.ckpt" if p.is_dir() else p
+
+
+def _headline(m: dict) -> dict:
+    keys = ("rmse_e_per_atom", "mae_e_per_atom", "rmse_f", "mae_f", "rmse_v_per_atom")
+    return {k: m[k] for k in keys if m.get(k) is not None}
+
+
+def zero_shot_available() -> bool:
+    try:
+        from lamflow.model.finetune import zero_shot  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Test(OP):
+    @classmethod
+    def get_input_sign(cls):
+        return OPIOSign({
+            "system": Parameter(str),                       # the dataset to test on
+            "branch": Parameter(str, default=""),           # pretrained head for the zero-shot test
+            "data": Artifact(Path),                         # staged datasets
+            "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
+            "model": Artifact(Path),                        # folder with model.ckpt (fine-tuned, or pretrained)
+            "pretrained": Artifact(Path, optional=True),    # for the zero-shot comparison
+        })
+
+    @classmethod
+    def get_output_sign(cls):
+        return OPIOSign({
+            "report": Artifact(Path),                       # folder: metrics.json, parity.png, zero_shot/, summary.json
+            "summary": Parameter(dict),                     # RMSEs of the model (and zero-shot) on the system
+        })
+
+    @OP.exec_sign_check
+    def execute(self, ip: OPIO) -> OPIO:
+        trace("test", ip["system"])
+        set_threads()
+        out = Path(f"test-{ip['system']}")
+        with user_errors_are_fatal():
+            summary = run_test(ip["data"], ip["system"], ip["model"], out, cleaned=ip["cleaned"],
+                               pretrained=ip["pretrained"], branch=ip["branch"] or None)
+        return OPIO({"report": out, "summary": json.loads(json.dumps(summary))})

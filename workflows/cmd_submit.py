@@ -1,0 +1,44 @@
+"""`lamflow submit PIPELINE.yaml [--debug]`: run the pipeline, locally in dflow's debug mode
+(per-stage progress, exit 1 if the run failed) or on Argo (prints the workflow id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("submit", help="run a pipeline: on Argo, or locally with --debug")
+    p.add_argument("pipeline", type=Path, help="pipeline YAML")
+    p.add_argument("--debug", action="store_true", help="run locally in dflow's debug mode (no server, no Docker)")
+    p.add_argument("--workdir", help="debug mode: where runs go (default: the spec's debug.workdir, lamflow-runs)")
+    p.add_argument("--skip-data-check", action="store_true", help="do not read the datasets before submitting")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .engine import submit_argo, submit_debug, workdir_of
+    from .spec import load_spec
+
+    spec = load_spec(args.pipeline)
+    if args.debug:
+        workdir = workdir_of(spec, args.workdir)
+        rid, status = submit_debug(spec, workdir=workdir, check_data=not args.skip_data_check)
+        return report_debug(rid, status, workdir)
+    rid = submit_argo(spec, check_data=not args.skip_data_check)
+    print(f"submitted {rid}\n  lamflow watch {rid}\n  lamflow download {rid} -o results/")
+    return 0
+
+
+def report_debug(rid: str, status: str, workdir: Path) -> int:
+    from .cmd_status import print_status
+    from .engine import find_run
+
+    print()
+    print_status(find_run(rid, workdir))
+    print(f"\nrun {rid}: {status}; outputs in {workdir / rid}")
+    if status != "Succeeded":
+        print(f"  lamflow logs {rid} STAGE --workdir {workdir}    # what went wrong")
+        print(f"  lamflow retry {rid} --workdir {workdir}         # rerun the failed stages, reuse the rest")
+        return 1
+    print(f"  lamflow download {rid} -o results/ --workdir {workdir}")
+    return 0

@@ -1,0 +1,640 @@
+"""The pipeline spec: one YAML file -> a frozen, validated `PipelineSpec`.
+
+    name: quickstart
+    type_map: [H, C, O]                 # optional; default: every element in the datasets
+    datasets:                           # name -> paths (folders, files or s3:// URIs), any dpdata format
+      ch4: {train: ../examples/data/ch4_pbe/train, valid: ../examples/data/ch4_pbe/valid}
+    resources: {image: registry/lamflow:0.1.0-cpu, cpu: 2, memory: 4Gi}   # defaults of every stage
+    stages:
+      clean:    {datasets: [ch4], config: {...}}
+      pretrain: {datasets: [water], config: models/tiny.yaml, training: {numb_steps: 200}}
+      finetune: {systems: [ch4], training: {numb_steps: 100}, resources: {gpus: 1, ...}}
+      test:     {}                      # default: the fine-tuned systems
+      distill:  {teacher: ch4, ...}
+      compress: {...}
+    engine: {host: https://argo:2746, namespace: lamflow, artifact_repo_key: lamflow-s3}
+    debug: {workdir: lamflow-runs, pool_workers: 1}
+
+Only `load_spec` reads raw YAML. It resolves relative paths (against the pipeline file's folder,
+then the current directory) and merges `config:` model files, so everything below it receives
+typed objects with absolute paths. Problems are `SpecError`s, one line each, naming the file and
+the YAML path: `quick.yaml: stages.finetune.systems[2]: unknown dataset 'chon'`.
+`check_spec` adds the checks that read data (paths exist, elements in the type map, NaN labels)
+and builds every stage's model config, all before any step is submitted.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lamflow.model.config import TrainConfig, read_yaml, strip_comments
+from lamflow.model.errors import LamflowError
+
+STAGES = ("clean", "pretrain", "finetune", "test", "distill", "compress")
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")  # usable in Argo names and step keys
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class SpecError(LamflowError):
+    """The pipeline YAML is wrong: one line per problem, `pipe.yaml: stages.test.systems[1]: ...`."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Paths = Union[str, list[str]]
+
+
+def as_list(p: Paths | None) -> list[str]:
+    if p is None:
+        return []
+    return [p] if isinstance(p, str) else list(p)
+
+
+def is_s3(p: str) -> bool:
+    return p.startswith("s3://")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+class Toleration(Strict):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class Resources(Strict):
+    """Where and how a stage's pods run on Argo. Debug mode ignores all of it (dflow runs steps as
+    local processes). `gpus` become `limits: {nvidia.com/gpu: N}`; only GPU stages may carry
+    GPU node selectors and tolerations."""
+
+    image: str | None = None  # pinned: a tag other than latest, or @sha256:
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    cpu: Union[str, float, None] = None  # requests.cpu, e.g. 8 or "500m"
+    memory: str | None = None  # requests.memory (and limit), e.g. 32Gi
+    gpus: int = Field(0, ge=0)
+    node_selector: dict[str, str] = {}
+    tolerations: list[Toleration] = []
+    timeout: int | None = Field(None, gt=0)  # seconds
+    retries: int = Field(0, ge=0)  # retries of a transient failure (exit code 1)
+    envs: dict[str, str] = {}
+
+
+class Dataset(Strict):
+    train: Paths  # folders, files or s3:// URIs
+    valid: Paths | None = None
+    test: Paths | None = None  # test-only systems (e.g. out-of-distribution)
+    fmt: str = "auto"  # dpdata format; auto detects deepmd/npy and deepmd/raw
+
+
+class StageBase(Strict):
+    enabled: bool = True
+    resources: Resources = Resources()
+
+
+class ModelSettings(StageBase):
+    """Model and training settings of a training stage: deepmd-kit's `model`, `learning_rate`,
+    `loss` and `training` sections, read from a model config file (`config:`) and/or given inline
+    (inline keys win, dicts merge). Data paths come from the pipeline, not from here."""
+
+    config: str | None = None  # a model config YAML (e.g. templates/models/*.yaml)
+    model: dict[str, Any] = {}
+    learning_rate: dict[str, Any] = {}
+    loss: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+
+
+class CleanStage(StageBase):
+    datasets: list[str] | None = None  # default: every dataset
+    config: dict[str, Any] = {}  # lamflow.model.clean.CleanConfig keys
+
+
+class PretrainStage(ModelSettings):
+    datasets: list[str] = []  # one head per dataset (multi-task); one dataset: single-task
+
+
+class FinetuneStage(ModelSettings):
+    systems: list[str] = []  # downstream datasets, one fine-tuning step each
+    pretrained: str | None = None  # a checkpoint to start from when pretrain is disabled
+    branch: str | None = None  # head of a multi-task model to start from (default: chosen per system)
+    freeze_descriptor: bool = False
+
+
+class TestStage(StageBase):
+    systems: list[str] | None = None  # default: the fine-tuned systems
+    zero_shot: bool = True  # also test the pretrained model with only its energy bias re-fitted
+
+
+class DistillStage(ModelSettings):
+    teacher: str | None = None  # a fine-tuned system (default: the first); its model teaches
+    dataset: str | None = None  # starting structures (default: the teacher's dataset)
+    distill: dict[str, Any] = {}  # lamflow.model.distill.DistillConfig keys
+
+
+class CompressStage(StageBase):
+    config: dict[str, Any] = {}  # compression settings (stride, extrapolate, ...)
+    dataset: str | None = None  # frames for the minimal neighbour distance (default: distill's dataset)
+
+
+class Stages(Strict):
+    clean: CleanStage = CleanStage(enabled=False)
+    pretrain: PretrainStage = PretrainStage(enabled=False)
+    finetune: FinetuneStage = FinetuneStage(enabled=False)
+    test: TestStage = TestStage(enabled=False)
+    distill: DistillStage = DistillStage(enabled=False)
+    compress: CompressStage = CompressStage(enabled=False)
+
+    def enabled(self) -> list[str]:
+        return [s for s in STAGES if getattr(self, s).enabled]
+
+
+class Engine(Strict):
+    """Argo settings (no secrets: the token and S3 keys come from the environment)."""
+
+    host: str | None = None  # LAMFLOW_ARGO_HOST overrides
+    namespace: str = "lamflow"  # LAMFLOW_NAMESPACE overrides
+    artifact_repo_key: str | None = None  # key in the namespace's artifact-repositories ConfigMap
+    service_account: str = "argo"  # the workflow pods' ServiceAccount
+    util_image: str | None = None  # image of dflow's helper pods; default: the default stage image
+    parallelism: int | None = Field(None, gt=0)  # max pods at once
+    pod_gc_strategy: Literal["OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess"] | None = None
+
+
+class Debug(Strict):
+    """Local runs (`lamflow submit --debug`): dflow's debug mode, one process per step."""
+
+    workdir: str = "lamflow-runs"  # relative to the current directory
+    pool_workers: int = Field(1, ge=1)  # sliced steps (one per system) run this many at once
+    threads: int = Field(1, ge=1)  # torch threads per step
+
+
+class PipelineSpec(Strict):
+    name: str = "lamflow"
+    type_map: list[str] | None = None
+    datasets: dict[str, Dataset]
+    resources: Resources = Resources()  # defaults of every stage's `resources`
+    stages: Stages = Stages()
+    engine: Engine = Engine()
+    debug: Debug = Debug()
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v):
+        if not v:
+            raise ValueError("at least one dataset is needed")
+        for k in v:
+            if not DATASET_RE.match(k):
+                raise ValueError(f"dataset name {k!r}: letters, digits, '_', '.', '-' only")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self):
+        problems = []
+        if not NAME_RE.match(self.name):
+            problems.append(f"name: {self.name!r}: lower-case letters, digits and '-', at most 42 characters "
+                            "(it names the Argo workflow)")
+        problems += reference_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # -- derived views the DAG builder uses
+    def stage(self, name: str):
+        return getattr(self.stages, name)
+
+    def resources_of(self, stage: str) -> Resources:
+        """The stage's resources merged over the top-level defaults (stage keys win)."""
+        base = self.resources.model_dump(exclude_unset=True)
+        own = self.stage(stage).resources.model_dump(exclude_unset=True)
+        return Resources.model_validate({**base, **own})
+
+    @property
+    def finetune_systems(self) -> list[str]:
+        return list(self.stages.finetune.systems) if self.stages.finetune.enabled else []
+
+    @property
+    def test_systems(self) -> list[str]:
+        t = self.stages.test
+        if not t.enabled:
+            return []
+        if t.systems is not None:
+            return list(t.systems)
+        return self.finetune_systems or list(self.stages.pretrain.datasets)
+
+    @property
+    def clean_datasets(self) -> list[str]:
+        c = self.stages.clean
+        if not c.enabled:
+            return []
+        return list(c.datasets) if c.datasets is not None else list(self.datasets)
+
+    @property
+    def distill_teacher(self) -> str | None:
+        d = self.stages.distill
+        if not d.enabled:
+            return None
+        return d.teacher or (self.finetune_systems[0] if self.finetune_systems else None)
+
+    @property
+    def distill_dataset(self) -> str | None:
+        d = self.stages.distill
+        return (d.dataset or self.distill_teacher) if d.enabled else None
+
+    @property
+    def compress_dataset(self) -> str | None:
+        c = self.stages.compress
+        if not c.enabled:
+            return None
+        return c.dataset or self.distill_dataset or (self.finetune_systems[0] if self.finetune_systems else None)
+
+    def used_datasets(self) -> list[str]:
+        """Datasets some enabled stage reads, in `datasets` order."""
+        used = set(self.clean_datasets) | set(self.finetune_systems) | set(self.test_systems)
+        if self.stages.pretrain.enabled:
+            used |= set(self.stages.pretrain.datasets)
+        used |= {d for d in (self.distill_dataset, self.compress_dataset) if d}
+        return [d for d in self.datasets if d in used]
+
+
+def reference_problems(spec: PipelineSpec) -> list[str]:
+    """Cross-references between sections: names of datasets, stages that need other stages."""
+    out: list[str] = []
+    names = set(spec.datasets)
+    st = spec.stages
+
+    def need(path: str, ref: str | None) -> None:
+        if ref is not None and ref not in names:
+            out.append(f"{path}: unknown dataset {ref!r} (datasets: {', '.join(spec.datasets)})")
+
+    if st.clean.enabled and st.clean.datasets is not None:
+        for i, d in enumerate(st.clean.datasets):
+            need(f"stages.clean.datasets[{i}]", d)
+    if st.pretrain.enabled:
+        if not st.pretrain.datasets:
+            out.append("stages.pretrain.datasets: name at least one dataset to pretrain on")
+        for i, d in enumerate(st.pretrain.datasets):
+            need(f"stages.pretrain.datasets[{i}]", d)
+    if st.finetune.enabled:
+        if not st.finetune.systems:
+            out.append("stages.finetune.systems: name at least one downstream dataset")
+        for i, d in enumerate(st.finetune.systems):
+            need(f"stages.finetune.systems[{i}]", d)
+            if d in names and spec.datasets[d].valid is None:
+                out.append(f"stages.finetune.systems[{i}]: dataset {d!r} has no valid split (datasets.{d}.valid)")
+        if len(set(st.finetune.systems)) != len(st.finetune.systems):
+            out.append("stages.finetune.systems: a dataset is listed twice")
+        if not st.pretrain.enabled and st.finetune.pretrained is None:
+            out.append("stages.finetune.pretrained: pretrain is disabled, so give a pretrained checkpoint to start from")
+    if st.test.enabled:
+        if st.test.systems is not None:
+            for i, d in enumerate(st.test.systems):
+                need(f"stages.test.systems[{i}]", d)
+        if not (st.finetune.enabled or st.pretrain.enabled):
+            out.append("stages.test: needs a model: enable pretrain or finetune")
+        elif st.test.systems is not None and st.finetune.enabled and list(st.test.systems) != list(st.finetune.systems):
+            out.append("stages.test.systems: with finetune enabled the test stage tests each fine-tuned system "
+                       "(stages.finetune.systems); leave systems out")
+    if st.distill.enabled:
+        if not st.finetune.enabled:
+            out.append("stages.distill: needs a fine-tuned teacher: enable finetune")
+        elif st.distill.teacher is not None and st.distill.teacher not in st.finetune.systems:
+            out.append(f"stages.distill.teacher: {st.distill.teacher!r} is not one of stages.finetune.systems")
+        need("stages.distill.dataset", st.distill.dataset)
+    if st.compress.enabled:
+        if not st.distill.enabled:
+            out.append("stages.compress: compresses the distilled student: enable distill")
+        need("stages.compress.dataset", st.compress.dataset)
+    if spec.type_map is not None and len(set(spec.type_map)) != len(spec.type_map):
+        out.append("type_map: an element is listed twice")
+    for name in STAGES:
+        out += resource_problems(spec, name)
+    return out
+
+
+def resource_problems(spec: PipelineSpec, stage: str) -> list[str]:
+    """GPU settings belong to GPU stages only (CPU pods must not land on, or tolerate, GPU nodes)."""
+    r = spec.resources_of(stage)
+    where = f"stages.{stage}.resources"
+    out = []
+    if r.gpus == 0:
+        for k in r.node_selector:
+            if k.startswith("nvidia.com/"):
+                out.append(f"{where}.node_selector: {k} on a CPU stage (gpus: 0) would put it on GPU nodes")
+        for i, t in enumerate(r.tolerations):
+            if t.key.startswith("nvidia.com/"):
+                out.append(f"{where}.tolerations[{i}]: tolerating {t.key} on a CPU stage (gpus: 0) lets it onto GPU nodes")
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+# pydantic puts union members and discriminator tags into error locations; they are not YAML keys
+SKIP_LOC = {"str", "list[str]", "list[int]", "int", "float", "se_e2_a", "se_a", "se_atten", "dpa1", "se_atten_v2", "dpa2",
+            "dpa3"}
+
+
+def format_errors(source: str, err: ValidationError, prefix: str = "") -> list[str]:
+    """pydantic errors -> one line each, with the YAML path (`stages.test.systems[1]`)."""
+    lines = []
+    for e in err.errors():
+        path = prefix
+        for p in e["loc"]:
+            if isinstance(p, int):
+                path += f"[{p}]"
+            elif p in SKIP_LOC or str(p).startswith("function-"):
+                continue
+            else:
+                path += ("." if path else "") + str(p)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        for i, part in enumerate(msg.split("\n")):
+            # cross-reference errors carry their own paths ("stages.x: ...")
+            lines.append(f"{source}: {part}" if (path == prefix and ":" in part and e["type"] == "value_error")
+                         else f"{source}: {path or '(top level)'}: {part}")
+    return lines
+
+
+def find_path(p: str, base: Path) -> Path:
+    """A relative path: against the pipeline file's folder first, then the current directory."""
+    q = Path(p).expanduser()
+    if q.is_absolute():
+        return q
+    for root in (base, Path.cwd()):
+        if (root / q).exists():
+            return (root / q).resolve()
+    return (base / q).resolve()
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+MODEL_KEYS = ("model", "learning_rate", "loss", "training")
+
+
+def merge_model_config(stage: dict, base: Path, source: str, path: str, problems: list[str]) -> dict:
+    """Inline model settings over the `config:` file's; returns the stage dict with `config` dropped."""
+    cfg_file = stage.get("config")
+    if not isinstance(cfg_file, str):
+        return stage
+    f = find_path(cfg_file, base)
+    try:
+        raw = strip_comments(read_yaml(f))
+    except LamflowError as e:
+        problems.append(f"{source}: {path}.config: {e}")
+        return {k: v for k, v in stage.items() if k != "config"}
+    if not isinstance(raw, dict):
+        problems.append(f"{source}: {path}.config: {f}: expected a mapping")
+        return {k: v for k, v in stage.items() if k != "config"}
+    unknown = [k for k in raw if k not in MODEL_KEYS]
+    for k in unknown:
+        problems.append(f"{source}: {path}.config: {f}: unknown key {k!r} (a model config holds {', '.join(MODEL_KEYS)})")
+    merged = {k: v for k, v in stage.items() if k != "config"}
+    for k in MODEL_KEYS:
+        if isinstance(raw.get(k), dict):
+            inline = stage.get(k, {})
+            merged[k] = deep_merge(raw[k], inline if isinstance(inline, dict) else {})
+    # data paths of a standalone training config are not the pipeline's
+    tr = merged.get("training")
+    if isinstance(tr, dict):
+        for dk in ("training_data", "validation_data"):
+            if isinstance(tr.get(dk), dict):
+                tr[dk] = {k: v for k, v in tr[dk].items() if k != "systems"}
+    merged["config_file"] = str(f)
+    return merged
+
+
+def resolve_paths(raw: dict, base: Path) -> None:
+    """Dataset paths and checkpoint paths become absolute (s3:// URIs stay)."""
+    ds = raw.get("datasets")
+    if isinstance(ds, dict):
+        for d in ds.values():
+            if not isinstance(d, dict):
+                continue
+            for split in ("train", "valid", "test"):
+                v = d.get(split)
+                if isinstance(v, str):
+                    d[split] = v if is_s3(v) else str(find_path(v, base))
+                elif isinstance(v, list):
+                    d[split] = [x if not isinstance(x, str) or is_s3(x) else str(find_path(x, base)) for x in v]
+    ft = (raw.get("stages") or {}).get("finetune") if isinstance(raw.get("stages"), dict) else None
+    if isinstance(ft, dict) and isinstance(ft.get("pretrained"), str) and not is_s3(ft["pretrained"]):
+        ft["pretrained"] = str(find_path(ft["pretrained"], base))
+
+
+def load_spec(path: str | os.PathLike) -> PipelineSpec:
+    """Read, merge and validate a pipeline YAML; raise SpecError listing every problem."""
+    path = Path(path)
+    source = str(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    return spec_from_dict(raw, path.resolve().parent, source)
+
+
+def spec_from_dict(raw: dict, base: Path, source: str = "pipeline") -> PipelineSpec:
+    raw = strip_comments(copy.deepcopy(raw))
+    problems: list[str] = []
+    stages = raw.get("stages")
+    if isinstance(stages, dict):
+        for name in ("pretrain", "finetune", "distill"):
+            if isinstance(stages.get(name), dict):
+                stages[name] = merge_model_config(stages[name], base, source, f"stages.{name}", problems)
+    resolve_paths(raw, base)
+    config_files = {}
+    if isinstance(stages, dict):
+        for name in ("pretrain", "finetune", "distill"):
+            if isinstance(stages.get(name), dict) and "config_file" in stages[name]:
+                config_files[name] = stages[name].pop("config_file")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        problems += format_errors(source, e)
+    if problems:
+        raise SpecError(problems)
+    object.__setattr__(spec, "_source", source)
+    object.__setattr__(spec, "_config_files", config_files)
+    return spec
+
+
+def spec_source(spec: PipelineSpec) -> str:
+    return getattr(spec, "_source", "pipeline")
+
+
+# ----------------------------------------------------------------------------- model configs
+
+
+def model_settings(settings: ModelSettings) -> dict:
+    """The `model/learning_rate/loss/training` dicts of a training stage (what its OP receives)."""
+    return {k: copy.deepcopy(getattr(settings, k)) for k in MODEL_KEYS}
+
+
+def train_config_dict(settings: ModelSettings, type_map: list[str], train: list[str], valid: list[str] | None,
+                      fmt: str = "auto") -> dict:
+    from lamflow.ops.common import train_config_dict as build
+
+    return build(model_settings(settings), type_map, train, valid, fmt)
+
+
+def model_config_problems(source: str, path: str, d: dict) -> list[str]:
+    try:
+        TrainConfig.model_validate(d)
+    except ValidationError as e:
+        return [ln for ln in format_errors(source, e, path)
+                if ".training_data.systems" not in ln and ".validation_data.systems" not in ln]
+    return []
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def dataset_paths(spec: PipelineSpec, name: str, split: str) -> list[str]:
+    return as_list(getattr(spec.datasets[name], split))
+
+
+def resolved_type_map(spec: PipelineSpec, elements: dict[str, list[str]] | None = None) -> list[str]:
+    """`type_map:` if given; else every element of the used datasets in order of appearance."""
+    if spec.type_map:
+        return list(spec.type_map)
+    from lamflow.model.data import elements_in
+
+    seen: list[str] = []
+    for name in spec.used_datasets():
+        ds = spec.datasets[name]
+        for split in ("train", "valid", "test"):
+            paths = [p for p in as_list(getattr(ds, split)) if not is_s3(p)]
+            if not paths:
+                continue
+            els = elements.get(f"{name}.{split}") if elements else None
+            if els is None:
+                els = elements_in(paths, ds.fmt)
+            seen += [e for e in els if e not in seen]
+    return seen
+
+
+def check_spec(spec: PipelineSpec, *, data: bool = True) -> list[str]:
+    """Every problem that can be found before submitting, one line each (empty: all good).
+    data=True also reads every local dataset: paths exist, elements are in the type map, no
+    NaN/inf labels, at least one frame."""
+    from lamflow.model.data import elements_in, load_systems
+
+    source = spec_source(spec)
+    problems: list[str] = []
+    elements: dict[str, list[str]] = {}
+    used = spec.used_datasets()
+    for name in used:
+        ds = spec.datasets[name]
+        for split in ("train", "valid", "test"):
+            for i, p in enumerate(as_list(getattr(ds, split))):
+                where = f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(getattr(ds, split), list) else "")
+                if is_s3(p):
+                    continue
+                if not Path(p).exists():
+                    problems.append(f"{source}: {where}: no such file or directory: {p}")
+                    continue
+                if data:
+                    try:
+                        elements.setdefault(f"{name}.{split}", [])
+                        elements[f"{name}.{split}"] += [e for e in elements_in(p, ds.fmt) if e not in elements[f"{name}.{split}"]]
+                    except LamflowError as e:
+                        problems.append(f"{source}: {where}: {e}")
+    if problems:
+        return problems
+    try:
+        type_map = resolved_type_map(spec, elements if data else None) if data or spec.type_map else []
+    except LamflowError as e:
+        return [f"{source}: datasets: {e}"]
+    if data:
+        for name in used:
+            ds = spec.datasets[name]
+            for split in ("train", "valid", "test"):
+                for i, p in enumerate(as_list(getattr(ds, split))):
+                    if is_s3(p):
+                        continue
+                    where = f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(getattr(ds, split), list) else "")
+                    try:
+                        load_systems([p], type_map, ds.fmt)
+                    except LamflowError as e:
+                        problems.append(f"{source}: {where}: {e}")
+    problems += stage_config_problems(spec, type_map or ["X"])
+    return problems
+
+
+def stage_config_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
+    """Build each training stage's TrainConfig (with placeholder data) and each stage config."""
+    source = spec_source(spec)
+    out: list[str] = []
+    st = spec.stages
+    dummy = ["data"]
+    if st.pretrain.enabled:
+        out += model_config_problems(source, "stages.pretrain", train_config_dict(st.pretrain, type_map, dummy, dummy))
+    if st.finetune.enabled:
+        out += model_config_problems(source, "stages.finetune", train_config_dict(st.finetune, type_map, dummy, dummy))
+    if st.distill.enabled:
+        out += model_config_problems(source, "stages.distill", train_config_dict(st.distill, type_map, dummy, dummy))
+    out += _stage_extra_problems(spec)
+    for name in st.enabled():
+        r = spec.resources_of(name)
+        if r.timeout is not None and r.timeout > 30 * 86400:
+            out.append(f"{source}: stages.{name}.resources.timeout: {r.timeout} s is more than 30 days")
+    return out
+
+
+def _stage_extra_problems(spec: PipelineSpec) -> list[str]:
+    """Stage configs owned by lamflow.model modules (clean, distill, compress), when present."""
+    from . import stage_configs
+
+    return stage_configs.problems(spec)
+
+
+def image_problems(spec: PipelineSpec) -> list[str]:
+    """For Argo: every enabled stage has an image, pinned by a tag other than `latest` or a digest."""
+    source = spec_source(spec)
+    out = []
+    for name in spec.stages.enabled():
+        img = spec.resources_of(name).image
+        if not img:
+            out.append(f"{source}: stages.{name}.resources.image: no image (set it here or in the top-level resources)")
+        elif not pinned(img):
+            out.append(f"{source}: stages.{name}.resources.image: {img!r} is not pinned (use a version tag or @sha256:...)")
+    if spec.engine.util_image and not pinned(spec.engine.util_image):
+        out.append(f"{source}: engine.util_image: {spec.engine.util_image!r} is not pinned")
+    return out
+
+
+def pinned(image: str) -> bool:
+    if "@sha256:" in image:
+        return bool(re.search(r"@sha256:[0-9a-f]{64}$", image))
+    last = image.rsplit("/", 1)[-1]
+    return ":" in last and not last.endswith(":latest")
+
+
+def spec_summary(spec: PipelineSpec) -> dict:
+    """A JSON-able description of the resolved spec (stored with each run, for retry)."""
+    return {"spec": spec.model_dump(mode="json", exclude_unset=True), "source": spec_source(spec)}
+
+
+def spec_from_summary(d: dict) -> PipelineSpec:
+    spec = PipelineSpec.model_validate(d["spec"])
+    object.__setattr__(spec, "_source", d.get("source", "pipeline"))
+    return spec
