@@ -116,7 +116,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
         clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key="clean",
                          parameters={"datasets": spec.clean_datasets, "config": dict(st.clean.config),
                                      "type_map": opts.type_map},
-                         artifacts={**common}))
+                         artifacts={**common, **({"pretrained": inputs.pretrained} if inputs.pretrained else {})}))
         common["cleaned"] = clean.outputs.artifacts["cleaned"]
 
     if st.pretrain.enabled:
@@ -171,7 +171,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                  artifacts={**common, "model": dis.outputs.artifacts["model"]}))
 
     arts = {}
-    for name, out in (("clean", "cleaned"), ("pretrain", "model"), ("finetune", "model"), ("test", "report"),
+    for name, out in (("clean", "report"), ("pretrain", "model"), ("finetune", "model"), ("test", "report"),
                       ("distill", "model"), ("compress", "model")):
         if name in tasks:
             arts["tests" if name == "test" else name] = tasks[name].outputs.artifacts[out]

@@ -1,0 +1,91 @@
+"""Clean: drop frames whose labels or geometry cannot be right (lamflow.model.clean), per dataset.
+
+Each dataset's splits are cleaned together (one energy fit per input path) and written back in
+the staged layout (ops.common), as deepmd/npy, so later stages read the cleaned copy instead of
+the raw one. A split whose frames were all dropped is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import List
+
+from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
+
+from .common import SPLITS, dataset_fmt, split_paths, trace, user_errors_are_fatal, write_json
+
+
+def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, *, config: dict | None = None,
+              type_map: list[str] | None = None, pretrained: Path | None = None, log=print) -> dict:
+    """Clean each dataset of the staged `data` into out_dir (same layout); write each dataset's
+    clean.json / clean.png / report.md under report_dir/<dataset>/ and report_dir/summary.json."""
+    from lamflow.model.clean import CleanConfig, clean
+    from lamflow.model.config import parse_config
+
+    cfg = parse_config(CleanConfig, config or {}, "stages.clean.config")
+    out, rep = Path(out_dir), Path(report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep.mkdir(parents=True, exist_ok=True)
+    ckpt = None
+    if pretrained is not None:
+        ckpt = Path(pretrained) / "model.ckpt" if Path(pretrained).is_dir() else Path(pretrained)
+    summary = {"datasets": {}, "kept": 0, "dropped": 0}
+    for name in datasets:
+        fmt = dataset_fmt(data, name)
+        paths = {s: split_paths(data, name, s) for s in SPLITS}
+        inputs = [p for s in SPLITS for p in paths[s]]
+        res = clean(inputs, rep / name, cfg, type_map=type_map, pretrained=str(ckpt) if ckpt else None, fmt=fmt, log=log)
+        splits = {}
+        for s in SPLITS:
+            n = 0
+            for p in paths[s]:
+                outs = [rep / name / r["out"] for r in res.report["systems"]
+                        if r["out"] and (r["source"] == p or r["source"].startswith(p + "/"))]
+                if not outs:
+                    continue
+                dst = out / name / s / str(n)
+                for o in outs:  # one input path may hold several systems
+                    shutil.copytree(o, dst / o.relative_to(rep / name / "data"))
+                n += 1
+            if n:
+                splits[s] = n
+        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / name / "dataset.json").write_text(json.dumps({"fmt": "auto", "splits": splits}))
+        shutil.rmtree(rep / name / "data", ignore_errors=True)  # the data live in the cleaned artifact
+        by_reason = {k: v for k, v in res.report["counts_by_reason"].items() if v}
+        summary["datasets"][name] = {"kept": res.kept, "dropped": res.dropped, "by_reason": by_reason}
+        summary["kept"] += res.kept
+        summary["dropped"] += res.dropped
+    write_json(rep / "summary.json", summary)
+    return summary
+
+
+class Clean(OP):
+    @classmethod
+    def get_input_sign(cls):
+        return OPIOSign({
+            "datasets": Parameter(List[str]),               # the datasets to clean (others pass through untouched)
+            "config": Parameter(dict),                      # lamflow.model.clean.CleanConfig keys
+            "type_map": Parameter(List[str]),               # the pipeline's elements
+            "data": Artifact(Path),                         # staged datasets (ops.common layout)
+            "pretrained": Artifact(Path, optional=True),    # checkpoint for element coverage and zero-shot errors
+        })
+
+    @classmethod
+    def get_output_sign(cls):
+        return OPIOSign({
+            "cleaned": Artifact(Path),                      # cleaned datasets, same layout, deepmd/npy
+            "report": Artifact(Path),                       # per dataset: clean.json, clean.png, report.md; summary.json
+            "summary": Parameter(dict),                     # frames kept / dropped per dataset
+        })
+
+    @OP.exec_sign_check
+    def execute(self, ip: OPIO) -> OPIO:
+        trace("clean")
+        out, rep = Path("cleaned"), Path("clean-report")
+        with user_errors_are_fatal():
+            summary = run_clean(ip["data"], list(ip["datasets"]), out, rep, config=ip["config"],
+                                type_map=list(ip["type_map"]), pretrained=ip["pretrained"])
+        return OPIO({"cleaned": out, "report": rep, "summary": json.loads(json.dumps(summary))})

@@ -1,0 +1,78 @@
+"""Whole pipelines in dflow's debug mode (local processes, no server): the quickstart end to end,
+and `lamflow retry` rerunning only what failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import data_path
+
+from lamflow.workflows.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model": {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": "auto", "neuron": [4, 8],
+                             "axis_neuron": 2, "seed": 1},
+              "fitting_net": {"neuron": [8, 8], "seed": 1}},
+    "learning_rate": {"start_lr": 0.005, "stop_lr": 1e-4, "decay_steps": 5},
+    "training": {"numb_steps": 4, "disp_freq": 2, "save_freq": 2, "seed": 1, "training_data": {"batch_size": 4},
+                 "validation_data": {"batch_size": 20}},
+}
+
+
+def small_pipeline(tmp_path: Path) -> Path:
+    ch4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_pbe", "valid"))}
+    doc = {"name": "retry", "datasets": {"ch4a": ch4, "ch4b": ch4},
+           "stages": {"pretrain": {"datasets": ["ch4a"], **TINY}, "test": {"systems": ["ch4a", "ch4b"]}},
+           "debug": {"workdir": str(tmp_path / "runs"), "pool_workers": 1}}
+    p = tmp_path / "pipe.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def ledger(path: Path) -> list[str]:
+    return sorted(path.read_text().splitlines()) if path.exists() else []
+
+
+def run_id(out: str) -> str:
+    return next(ln.split()[1].rstrip(":") for ln in out.splitlines() if ln.startswith("run "))
+
+
+@pytest.mark.slow
+def test_retry_reruns_only_the_failed_step_and_reuses_the_rest(tmp_path, monkeypatch, capsys):
+    pipe = small_pipeline(tmp_path)
+    log = tmp_path / "ledger"
+    monkeypatch.setenv("LAMFLOW_STEP_LOG", str(log))
+    monkeypatch.setenv("LAMFLOW_FAIL_STAGE", "test:ch4b")  # the second test step fails on the first run
+    assert main(["submit", str(pipe), "--debug"]) == 1
+    first = run_id(capsys.readouterr().out)
+    assert ledger(log) == ["pretrain", "test ch4a", "test ch4b"]  # report never ran
+    monkeypatch.delenv("LAMFLOW_FAIL_STAGE")
+
+    log.unlink()
+    wd = str(tmp_path / "runs")
+    assert main(["retry", first, "--workdir", wd]) == 0
+    out = capsys.readouterr().out
+    second = run_id(out)
+    assert second != first
+    assert ledger(log) == ["report", "test ch4b"]  # pretrain and test-0 were reused, not rerun
+    assert "reusing 2 succeeded step(s): pretrain, test-0" in out
+
+    # the reused outputs are the first run's: same checkpoint bytes
+    runs = tmp_path / "runs"
+    ck = lambda rid: next((runs / rid / "pretrain" / "outputs" / "artifacts" / "model").rglob("model.ckpt")).read_bytes()  # noqa: E731
+    assert ck(first) == ck(second)
+    assert main(["status", second, "--workdir", wd]) == 0
+    status = capsys.readouterr().out
+    assert f"{second} (debug): Succeeded" in status and "test-1 [ch4b]" in status
+
+    # --from test: pretrain reused again, both test steps and the report rerun
+    log.unlink()
+    assert main(["retry", second, "--from", "test", "--workdir", wd]) == 0
+    assert ledger(log) == ["report", "test ch4a", "test ch4b"]
+    assert main(["list", "--workdir", wd]) == 0
+    listed = capsys.readouterr().out
+    assert f"(retry of {first})" in listed and f"(retry of {second})" in listed
