@@ -287,7 +287,9 @@ def elements_in(paths: list[str] | str, fmt: str = "auto") -> list[str]:
                 present = [names[t] for t in sorted(set(types.tolist()))]
             else:
                 present = [n for it in _read_dpdata(sp, f, False) for n in it[1]]
-            seen += [n for n in present if n not in seen]
+            for n in map(str, present):  # several dpdata systems in one file repeat their names
+                if n not in seen:
+                    seen.append(n)
     return seen
 
 
