@@ -52,6 +52,13 @@ def keys_from(spec: PipelineSpec, stage: str) -> set[str]:
     return set(ORDER[i:])
 
 
+def cpu_quantity(v) -> str:
+    """8 -> "8", 0.5 -> "0.5", "500m" -> "500m" (Kubernetes quantities)."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def template(op_cls, res: Resources, opts: BuildOptions, slices=None):
     """One PythonOPTemplate with the stage's image, requests/limits, GPU scheduling and retries."""
     from dflow.python import PythonOPTemplate
@@ -59,7 +66,7 @@ def template(op_cls, res: Resources, opts: BuildOptions, slices=None):
 
     requests, limits = {}, {}
     if res.cpu is not None:
-        requests["cpu"] = str(res.cpu)
+        requests["cpu"] = cpu_quantity(res.cpu)
     if res.memory is not None:
         requests["memory"] = res.memory
         limits["memory"] = res.memory

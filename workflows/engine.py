@@ -273,6 +273,9 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
     out.update(m)
     out["metadata"]["namespace"] = ns
     out["spec"]["serviceAccountName"] = spec.engine.service_account
+    if spec.engine.artifact_repo_key:
+        # set here, not through dflow, which would read the artifact-repositories ConfigMap from the cluster
+        out["spec"]["artifactRepositoryRef"] = {"key": spec.engine.artifact_repo_key}
     return out
 
 
@@ -293,7 +296,7 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
     annotations = {ANNOTATION: json.dumps({**summary, "type_map": type_map, "keys": keys, "parent": parent})}
     labels = {LABEL: spec.name, "app.kubernetes.io/managed-by": "lamflow"}
     kw = dict(namespace=env.namespace if env else (os.environ.get("LAMFLOW_NAMESPACE") or spec.engine.namespace),
-              artifact_repo_key=spec.engine.artifact_repo_key, parallelism=spec.engine.parallelism,
+              parallelism=spec.engine.parallelism,
               pod_gc_strategy=spec.engine.pod_gc_strategy)
     if env is not None:
         kw.update(host=env.host, token=env.token)
