@@ -111,8 +111,8 @@ def _check_auto(value, key: str) -> None:
 
 
 class RepinitConfig(Strict):
-    """DPA-2 `repinit` block (se_atten without attention); defaults as deepmd-kit argcheck, except
-    that `nsel` defaults to "auto" (deepmd-kit: required). The three-body block is not supported."""
+    """DPA-2 `repinit` block (se_atten without attention, optionally with the se_t_tebd three-body
+    block); defaults as deepmd-kit argcheck, except that `nsel` defaults to "auto" (deepmd-kit: required)."""
 
     rcut: float = Field(gt=0)  # Angstrom
     rcut_smth: float = Field(ge=0)  # Angstrom, < rcut
@@ -128,8 +128,8 @@ class RepinitConfig(Strict):
     use_three_body: bool = False
     three_body_neuron: list[int] = [2, 4, 8]
     three_body_sel: Union[int, str] = 40
-    three_body_rcut: float = 4.0
-    three_body_rcut_smth: float = 0.5
+    three_body_rcut: float = Field(4.0, gt=0)
+    three_body_rcut_smth: float = Field(0.5, ge=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -140,9 +140,12 @@ class RepinitConfig(Strict):
         if self.axis_neuron > self.neuron[-1]:
             raise ValueError(f"axis_neuron {self.axis_neuron} > neuron[-1] {self.neuron[-1]}")
         _check_auto(self.nsel, "nsel")
+        _check_auto(self.three_body_sel, "three_body_sel")
         if self.use_three_body:
-            raise ValueError("use_three_body: true (the se_t_tebd three-body block) is not supported by lamflow; "
-                             "set it to false")
+            if self.three_body_rcut_smth >= self.three_body_rcut:
+                raise ValueError(f"three_body_rcut_smth {self.three_body_rcut_smth} must be < three_body_rcut {self.three_body_rcut}")
+            if not self.three_body_neuron or any(n <= 0 for n in self.three_body_neuron):
+                raise ValueError("three_body_neuron must be a non-empty list of positive widths")
         return self
 
 
@@ -195,7 +198,7 @@ class RepformerConfig(Strict):
 
 class DPA2Config(Strict):
     """DPA-2 (`type: dpa2`); keys and defaults as deepmd-kit argcheck. Not supported (rejected):
-    exclude_types, use_econf_tebd, repinit.use_three_body."""
+    exclude_types, use_econf_tebd."""
 
     type: Literal["dpa2"] = "dpa2"
     repinit: RepinitConfig
@@ -224,7 +227,8 @@ class DPA2Config(Strict):
     @property
     def rcut(self) -> float:
         """The largest cutoff: ghost atoms and smoothness checks use it."""
-        return max(self.repinit.rcut, self.repformer.rcut)
+        three = self.repinit.three_body_rcut if self.repinit.use_three_body else 0.0
+        return max(self.repinit.rcut, self.repformer.rcut, three)
 
 
 def _check_common(cfg) -> None:

@@ -52,33 +52,37 @@ def dpa2_model(type_map, dtype, repinit: dict, repformer: dict, **top) -> Energy
 
 
 class TestDPA2(PotentialContract):
-    """res_avg with g2 attention (gated), h2 update, g1g1 and local g1 attention, concat repinit."""
+    """res_avg with g2 attention (gated), h2 update, g1g1 and local g1 attention; concat repinit
+    with the three-body block."""
 
-    repformer_rcut = 3.0
+    inner_rcuts = (3.0, 3.5)  # repformer, three-body; the contract's own test covers repinit's 4.0
 
     def make_model(self, dtype=torch.float64):
         return dpa2_model(
             self.type_map, dtype,
-            {"rcut": 4.0, "rcut_smth": 0.5, "nsel": 40, "neuron": [4, 8], "axis_neuron": 4, "tebd_dim": 4},
-            {"rcut": self.repformer_rcut, "rcut_smth": 1.0, "nsel": 24, "nlayers": 2, "g1_dim": 8, "g2_dim": 4,
+            {"rcut": 4.0, "rcut_smth": 0.5, "nsel": 40, "neuron": [4, 8], "axis_neuron": 4, "tebd_dim": 4,
+             "use_three_body": True, "three_body_rcut": 3.5, "three_body_rcut_smth": 0.5, "three_body_sel": 32,
+             "three_body_neuron": [2, 4]},
+            {"rcut": 3.0, "rcut_smth": 1.0, "nsel": 24, "nlayers": 2, "g1_dim": 8, "g2_dim": 4,
              "axis_neuron": 2, "attn1_hidden": 4, "attn1_nhead": 2, "attn2_hidden": 4, "attn2_nhead": 2,
              "attn2_has_gate": True, "update_h2": True, "set_davg_zero": False},
         )
 
-    def test_energy_smooth_as_neighbour_crosses_repformer_rcut(self):
-        """The far atom stays inside the repinit sphere while it leaves the repformer one."""
+    def test_energy_smooth_as_neighbour_crosses_repformer_and_three_body_rcut(self):
+        """The far atom stays inside the repinit sphere while it leaves the inner ones."""
         model = self.make_model(torch.float64)
         t = self._map(np.array([0, 1, 2]))
-        xs = self.repformer_rcut + np.linspace(-1e-3, 1e-3, 21)
-        es, fs = [], []
-        for x in xs:
-            c = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [0.0, x, 0.0]])
-            out = self.energy(model, c, None, t)
-            es.append(out["energy"][0])
-            fs.append(out["force"][0][2, 1])
-        assert np.max(np.abs(np.diff(es))) < 1e-7
-        assert np.max(np.abs(np.diff(fs))) < 1e-5
-        assert np.ptp(fs) > 0  # the repinit block still feels the atom
+        for rcut in self.inner_rcuts:
+            xs = rcut + np.linspace(-1e-3, 1e-3, 11)
+            es, fs = [], []
+            for x in xs:
+                c = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [0.0, x, 0.0]])
+                out = self.energy(model, c, None, t)
+                es.append(out["energy"][0])
+                fs.append(out["force"][0][2, 1])
+            assert np.max(np.abs(np.diff(es))) < 1e-7, rcut
+            assert np.max(np.abs(np.diff(fs))) < 1e-5, rcut
+            assert np.ptp(fs) > 0  # the repinit block still feels the atom
 
     def test_repformer_reads_ghost_features_through_mapping(self):
         """Ghost neighbours carry their local atom's g1: without the mapping the model refuses,
@@ -103,15 +107,16 @@ class TestDPA2(PotentialContract):
 
 
 class TestDPA2ResidualG1Attention(PotentialContract):
-    """res_residual with local g1 attention, no g2 attention, strip repinit with type_one_side
-    and a non-zero mean, direct_dist, convolution and self-MLP inside the concatenated MLP, tebd
-    added to the repinit output."""
+    """res_residual with local g1 attention, no g2 attention, strip repinit (and three-body) with
+    type_one_side and a non-zero mean, direct_dist, convolution and self-MLP inside the
+    concatenated MLP, tebd added to the repinit output."""
 
     def make_model(self, dtype=torch.float64):
         return dpa2_model(
             self.type_map, dtype,
             {"rcut": 4.0, "rcut_smth": 0.5, "nsel": 40, "neuron": [4, 8], "axis_neuron": 2, "tebd_dim": 4,
-             "tebd_input_mode": "strip", "type_one_side": True, "set_davg_zero": False},
+             "tebd_input_mode": "strip", "type_one_side": True, "set_davg_zero": False, "use_three_body": True,
+             "three_body_rcut": 3.2, "three_body_rcut_smth": 2.0, "three_body_sel": 24, "three_body_neuron": [2, 4]},
             {"rcut": 3.5, "rcut_smth": 0.5, "nsel": 28, "nlayers": 2, "g1_dim": 8, "g2_dim": 4, "axis_neuron": 2,
              "update_g2_has_attn": False, "update_g1_has_attn": True, "attn1_hidden": 4, "attn1_nhead": 2,
              "update_style": "res_residual", "direct_dist": True, "g1_out_conv": False, "g1_out_mlp": False,
@@ -125,8 +130,8 @@ DEEPMD_REFERENCE = Path(__file__).parent / "data" / "dpa2_deepmd_3.2.0.npz"  # t
 
 def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
     """deepmd-kit 3.2.0's weights, inputs and outputs for four option sets (res_avg / res_residual
-    / res_incr, concat / strip, gate, h2, direct_dist, non-smooth, ...): same descriptor and
-    gradient to round-off, with the weights renamed by from_deepmd_key."""
+    / res_incr, concat / strip, three-body, gate, h2, direct_dist, non-smooth, ...): same
+    descriptor and gradient to round-off, with the weights renamed by from_deepmd_key."""
     import json
 
     from lamflow.model.config import DPA2Config
@@ -143,7 +148,9 @@ def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
         assert set(state) == set(model.state_dict()), case
         model.load_state_dict(state)
         coord_ext = torch.as_tensor(ref[f"{case}/coord_ext"]).requires_grad_(True)
-        nlists = [torch.as_tensor(ref[f"{case}/nlist_repinit"]), torch.as_tensor(ref[f"{case}/nlist_repformer"])]
+        nlists = [torch.as_tensor(ref[f"{case}/{k}"]) for k in ("nlist_repinit", "nlist_repformer", "nlist_three_body")
+                  if f"{case}/{k}" in ref.files]
+        assert len(nlists) == len(model.nlist_requests())
         g1 = model(coord_ext, torch.as_tensor(ref[f"{case}/atype_ext"]), nlists,
                    mapping=torch.as_tensor(ref[f"{case}/mapping"])).descriptor
         (grad,) = torch.autograd.grad((g1**2).sum(), coord_ext)
@@ -153,16 +160,20 @@ def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
 
 def small_cfg(**repformer) -> dict:
     return {"type": "dpa2", "repinit": {"rcut": 4.0, "rcut_smth": 0.5, "nsel": "auto", "neuron": [4, 8], "axis_neuron": 2,
-                                        "tebd_dim": 4},
+                                        "tebd_dim": 4, "use_three_body": True, "three_body_rcut": 3.5,
+                                        "three_body_sel": "auto:1.2", "three_body_neuron": [2, 4]},
             "repformer": {"rcut": 3.0, "rcut_smth": 1.0, "nsel": "auto:1.5", "nlayers": 1, "g1_dim": 8, "g2_dim": 4,
                           "axis_neuron": 2, "attn1_hidden": 4, "attn1_nhead": 1, "attn2_hidden": 4, "attn2_nhead": 1,
                           **repformer}}
 
 
-def test_dpa2_config_rejects_three_body_and_unknown_keys_naming_the_key():
+def test_dpa2_config_rejects_unsupported_options_and_unknown_keys_naming_the_key():
+    raw = {"type_map": ["H", "C"], "descriptor": {**small_cfg(), "exclude_types": [[0, 1]]}}
+    with pytest.raises(ConfigError, match=r"m.yaml: descriptor: .*exclude_types"):
+        parse_config(ModelConfig, raw, "m.yaml")
     raw = {"type_map": ["H", "C"], "descriptor": small_cfg()}
-    raw["descriptor"]["repinit"]["use_three_body"] = True
-    with pytest.raises(ConfigError, match=r"m.yaml: descriptor.repinit: .*use_three_body"):
+    raw["descriptor"]["repinit"].update(use_three_body=True, three_body_rcut=3.0, three_body_rcut_smth=3.0)
+    with pytest.raises(ConfigError, match=r"m.yaml: descriptor.repinit: .*three_body_rcut_smth"):
         parse_config(ModelConfig, raw, "m.yaml")
     raw = {"type_map": ["H", "C"], "descriptor": small_cfg(g3_dim=4)}
     with pytest.raises(ConfigError, match=r"m.yaml: descriptor.repformer.g3_dim: unknown key"):
@@ -189,20 +200,25 @@ def test_dpa2_resolves_both_nsel_from_data_and_fits_both_statistics():
     d = model.descriptor.cfg
     _, n4 = max_neighbor_counts(systems, 4.0, 2)
     _, n3 = max_neighbor_counts(systems, 3.0, 2)
+    _, n35 = max_neighbor_counts(systems, 3.5, 2)
     assert d.repinit.nsel == max(4, int(np.ceil(np.ceil(n4 * 1.1) / 4) * 4))
     assert d.repformer.nsel == max(4, int(np.ceil(np.ceil(n3 * 1.5) / 4) * 4))
+    assert d.repinit.three_body_sel == max(4, int(np.ceil(np.ceil(n35 * 1.2) / 4) * 4))
     reqs = model.nlist_requests()
-    assert [(r.rcut, r.sel) for r in reqs] == [(4.0, (d.repinit.nsel,)), (3.0, (d.repformer.nsel,))]
+    assert [(r.rcut, r.sel) for r in reqs] == [(4.0, (d.repinit.nsel,)), (3.0, (d.repformer.nsel,)),
+                                               (3.5, (d.repinit.three_body_sel,))]
 
     from lamflow.model.data import DataSet
     from lamflow.model.stats import stat_samples
 
     ds = DataSet(systems, reqs, 4, model.dtype)
     model.descriptor.set_stats(list(stat_samples(ds, 2, "cpu", model.dtype)), 1e-2)
-    for block in (model.descriptor.repinit.env, model.descriptor.repformers.env):
+    desc = model.descriptor
+    for block in (desc.repinit.env, desc.repformers.env, desc.repinit_three_body.env):
         assert torch.all(block.mean == 0)  # set_davg_zero defaults to true for both blocks
         assert torch.all(block.stddev[:, :, 0] > 1e-2) and not torch.allclose(block.stddev[0], block.stddev[1])
-    assert not torch.allclose(model.descriptor.repinit.env.stddev[0, 0], model.descriptor.repformers.env.stddev[0, 0])
+    assert not torch.allclose(desc.repinit.env.stddev[0, 0], desc.repformers.env.stddev[0, 0])
+    assert not torch.allclose(desc.repinit_three_body.env.stddev[0, 0], desc.repformers.env.stddev[0, 0])
 
 
 @pytest.mark.parametrize("name", ["dpa2-small.yaml", "dpa2-paper.yaml"])
@@ -213,7 +229,8 @@ def test_dpa2_templates_are_valid_model_sections(name):
     assert d.type == "dpa2" and d.repinit.rcut > d.repformer.rcut
     if name == "dpa2-paper.yaml":  # examples/water/dpa2/input_torch_medium.json sizes
         assert (d.repformer.nlayers, d.repformer.g1_dim, d.repformer.g2_dim) == (6, 128, 32)
-    resolved = d.model_copy(update={"repinit": d.repinit.model_copy(update={"nsel": 120}),
+        assert d.repinit.use_three_body and d.repinit.three_body_sel == 48
+    resolved = d.model_copy(update={"repinit": d.repinit.model_copy(update={"nsel": 120, "three_body_sel": 48}),
                                     "repformer": d.repformer.model_copy(update={"nsel": 48})})
     model = EnergyModel(cfg.model.model_copy(update={"descriptor": resolved}))
     assert model.descriptor.dim_out == d.repformer.g1_dim + d.repinit.tebd_dim

@@ -10,7 +10,13 @@ repinit (se_atten with attn_layer = 0, see se_atten.py), M1 = neuron[-1], M2 = a
     G_ij = N_e([R^_ij[0], A_{t_j}(, A_{t_i})])                                        concat
          = N_s(R^_ij[0]) * (N_t([A_{t_j}(, A_{t_i})]) * sw_ij) + N_s(R^_ij[0])          strip
     T_i  = (1/N_1) sum_j R^_ij^T G_ij        D_i = T_i^T T_i[:, :M2]  flattened       [M1 * M2]
-    g1_i = W_shape D_i (+ W_tebd A_{t_i})    no bias; W_shape only if M1 * M2 != g1_dim  [g1_dim]
+  use_three_body (deepmd-kit's se_t_tebd block on a third list: three_body_rcut, N_3 = three_body_sel,
+  its own R^; M3 = three_body_neuron[-1]), for neighbour pairs (j, k) of i:
+    e_ijk = R^_ij[1:4] . R^_ik[1:4]
+    H_ijk = N_3([e_ijk, A_{t_j}, A_{t_k}])                                              concat
+          = N_3(e_ijk) * (N_3t([A_{t_j}, A_{t_k}]) * sw_ij sw_ik) + N_3(e_ijk)          strip
+    D3_i  = (1/N_3^2) sum_jk e_ijk H_ijk                      D_i <- [D_i, D3_i]        [M1 * M2 + M3]
+    g1_i = W_shape D_i (+ W_tebd A_{t_i})    no bias; W_shape only if dim D_i != g1_dim  [g1_dim]
 repformer input (repformer list; all sums below run over its N_2 slots):
     g1_i = act(g1_i)     g2_ij = act(W_g2 R^_ij[0] + b)     h2_ij = R^_ij[1:4]
     (direct_dist: R^_ij[0] -> |r_ij| / rcut_2 and h2_ij = r_ij / rcut_2)
@@ -56,11 +62,12 @@ Conventions kept for importing deepmd-kit weights (module names are deepmd-kit's
 - g1_residual / g2_residual / h2_residual are applied in the order of the update lists above.
 - `g1_shape_tranform` is deepmd-kit's spelling. Only a few prefixes differ from deepmd-kit's
   state_dict (env stats live in `repinit.env` / `repformers.env`, the embedding nets are
-  `repinit.net(_strip)`, the type embedding `type_embedding.net`): `from_deepmd_key` renames them,
+  `repinit.net(_strip)` / `repinit_three_body.net(_strip)`, the type embedding
+  `type_embedding.net`): `from_deepmd_key` renames them,
   and tests/test_dpa2.py checks the result against deepmd-kit 3.2.0's outputs to round-off.
 Deviations: empty slots of repinit use the zero padding type embedding (deepmd-kit reads atom 0's,
 which only matters, and breaks permutation invariance there, if repinit.set_davg_zero is false);
-use_three_body, exclude_types and use_econf_tebd are rejected by the config.
+exclude_types and use_econf_tebd are rejected by the config.
 """
 
 from __future__ import annotations
@@ -332,6 +339,39 @@ class Repinit(nn.Module):
         return (T.transpose(-1, -2) @ T[..., : self.m2]).flatten(-2)  # [nf, nloc, M1 * M2]
 
 
+class ThreeBody(nn.Module):
+    """deepmd-kit's se_t_tebd block: embedding of the angle term e_ijk between neighbour pairs."""
+
+    def __init__(self, cfg: RepinitConfig, ntypes: int, smooth: bool, protection: float, dtype, generator):
+        super().__init__()
+        self.smooth, self.nnei = smooth, cfg.three_body_sel
+        self.strip = cfg.tebd_input_mode == "strip"
+        self.env = EnvMatBlock(cfg.three_body_rcut, cfg.three_body_rcut_smth, cfg.three_body_sel, ntypes, dtype,
+                               protection, cfg.set_davg_zero)
+        net = lambda n_in: EmbeddingNet(n_in, cfg.three_body_neuron, cfg.activation_function, cfg.resnet_dt,  # noqa: E731
+                                        dtype, generator)
+        self.net = net(1 if self.strip else 1 + 2 * cfg.tebd_dim)
+        self.net_strip = net(2 * cfg.tebd_dim) if self.strip else None
+        self.dim_out = cfg.three_body_neuron[-1]
+
+    def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlist: Tensor, tebd_ext: Tensor) -> Tensor:
+        nloc, nnei = nlist.shape[1:]
+        mask = nlist >= 0
+        R, _, sw = self.env(coord_ext, atype_ext[:, :nloc], nlist)  # [nf, nloc, N_3, 4]
+        e = R[..., 1:] @ R[..., 1:].transpose(-1, -2)  # [nf, nloc, N_3, N_3]
+        tebd = gather_neighbors(tebd_ext, nlist) * mask[..., None]  # [nf, nloc, N_3, tebd]
+        shape = (*nlist.shape, nnei, tebd.shape[-1])
+        pair = torch.cat([tebd.unsqueeze(3).expand(shape), tebd.unsqueeze(2).expand(shape)], -1)  # [A_j, A_k]
+        if self.strip:
+            Hs, Ht = self.net(e.unsqueeze(-1)), self.net_strip(pair)
+            if self.smooth:
+                Ht = Ht * (sw.unsqueeze(-1) * sw.unsqueeze(-2)).unsqueeze(-1)
+            H = Hs * Ht + Hs
+        else:
+            H = self.net(torch.cat([e.unsqueeze(-1), pair], dim=-1))  # [nf, nloc, N_3, N_3, M3]
+        return (e.unsqueeze(-1) * H).sum(dim=(2, 3)) / (self.nnei * self.nnei)  # [nf, nloc, M3]
+
+
 class Repformers(nn.Module):
     def __init__(self, cfg: RepformerConfig, ntypes: int, smooth: bool, protection: float, dtype, generator):
         super().__init__()
@@ -367,6 +407,10 @@ DEEPMD_PREFIXES = (
     ("type_embedding.embedding.embedding_net.", "type_embedding.net."),
     ("repinit.filter_layers.networks.0.", "repinit.net."),
     ("repinit.filter_layers_strip.networks.0.", "repinit.net_strip."),
+    ("repinit_three_body.filter_layers.networks.0.", "repinit_three_body.net."),
+    ("repinit_three_body.filter_layers_strip.networks.0.", "repinit_three_body.net_strip."),
+    ("repinit_three_body.mean", "repinit_three_body.env.mean"),
+    ("repinit_three_body.stddev", "repinit_three_body.env.stddev"),
     ("repinit.mean", "repinit.env.mean"),
     ("repinit.stddev", "repinit.env.stddev"),
     ("repformers.mean", "repformers.env.mean"),
@@ -378,7 +422,7 @@ def from_deepmd_key(key: str) -> str | None:
     """Name in DPA2.state_dict() of a deepmd-kit DescrptDPA2 state_dict key (without the model's
     `descriptor.` prefix); None for entries that hold no weights here (duplicate `_networks`
     views, compression tables)."""
-    if "._networks." in key or key.startswith(("repinit.compress_", "repinit.type_embd_data")):
+    if any(part in ("_networks", "compress_info", "compress_data", "type_embd_data") for part in key.split(".")):
         return None
     for theirs, ours in DEEPMD_PREFIXES:
         if key.startswith(theirs):
@@ -392,9 +436,9 @@ class DPA2(nn.Module):
     def __init__(self, cfg: DPA2Config, ntypes: int):
         super().__init__()
         ri, rf = cfg.repinit, cfg.repformer
-        for key, block in (("repinit", ri), ("repformer", rf)):
-            if not isinstance(block.nsel, int):
-                raise ConfigError(f"dpa2 {key}.nsel must be resolved to an int before building, got {block.nsel!r}")
+        for key, nsel in (("repinit.nsel", ri.nsel), ("repformer.nsel", rf.nsel), ("repinit.three_body_sel", ri.three_body_sel)):
+            if not isinstance(nsel, int) and (key != "repinit.three_body_sel" or ri.use_three_body):
+                raise ConfigError(f"dpa2 {key} must be resolved to an int before building, got {nsel!r}")
         if cfg.type_map is not None and len(cfg.type_map) != ntypes:
             raise ConfigError(f"dpa2 descriptor type_map {cfg.type_map} does not match the model's {ntypes} types")
         self.cfg, self.ntypes = cfg, ntypes
@@ -402,10 +446,13 @@ class DPA2(nn.Module):
         g = make_generator(cfg.seed)
         self.type_embedding = TypeEmbedding(ntypes, ri.tebd_dim, use_bias=cfg.use_tebd_bias, dtype=dtype, generator=g)
         self.repinit = Repinit(ri, ntypes, cfg.smooth, cfg.env_protection, dtype, g)
+        self.repinit_three_body = (ThreeBody(ri, ntypes, cfg.smooth, cfg.env_protection, dtype, g)
+                                   if ri.use_three_body else None)
         self.repformers = Repformers(rf, ntypes, cfg.smooth, cfg.env_protection, dtype, g)
+        dim_init = self.repinit.dim_out + (self.repinit_three_body.dim_out if ri.use_three_body else 0)
         # deepmd-kit's name (sic); an identity when the widths already agree
-        self.g1_shape_tranform = (linear(self.repinit.dim_out, rf.g1_dim, bias=False, dtype=dtype, generator=g)
-                                  if self.repinit.dim_out != rf.g1_dim else None)
+        self.g1_shape_tranform = (linear(dim_init, rf.g1_dim, bias=False, dtype=dtype, generator=g)
+                                  if dim_init != rf.g1_dim else None)
         self.tebd_transform = (linear(ri.tebd_dim, rf.g1_dim, bias=False, dtype=dtype, generator=g)
                                if cfg.add_tebd_to_repinit_out else None)
         self.dim_out = rf.g1_dim + (ri.tebd_dim if cfg.concat_output_tebd else 0)
@@ -413,20 +460,26 @@ class DPA2(nn.Module):
             self.requires_grad_(False)
 
     def nlist_requests(self) -> list[NlistRequest]:
+        """[repinit, repformer(, three-body)]: mixed lists, each sorted by distance."""
         ri, rf = self.cfg.repinit, self.cfg.repformer
-        return [NlistRequest(ri.rcut, (ri.nsel,), mixed=True), NlistRequest(rf.rcut, (rf.nsel,), mixed=True)]
+        reqs = [NlistRequest(ri.rcut, (ri.nsel,), mixed=True), NlistRequest(rf.rcut, (rf.nsel,), mixed=True)]
+        if ri.use_three_body:
+            reqs.append(NlistRequest(ri.three_body_rcut, (ri.three_body_sel,), mixed=True))
+        return reqs
 
     def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor],
                 mapping: Tensor | None = None) -> DescriptorOutput:
-        """nlists = [repinit list, repformer list]; mapping [nf, nall] extended -> local index
-        (may be None only when there are no ghost atoms)."""
-        nl_init, nl_rep = nlists
+        """nlists as nlist_requests(); mapping [nf, nall] extended -> local index (may be None only
+        when there are no ghost atoms)."""
+        nl_init, nl_rep = nlists[0], nlists[1]
         nloc = nl_init.shape[1]
         if mapping is None and coord_ext.shape[1] != nloc:
             raise ValueError("dpa2 needs `mapping` (extended -> local atom) when there are ghost atoms")
         tebd_ext = self.type_embedding(atype_ext)  # [nf, nall, tebd]
         tebd_i = tebd_ext[:, :nloc]
         g1 = self.repinit(coord_ext, atype_ext, nl_init, tebd_ext)  # [nf, nloc, M1 * M2]
+        if self.repinit_three_body is not None:
+            g1 = torch.cat([g1, self.repinit_three_body(coord_ext, atype_ext, nlists[2], tebd_ext)], dim=-1)
         if self.g1_shape_tranform is not None:
             g1 = self.g1_shape_tranform(g1)  # [nf, nloc, g1_dim]
         if self.tebd_transform is not None:
@@ -440,17 +493,25 @@ class DPA2(nn.Module):
     def resolve_sel(cfg: DPA2Config, counter) -> DPA2Config:
         """nsel "auto"/"auto:r" of each block -> max total neighbour count within its rcut * r."""
 
-        def one(block):
-            if not isinstance(block.nsel, str):
-                return block
-            ratio = 1.1 if block.nsel == "auto" else float(block.nsel.split(":")[1])
-            _, total = counter(block.rcut)
-            return block.model_copy(update={"nsel": auto_sel([total], ratio)[0]})
+        def one(block, key: str, rcut: float) -> dict:
+            value = getattr(block, key)
+            if not isinstance(value, str):
+                return {}
+            ratio = 1.1 if value == "auto" else float(value.split(":")[1])
+            _, total = counter(rcut)
+            return {key: auto_sel([total], ratio)[0]}
 
-        return cfg.model_copy(update={"repinit": one(cfg.repinit), "repformer": one(cfg.repformer)})
+        ri, rf = cfg.repinit, cfg.repformer
+        ri_update = one(ri, "nsel", ri.rcut)
+        if ri.use_three_body:
+            ri_update |= one(ri, "three_body_sel", ri.three_body_rcut)
+        return cfg.model_copy(update={"repinit": ri.model_copy(update=ri_update),
+                                      "repformer": rf.model_copy(update=one(rf, "nsel", rf.rcut))})
 
     def set_stats(self, samples, protect: float = 1e-2) -> None:
         """Env-matrix mean/std of each block from its own list (samples: (coord_ext, atype_ext, nlists))."""
         samples = list(samples)
         self.repinit.env.set_stats(samples, protect, which=0)
         self.repformers.env.set_stats(samples, protect, which=1)
+        if self.repinit_three_body is not None:
+            self.repinit_three_body.env.set_stats(samples, protect, which=2)

@@ -19,12 +19,14 @@ from deepmd.pt.utils.nlist import build_multiple_neighbor_list, extend_input_and
 SMALL = dict(rcut=3.0, rcut_smth=1.0, nsel=24, g1_dim=8, g2_dim=4, axis_neuron=2, attn1_hidden=4, attn2_hidden=3)
 CASES = {
     "res_avg_concat_gate_h2": dict(
-        repinit=dict(rcut=4.0, rcut_smth=0.5, nsel=48, neuron=[4, 8], axis_neuron=3, tebd_dim=4),
+        repinit=dict(rcut=4.0, rcut_smth=0.5, nsel=48, neuron=[4, 8], axis_neuron=3, tebd_dim=4, use_three_body=True,
+                     three_body_rcut=3.5, three_body_rcut_smth=0.5, three_body_sel=30, three_body_neuron=[2, 4]),
         repformer=dict(SMALL, nlayers=3, g1_dim=10, g2_dim=6, axis_neuron=3, update_h2=True, attn2_has_gate=True,
                        attn1_nhead=2, attn2_nhead=2)),
     "res_residual_strip_direct_dist": dict(
         repinit=dict(rcut=4.0, rcut_smth=0.5, nsel=48, neuron=[4, 8], axis_neuron=2, tebd_dim=4, tebd_input_mode="strip",
-                     type_one_side=True, activation_function="gelu"),
+                     type_one_side=True, activation_function="gelu", use_three_body=True, three_body_rcut=3.5,
+                     three_body_rcut_smth=1.0, three_body_sel=30, three_body_neuron=[3, 6]),
         repformer=dict(SMALL, nlayers=3, g1_dim=16, direct_dist=True, g1_out_conv=False, g1_out_mlp=False, update_h2=True,
                        update_style="res_residual", attn1_nhead=3, attn2_nhead=3, activation_function="silu"),
         add_tebd_to_repinit_out=True, use_tebd_bias=True, concat_output_tebd=False),
@@ -49,6 +51,10 @@ def main(out: str) -> None:
             for p in d.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
             d.repinit.mean.zero_()  # set_davg_zero, where concat-mode padding agrees (see dpa2.py)
+            if d.use_three_body:  # only the angular columns enter, whose mean is zero in deepmd-kit's statistics
+                d.repinit_three_body.mean.copy_(0.2 * torch.randn(d.repinit_three_body.mean.shape, generator=g, dtype=torch.float64))
+                d.repinit_three_body.mean[..., 1:] = 0
+                d.repinit_three_body.stddev.copy_(0.5 + torch.rand(d.repinit_three_body.stddev.shape, generator=g, dtype=torch.float64))
             d.repinit.stddev.copy_(0.5 + torch.rand(d.repinit.stddev.shape, generator=g, dtype=torch.float64))
             d.repformers.mean.copy_(0.2 * torch.randn(d.repformers.mean.shape, generator=g, dtype=torch.float64))
             d.repformers.stddev.copy_(0.5 + torch.rand(d.repformers.stddev.shape, generator=g, dtype=torch.float64))
@@ -70,6 +76,9 @@ def main(out: str) -> None:
         arrays[f"{name}/mapping"] = mapping.numpy()
         arrays[f"{name}/nlist_repinit"] = nd[get_multiple_nlist_key(d.repinit.get_rcut(), d.repinit.get_nsel())].numpy()
         arrays[f"{name}/nlist_repformer"] = nd[get_multiple_nlist_key(d.repformers.get_rcut(), d.repformers.get_nsel())].numpy()
+        if d.use_three_body:
+            three = d.repinit_three_body
+            arrays[f"{name}/nlist_three_body"] = nd[get_multiple_nlist_key(three.get_rcut(), three.get_nsel())].numpy()
         arrays[f"{name}/g1"] = g1.detach().numpy()
         arrays[f"{name}/grad"] = grad.numpy()
     np.savez_compressed(out, **arrays)
