@@ -180,12 +180,14 @@ def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt:
         atomic_write_text(out / "zero_shot" / "metrics.json", json.dumps(zs, indent=2))
         if zper:
             parity_plot(zper, out / "zero_shot" / "parity.png", "zero-shot (energy bias refit per system)")
-        compare = {"labels": ["zero-shot", label], "first": zs, "second": metrics}
+        covered = {s.name for s, _ in zper}  # compare on the same frames: overall of the covered systems only
+        same = metrics if not skipped else collect([(s, p) for s, p in per if s.name in covered])
+        compare = {"labels": ["zero-shot", label], "first": zs, "second": same}
         atomic_write_text(out / "compare.json", json.dumps(compare, indent=2))
         text = "The pretrained model with only its energy bias refit on each system, against " + label + "."
         if skipped:
             text += f" Not covered by the pretrained type map: {', '.join(short[n] for n in skipped)}."
-        sections.append(Section("Zero-shot vs " + label, text, [compare_table(zs, metrics, ("zero-shot", label))],
+        sections.append(Section("Zero-shot vs " + label, text, [compare_table(zs, same, ("zero-shot", label))],
                                 [out / "zero_shot" / "parity.png"] if zper else []))
         bar_chart({"zero-shot": zs, label: metrics}, out / "bars.png", title="errors per system")
     else:

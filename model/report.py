@@ -139,9 +139,13 @@ def bar_chart(metrics: dict | dict[str, dict], png: str | os.PathLike, keys=("rm
     width = 0.8 / max(1, len(models))
     x = np.arange(len(names))
     for ax, k in zip(axes[0], keys):
+        shown = []
         for j, (label, m) in enumerate(models.items()):
             vals = [1000 * (m["systems"].get(n, {}).get(k) or np.nan) for n in names]
             ax.bar(x + (j - (len(models) - 1) / 2) * width, vals, width, label=label)
+            shown += [v for v in vals if np.isfinite(v) and v > 0]
+        if shown and max(shown) > 100 * min(shown):  # errors spanning decades: log scale
+            ax.set_yscale("log")
         ax.set_xticks(x, [short[n] for n in names], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(METRICS.get(k, k))
         if len(models) > 1:

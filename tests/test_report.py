@@ -76,6 +76,9 @@ def test_zero_shot_comparison_skips_systems_with_unknown_elements(tested):
     row = (f"| ch4_pbe/valid | 60 | {meV(zs['systems'][ch4]['rmse_e_per_atom'])} | {meV(tuned['systems'][ch4]['rmse_e_per_atom'])} | "
            f"{meV(zs['systems'][ch4]['rmse_f'])} | {meV(tuned['systems'][ch4]['rmse_f'])} |")
     assert row in md, md
+    # overall rows compare the same frames: the tuned model's overall is over the covered system only
+    assert tuned["overall"]["nframes"] == 60 and tuned["overall"]["rmse_f"] == tuned["systems"][ch4]["rmse_f"]
+    assert f"| **overall** | 60 | {meV(zs['overall']['rmse_e_per_atom'])} | {meV(tuned['overall']['rmse_e_per_atom'])} |" in md
     assert "Not covered by the pretrained type map: chon_nopbc/test_ood/C4H3O1" in md
 
 
