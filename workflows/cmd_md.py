@@ -1,0 +1,43 @@
+"""`lamflow md -m MODEL -s STRUCTURE [--frame K] --ensemble nvt|nve --temperature T --steps N
+--timestep FS --traj out.extxyz`: molecular dynamics with a lamflow model through ASE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("md", help="molecular dynamics (NVT Langevin / NVE velocity Verlet) with a lamflow model")
+    p.add_argument("-m", "--model", required=True, help="model checkpoint (any lamflow model, compressed too)")
+    p.add_argument("-s", "--structure", required=True, help="start structure: any ase-readable file or a deepmd system folder")
+    p.add_argument("--frame", type=int, default=0, help="frame of the structure file / system to start from (default 0)")
+    p.add_argument("--fmt", default="auto", help="dpdata format of STRUCTURE when it is no ase file (default: detect)")
+    p.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt")
+    p.add_argument("--temperature", type=float, default=300.0, help="K: Langevin target (nvt) or initial velocities (nve)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction in 1/fs (default 0.01)")
+    p.add_argument("--interval", type=int, default=10, help="steps between progress lines and trajectory frames")
+    p.add_argument("--traj", type=Path, default=Path("md.extxyz"), help="trajectory (extxyz); a JSON summary goes next to it")
+    p.add_argument("--seed", type=int, default=None, help="seed of the initial velocities and the Langevin noise")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for small systems on a busy CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from lamflow.model.calculator import LamflowCalculator
+    from lamflow.model.md import read_structure, run_md
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    atoms = read_structure(args.structure, args.frame, args.fmt)  # bad input fails before the model loads
+    calc = LamflowCalculator(args.model, args.device)
+    calc.atom_types(atoms.get_chemical_symbols())
+    summary = args.traj.with_suffix(".json")
+    res = run_md(atoms, calc, ensemble=args.ensemble, temperature=args.temperature, steps=args.steps, timestep=args.timestep,
+                 friction=args.friction, interval=args.interval, traj=args.traj, summary=summary, seed=args.seed)
+    print(f"wrote {res.trajectory} and {res.summary}")
+    return 0
