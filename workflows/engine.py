@@ -92,6 +92,8 @@ def configure_argo(env: ArgoEnv, spec: PipelineSpec | None = None) -> None:
     config["host"] = env.host
     config["namespace"] = env.namespace
     config["token"] = None
+    if os.environ.get("DFLOW_K8S_API_SERVER"):  # for reuse (memoization ConfigMaps); dflow reads it at import only
+        config["k8s_api_server"] = os.environ["DFLOW_K8S_API_SERVER"]
     if spec is not None:
         util = spec.engine.util_image or spec.resources.image
         if util:
@@ -273,6 +275,10 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
     out.update(m)
     out["metadata"]["namespace"] = ns
     out["spec"]["serviceAccountName"] = spec.engine.service_account
+    for t in out["spec"]["templates"]:
+        if "memoize" in t:
+            # Argo v4's CRD requires memoize.maxAge (dflow omits it); "" means the cache entry never expires
+            t["memoize"].setdefault("maxAge", "")
     if spec.engine.artifact_repo_key:
         # set here, not through dflow, which would read the artifact-repositories ConfigMap from the cluster
         out["spec"]["artifactRepositoryRef"] = {"key": spec.engine.artifact_repo_key}
@@ -620,10 +626,33 @@ def retry(run: Run, from_stage: str | None = None, progress=print) -> tuple[str,
     env = run.env
     configure_argo(ArgoEnv.from_env(run.spec))
     wf = argo_workflow(run.spec, type_map=run.meta["type_map"], keys=run.meta["keys"], env=env, parent=run.id)
+    _configmaps_through_core_api(wf)
     manifest = render_manifest(run.spec, namespace=env.namespace, workflow=wf, reuse_step=reuse)
     assert_no_secrets(manifest, ArgoEnv.from_env(run.spec))
     res = post_manifest(manifest, env)
     return res["metadata"]["name"], None
+
+
+class _ConfigMapPoster:
+    """dflow 1.8.134 creates its memoization ConfigMaps with the kubernetes client's low-level
+    `api_client.call_api(path, "POST", body=..., response_type=...)`, a signature that
+    kubernetes>=36 no longer has (TypeError). This adapter takes that call and makes it with the
+    stable high-level CoreV1Api.create_namespaced_config_map instead."""
+
+    def __init__(self, core):
+        self.core = core
+        self.api_client = self
+
+    def call_api(self, path: str, method: str, body=None, **_):
+        parts = path.strip("/").split("/")  # api/v1/namespaces/<ns>/configmaps
+        if method != "POST" or parts[-1] != "configmaps":
+            raise EngineError(f"unexpected Kubernetes API call from dflow: {method} {path}")
+        return self.core.create_namespaced_config_map(parts[3], body)
+
+
+def _configmaps_through_core_api(wf) -> None:
+    real = wf.get_k8s_core_v1_api
+    wf.get_k8s_core_v1_api = lambda: _ConfigMapPoster(real())
 
 
 # ----------------------------------------------------------------------------- outputs
