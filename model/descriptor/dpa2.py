@@ -67,7 +67,10 @@ Conventions kept for importing deepmd-kit weights (module names are deepmd-kit's
   and tests/test_dpa2.py checks the result against deepmd-kit 3.2.0's outputs to round-off.
 Deviations: empty slots of repinit use the zero padding type embedding (deepmd-kit reads atom 0's,
 which only matters, and breaks permutation invariance there, if repinit.set_davg_zero is false);
-exclude_types and use_econf_tebd are rejected by the config.
+exclude_types and use_econf_tebd are rejected by the config; nsel defaults to "auto"; the
+blocks' cutoffs and slot counts need not be ordered (deepmd-kit asserts repinit rcut and nsel
+greater than the repformer's, since it cuts the inner lists from the repinit one; we build each
+list on its own, which gives the same nearest-first lists).
 """
 
 from __future__ import annotations
