@@ -146,3 +146,35 @@ def test_fail_stage_env_makes_an_op_raise(tmp_path, staged, monkeypatch):
                              "pretrained": None}))
     assert (tmp_path / "ledger").read_text() == "test ch4\n"
     assert os.environ["LAMFLOW_FAIL_STAGE"] == "test"
+
+
+DISTILL = {"exploration": {"steps": 10, "sample_every": 5, "max_frames": 12, "temperatures": [300.0]},
+           "student": {"model": {"descriptor": {"rcut": 4.0, "rcut_smth": 0.5, "sel": [8, 4], "neuron": [4, 8], "axis_neuron": 2},
+                                 "fitting_net": {"neuron": [8, 8]}},
+                       "training": {"numb_steps": 4, "disp_freq": 2, "save_freq": 2, "batch_size": 2, "seed": 1}},
+           "test_fraction": 0.25, "seed": 1}
+
+
+def test_distill_then_compress_ops_give_a_faster_model_with_a_report(tmp_path, staged):
+    from lamflow.ops.compress import run_compress
+    from lamflow.ops.distill import run_distill
+    from lamflow.ops.pretrain import run_pretrain
+
+    run_pretrain(TINY, staged, ["ch4"], tmp_path / "teacher", type_map=["H", "C"], log=quiet)
+    d = run_distill(DISTILL, tmp_path / "teacher", staged, "ch4", tmp_path / "distill", log=quiet)
+    assert (tmp_path / "distill" / "model.ckpt").is_file() and (tmp_path / "distill" / "distill.json").is_file()
+    assert d["counts"]["train_frames"] + d["counts"]["test_frames"] > 0
+    assert d["student_vs_teacher"]["rmse_f"] >= 0 and d["student"]["rmse_f"] > 0 and d["teacher"]["rmse_f"] > 0
+    c = run_compress({"stride": 0.02}, tmp_path / "distill", staged, "ch4", tmp_path / "compress", log=quiet)
+    model = load_model(tmp_path / "compress" / "model.ckpt")
+    assert getattr(model, "kind", "") == "compressed"
+    assert c["max_abs_df"] < 1e-2 and c["speedup"] > 0
+    assert json.loads((tmp_path / "compress" / "summary.json").read_text()) == c
+
+
+def test_compress_rejects_unknown_settings_in_one_line(tmp_path, staged):
+    from lamflow.model.errors import ConfigError
+    from lamflow.ops.compress import run_compress
+
+    with pytest.raises(ConfigError, match=r"stages.compress.config: unknown key\(s\) strid"):
+        run_compress({"strid": 0.1}, tmp_path, staged, "ch4", tmp_path / "c", log=quiet)

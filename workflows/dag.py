@@ -167,9 +167,8 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     if st.distill.enabled:
         teacher = systems.index(spec.distill_teacher)
         dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key="distill",
-                       parameters={"config": model_settings(st.distill), "distill": dict(st.distill.distill),
-                                   "dataset": spec.distill_dataset, "teacher_system": spec.distill_teacher,
-                                   "teacher_index": teacher, "type_map": opts.type_map, "resume_dir": resume("distill")},
+                       parameters={"config": dict(st.distill.config), "dataset": spec.distill_dataset,
+                                   "teacher_index": teacher},
                        artifacts={**common, "teachers": ft.outputs.artifacts["model"]}))
 
     if st.compress.enabled:

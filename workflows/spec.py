@@ -119,7 +119,7 @@ class ModelSettings(StageBase):
 
 class CleanStage(StageBase):
     datasets: list[str] | None = None  # default: every dataset
-    config: dict[str, Any] = {}  # lamflow.model.clean.CleanConfig keys
+    config: dict[str, Any] = {}  # lamflow.model.clean.CleanConfig keys (inline, or a YAML file's path)
 
 
 class PretrainStage(ModelSettings):
@@ -138,14 +138,14 @@ class TestStage(StageBase):
     zero_shot: bool = True  # also test the pretrained model with only its energy bias re-fitted
 
 
-class DistillStage(ModelSettings):
+class DistillStage(StageBase):
     teacher: str | None = None  # a fine-tuned system (default: the first); its model teaches
-    dataset: str | None = None  # starting structures (default: the teacher's dataset)
-    distill: dict[str, Any] = {}  # lamflow.model.distill.DistillConfig keys
+    dataset: str | None = None  # start structures (train) and DFT reference (valid); default: the teacher's
+    config: dict[str, Any] = {}  # lamflow.model.distill.DistillConfig keys, student model included (or a YAML path)
 
 
 class CompressStage(StageBase):
-    config: dict[str, Any] = {}  # compression settings (stride, extrapolate, ...)
+    config: dict[str, Any] = {}  # stride, extrapolate, check_frequency, min_nbor_dist (or a YAML path)
     dataset: str | None = None  # frames for the minimal neighbour distance (default: distill's dataset)
 
 
@@ -424,6 +424,20 @@ def merge_model_config(stage: dict, base: Path, source: str, path: str, problems
     return merged
 
 
+def read_stage_config(path: str, base: Path, source: str, where: str, problems: list[str]) -> dict:
+    """`config: file.yaml` of clean/distill/compress: the file's mapping."""
+    f = find_path(path, base)
+    try:
+        raw = strip_comments(read_yaml(f))
+    except LamflowError as e:
+        problems.append(f"{source}: {where}.config: {e}")
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"{source}: {where}.config: {f}: expected a mapping")
+        return {}
+    return raw
+
+
 def resolve_paths(raw: dict, base: Path) -> None:
     """Dataset paths and checkpoint paths become absolute (s3:// URIs stay)."""
     ds = raw.get("datasets")
@@ -457,13 +471,16 @@ def spec_from_dict(raw: dict, base: Path, source: str = "pipeline") -> PipelineS
     problems: list[str] = []
     stages = raw.get("stages")
     if isinstance(stages, dict):
-        for name in ("pretrain", "finetune", "distill"):
+        for name in ("pretrain", "finetune"):
             if isinstance(stages.get(name), dict):
                 stages[name] = merge_model_config(stages[name], base, source, f"stages.{name}", problems)
+        for name in ("clean", "distill", "compress"):
+            if isinstance(stages.get(name), dict) and isinstance(stages[name].get("config"), str):
+                stages[name]["config"] = read_stage_config(stages[name]["config"], base, source, f"stages.{name}", problems)
     resolve_paths(raw, base)
     config_files = {}
     if isinstance(stages, dict):
-        for name in ("pretrain", "finetune", "distill"):
+        for name in ("pretrain", "finetune"):
             if isinstance(stages.get(name), dict) and "config_file" in stages[name]:
                 config_files[name] = stages[name].pop("config_file")
     try:
@@ -590,8 +607,6 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
         out += model_config_problems(source, "stages.pretrain", train_config_dict(st.pretrain, type_map, dummy, dummy))
     if st.finetune.enabled:
         out += model_config_problems(source, "stages.finetune", train_config_dict(st.finetune, type_map, dummy, dummy))
-    if st.distill.enabled:
-        out += model_config_problems(source, "stages.distill", train_config_dict(st.distill, type_map, dummy, dummy))
     out += _stage_extra_problems(spec)
     for name in st.enabled():
         r = spec.resources_of(name)

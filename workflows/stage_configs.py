@@ -67,5 +67,13 @@ def problems(spec: "PipelineSpec") -> list[str]:
     if st.clean.enabled and available("clean"):
         out += validate_config(module("clean").CleanConfig, dict(st.clean.config), source, "stages.clean.config")[1]
     if st.distill.enabled and available("distill"):
-        out += validate_config(module("distill").DistillConfig, dict(st.distill.distill), source, "stages.distill.distill")[1]
+        out += validate_config(module("distill").DistillConfig, dict(st.distill.config), source, "stages.distill.config")[1]
+    if st.compress.enabled:
+        unknown = sorted(set(st.compress.config) - COMPRESS_KEYS)
+        if unknown:
+            out.append(f"{source}: stages.compress.config: unknown key(s) {', '.join(unknown)} "
+                       f"(known: {', '.join(sorted(COMPRESS_KEYS))})")
     return out
+
+
+COMPRESS_KEYS = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}

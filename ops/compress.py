@@ -1,0 +1,92 @@
+"""Compress: tabulate the student's se_e2_a embedding nets (lamflow.model.compress), check the
+compressed model against the original on the dataset's frames, and time both."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
+
+from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
+
+
+def speedup(model, compressed, systems, frames: int = 4, repeats: int = 3) -> dict:
+    """Wall time of energy+force evaluation, original vs compressed, on up to `frames` frames per
+    system (best of `repeats`)."""
+    from lamflow.model.infer import evaluate
+
+    def best(m):
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for s in systems:
+                k = slice(0, min(frames, s.nframes))
+                evaluate(m, s.coord[k], None if s.box is None else s.box[k], s.atype, virial=False)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    best(compressed)  # warm-up (first call builds caches)
+    t_model, t_comp = best(model), best(compressed)
+    return {"seconds_model": t_model, "seconds_compressed": t_comp, "speedup": t_model / t_comp if t_comp > 0 else None}
+
+
+def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: Path, *, cleaned: Path | None = None,
+                 log=print) -> dict:
+    """Compress `model` (checkpoint or folder with model.ckpt) into out_dir/model.ckpt; summary.json
+    holds the largest energy/force deviation and the measured speed-up."""
+    from lamflow.model.checkpoint import load_model
+    from lamflow.model.compress import compress
+    from lamflow.model.data import load_systems
+
+    cfg = dict(config or {})
+    known = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        from lamflow.model.errors import ConfigError
+
+        raise ConfigError(f"stages.compress.config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(model) / "model.ckpt" if Path(model).is_dir() else Path(model)
+    root = pick_root(dataset, data, cleaned)
+    fmt = dataset_fmt(root, dataset)
+    paths = split_paths(root, dataset, "train")
+    res = compress(src, out / "model.ckpt", training_data=paths, fmt=fmt, log=log, **cfg)
+    net, comp = load_model(src), load_model(res.checkpoint)
+    check = split_paths(root, dataset, "valid") or paths
+    timing = speedup(net, comp, load_systems(check, list(net.type_map), fmt, labeled=False))
+    summary = {"dataset": dataset, "min_nbor_dist": res.min_nbor_dist, "tables": res.tables, "rows": res.rows,
+               **{k: res.check.get(k) for k in ("max_abs_de_per_atom", "max_abs_df", "frames")}, **timing}
+    log(f"compress: speed-up {timing['speedup']:.2f}x ({timing['seconds_model']:.3f} s -> {timing['seconds_compressed']:.3f} s)")
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+class Compress(OP):
+    @classmethod
+    def get_input_sign(cls):
+        return OPIOSign({
+            "config": Parameter(dict),                      # stride, extrapolate, check_frequency, min_nbor_dist
+            "dataset": Parameter(str),                      # frames for min_nbor_dist, the check and the timing
+            "data": Artifact(Path),                         # staged datasets
+            "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
+            "model": Artifact(Path),                        # folder with the student's model.ckpt
+        })
+
+    @classmethod
+    def get_output_sign(cls):
+        return OPIOSign({
+            "model": Artifact(Path),                        # folder: model.ckpt (compressed), summary.json
+            "summary": Parameter(dict),                     # max |dE|, max |dF|, speed-up
+        })
+
+    @OP.exec_sign_check
+    def execute(self, ip: OPIO) -> OPIO:
+        trace("compress")
+        set_threads()
+        out = Path("compress")
+        with user_errors_are_fatal():
+            summary = run_compress(ip["config"], ip["model"], ip["data"], ip["dataset"], out, cleaned=ip["cleaned"])
+        return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})
