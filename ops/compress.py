@@ -12,7 +12,7 @@ from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
-def speedup(model, compressed, systems, frames: int = 4, repeats: int = 3) -> dict:
+def speedup(model, compressed, systems, frames: int = 32, repeats: int = 3) -> dict:
     """Wall time of energy+force evaluation, original vs compressed, on up to `frames` frames per
     system (best of `repeats`)."""
     from lamflow.model.infer import evaluate

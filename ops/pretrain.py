@@ -9,6 +9,7 @@ is rerun (`restart="auto"` in `resume_dir`, or in the step's own output folder).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List
 
@@ -42,11 +43,51 @@ def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *
     return summary
 
 
-def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, work: Path, *, type_map, cleaned, log) -> dict:
-    from lamflow.model.errors import ConfigError
+def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[str]) -> dict:
+    """The stage's single-model settings -> deepmd-kit's multi-task layout: one shared descriptor
+    (`model.descriptor`), one energy branch per dataset with `model.fitting_net`, the same loss
+    for every branch, and `training` with a data_dict. `model.model_prob` is not a key here:
+    `training.model_prob` (optional) weights the branches."""
+    model = dict(config.get("model") or {})
+    tr = {k: v for k, v in (config.get("training") or {}).items() if k not in ("training_data", "validation_data")}
+    td = (config.get("training") or {}).get("training_data") or {}
+    vd = (config.get("training") or {}).get("validation_data") or {}
+    data_dict = {}
+    for name, h in heads.items():
+        d = {"training_data": {**td, "systems": h["train"], "fmt": h["fmt"]}}
+        if h["valid"]:
+            d["validation_data"] = {**vd, "systems": h["valid"], "fmt": h["fmt"]}
+        data_dict[name] = d
+    threads = os.environ.get("LAMFLOW_THREADS")
+    if threads and "num_threads" not in tr:
+        tr["num_threads"] = int(threads)
+    extra = {k: model[k] for k in ("data_stat_nbatch", "data_stat_protect") if k in model}
+    return {
+        "model": {"shared_dict": {"type_map_all": list(model.get("type_map") or type_map), "descriptor": model.get("descriptor", {})},
+                  "model_dict": {name: {"type_map": "type_map_all", "descriptor": "descriptor",
+                                        "fitting_net": model.get("fitting_net", {})} for name in heads},
+                  **extra},
+        "learning_rate": config.get("learning_rate") or {},
+        "loss_dict": {name: config.get("loss") or {} for name in heads},
+        "training": {**tr, "data_dict": data_dict},
+    }
 
-    raise ConfigError(f"stages.pretrain.datasets: {len(datasets)} datasets need multi-task training, "
-                      "which this build of lamflow.model does not have; pretrain on one dataset")
+
+def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, work: Path, *, type_map, cleaned, log) -> dict:
+    from lamflow.model.multitask import parse_multitask_config, train_multitask
+
+    heads = {}
+    for name in datasets:
+        root = pick_root(name, data, cleaned)
+        heads[name] = {"train": split_paths(root, name, "train"), "valid": split_paths(root, name, "valid"),
+                       "fmt": dataset_fmt(root, name)}
+    cfg = parse_multitask_config(multitask_config_dict(config, heads, type_map), "stages.pretrain")
+    res = train_multitask(cfg, work, restart="auto", log=log)
+    copy_outputs(work, out, OUTPUT_FILES)
+    summary = {"kind": "multi-task", "heads": {h: _headline(m) for h, m in res.metrics.get("branches", {}).items()},
+               "steps": res.metrics.get("steps"), "train_wall_s": res.metrics.get("train_wall_s")}
+    write_json(out / "summary.json", summary)
+    return summary
 
 
 def _headline(m: dict) -> dict:

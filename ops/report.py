@@ -1,7 +1,11 @@
 """Report: the pipeline's last artifact. One Markdown file with PNGs beside it, gathering every
-stage's key figures (data kept/dropped by cleaning, pretraining curves, zero-shot vs fine-tuned
-errors per system, student vs teacher, compression error and speed-up), plus summary.json with
-the same numbers for `lamflow status`."""
+stage's key figures (data kept/dropped by cleaning, pretraining curves per branch, zero-shot vs
+fine-tuned errors per system, student vs teacher, compression error and speed-up), and
+summary.json with the same numbers (what `lamflow status` shows per stage).
+
+Each stage's output folder holds a summary.json (written by its OP); this module only reads
+those and the PNGs next to them, through lamflow.model.report's Markdown helpers.
+"""
 
 from __future__ import annotations
 
@@ -22,84 +26,106 @@ def _load(folder: Path | None) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _copy_png(src: Path, out: Path, name: str) -> str | None:
+def _png(src: Path, out: Path, name: str) -> Path | None:
+    """Copy a PNG next to the report (so the downloaded folder renders by itself)."""
     if src.is_file():
         shutil.copy2(src, out / name)
-        return name
+        return out / name
     return None
-
-
-def _meV(v) -> str:
-    return "-" if v is None else f"{1000 * v:.1f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain: Path | None = None,
                finetune: list[Path] | None = None, tests: list[Path] | None = None, distill: Path | None = None,
                compress: Path | None = None) -> dict:
     """Write report.md, its PNGs and summary.json into out_dir; return the summary."""
+    from lamflow.model.report import Section, Table, bar_chart, compare_table, meV, metrics_table, write_markdown
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
-    parts = [f"# {title}", ""]
+    sections: list[Section] = []
+    headline: list[list[str]] = []
 
     c = _load(clean)
     if c is not None:
         summary["clean"] = c
-        rows = [[name, str(d.get("kept", "-")), str(d.get("dropped", "-"))] for name, d in c.get("datasets", {}).items()]
-        parts += ["## Data cleaning", "", _table(["dataset", "frames kept", "frames dropped"], rows), ""]
+        rows = [[n, d["kept"] + d["dropped"], d["kept"], d["dropped"], ", ".join(f"{k} {v}" for k, v in d.get("by_reason", {}).items()) or "-"]
+                for n, d in c["datasets"].items()]
+        images = [p for n in c["datasets"] if (p := _png(Path(clean) / n / "clean.png", out, f"clean-{n}.png"))]
+        sections.append(Section("Data cleaning", "Frames dropped because their labels or geometry cannot be right "
+                                "(details per frame in each dataset's clean.json).",
+                                [Table(["dataset", "frames", "kept", "dropped", "dropped by reason"], rows)], images))
+        headline.append(["clean", f"kept {c['kept']} of {c['kept'] + c['dropped']} frames"])
 
     p = _load(pretrain)
     if p is not None:
         summary["pretrain"] = p
-        rows = [[h, _meV(m.get("rmse_e_per_atom")), _meV(m.get("rmse_f"))] for h, m in p.get("heads", {}).items()]
-        parts += ["## Pretraining", "", f"{p.get('kind', '')} model, {p.get('steps', '?')} steps.", "",
-                  _table(["head", "valid E RMSE (meV/atom)", "valid F RMSE (meV/A)"], rows), ""]
-        png = _copy_png(Path(pretrain) / "lcurve.png", out, "pretrain-lcurve.png")
-        if png:
-            parts += [f"![pretraining learning curve]({png})", ""]
+        rows = [[h, meV(m.get("rmse_e_per_atom")), meV(m.get("rmse_f"))] for h, m in p.get("heads", {}).items()]
+        img = _png(Path(pretrain) / "lcurve.png", out, "pretrain-lcurve.png")
+        sections.append(Section("Pretraining", f"{p.get('kind', '')} model, {p.get('steps', '?')} steps; validation errors "
+                                "of each branch (head) at the end.",
+                                [Table(["branch", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows)], [img] if img else []))
+        headline.append(["pretrain", "; ".join(f"{h}: F {f} meV/A" for h, _, f in rows)])
 
-    ft = [s for s in (_load(f) for f in finetune or []) if s is not None]
+    ft = [(Path(f), s) for f in finetune or [] if (s := _load(f)) is not None]
     if ft:
-        summary["finetune"] = {s["system"]: s for s in ft}
+        summary["finetune"] = {s["system"]: s for _, s in ft}
+        rows = [[s["system"], s.get("steps", "-"), meV(s.get("metrics", {}).get("rmse_e_per_atom")),
+                 meV(s.get("metrics", {}).get("rmse_f"))] for _, s in ft]
+        images = [i for f, s in ft if (i := _png(f / "lcurve.png", out, f"finetune-{s['system']}-lcurve.png"))]
+        sections.append(Section("Fine-tuning", "One fine-tuning run per downstream system, from the pretrained model.",
+                                [Table(["system", "steps", "valid E RMSE (meV/atom)", "valid F RMSE (meV/A)"], rows)], images))
+        headline.append(["finetune", "; ".join(f"{r[0]}: E {r[2]} meV/atom, F {r[3]} meV/A" for r in rows)])
+
     ts = [(Path(f), s) for f in tests or [] if (s := _load(f)) is not None]
     if ts:
         summary["test"] = {s["system"]: s for _, s in ts}
-        rows = []
-        for _, s in ts:
-            z, m = s.get("zero_shot", {}), s.get("model", {})
-            rows.append([s["system"], str(s.get("nframes", "-")), _meV(z.get("rmse_e_per_atom")), _meV(m.get("rmse_e_per_atom")),
-                         _meV(z.get("rmse_f")), _meV(m.get("rmse_f"))])
-        parts += ["## Fine-tuning and transferability", "",
-                  "Errors on each system's validation (and test) frames: zero-shot = the pretrained model with only its "
-                  "energy bias re-fitted; fine-tuned = after the fine-tuning stage.", "",
-                  _table(["system", "frames", "E zero-shot (meV/atom)", "E fine-tuned (meV/atom)", "F zero-shot (meV/A)",
-                          "F fine-tuned (meV/A)"], rows), ""]
-        for folder, s in ts:
-            png = _copy_png(folder / "parity.png", out, f"test-{s['system']}-parity.png")
-            if png:
-                parts += [f"![{s['system']} parity]({png})", ""]
+        tuned = {"systems": {s["system"]: {"nframes": s.get("nframes"), **s["model"]} for _, s in ts}}
+        tables, images = [], []
+        zs = {s["system"]: {"nframes": s.get("nframes"), **s["zero_shot"]} for _, s in ts if s.get("zero_shot")}
+        if zs:
+            zero = {"systems": zs}
+            tables.append(compare_table(zero, tuned, ("zero-shot", "fine-tuned"),
+                                        "zero-shot = the pretrained model with only its energy bias re-fitted on the system"))
+            images.append(bar_chart({"zero-shot": zero, "fine-tuned": tuned}, out / "test-bars.png",
+                                    title="zero-shot vs fine-tuned"))
+        else:
+            tables.append(metrics_table(tuned, "errors of the tested model"))
+        images += [i for f, s in ts if (i := _png(f / "parity.png", out, f"test-{s['system']}-parity.png"))]
+        sections.append(Section("Transferability tests", "Errors on each system's validation (and test) frames.", tables, images))
+        headline.append(["test", "; ".join(f"{s['system']}: F {meV(s['model'].get('rmse_f'))} meV/A"
+                                           + (f" (zero-shot {meV(s['zero_shot'].get('rmse_f'))})" if s.get("zero_shot") else "")
+                                           for _, s in ts)])
 
     d = _load(distill)
     if d is not None:
         summary["distill"] = d
-        rows = [[who, _meV(m.get("rmse_e_per_atom")), _meV(m.get("rmse_f"))]
-                for who, m in (("teacher", d.get("teacher", {})), ("student", d.get("student", {})))]
-        parts += ["## Distillation", "", _table(["model", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows), ""]
+        rows = [[who, meV(m.get("rmse_e_per_atom")), meV(m.get("rmse_f"))] for who, m in
+                (("teacher vs DFT", d.get("teacher")), ("student vs DFT", d.get("student")),
+                 ("student vs teacher (held out)", d.get("student_vs_teacher"))) if m]
+        counts = d.get("counts", {})
+        text = (f"The fine-tuned model of {d.get('dataset')} explored and labelled "
+                f"{counts.get('train_frames', 0) + counts.get('test_frames', 0)} frames "
+                f"(of {counts.get('sampled', '?')} sampled); the se_e2_a student has {d.get('student_params', '?')} parameters.")
+        images = [i for png in sorted((Path(distill) / "plots").glob("*.png")) if (i := _png(png, out, f"distill-{png.name}"))]
+        sections.append(Section("Distillation", text, [Table(["model", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows)], images))
+        headline.append(["distill", f"student F {meV((d.get('student') or {}).get('rmse_f'))} meV/A vs teacher "
+                                    f"{meV((d.get('teacher') or {}).get('rmse_f'))} meV/A"])
 
     k = _load(compress)
     if k is not None:
         summary["compress"] = k
-        parts += ["## Compression", "", _table(["max |dE| (meV/atom)", "max |dF| (meV/A)", "speed-up"],
-                                                [[_meV(k.get("max_abs_de_per_atom")), _meV(k.get("max_abs_df")),
-                                                  f"{k['speedup']:.2f}x" if k.get("speedup") else "-"]]), ""]
+        sp = k.get("speedup")
+        rows = [["max abs dE (meV/atom)", meV(k.get("max_abs_de_per_atom"))], ["max abs dF (meV/A)", meV(k.get("max_abs_df"))],
+                ["original (s)", f"{k.get('seconds_model', 0):.4f}"], ["compressed (s)", f"{k.get('seconds_compressed', 0):.4f}"],
+                ["speed-up", f"{sp:.2f}x" if sp else "-"]]
+        sections.append(Section("Compression", f"Tabulated embedding nets ({k.get('tables')} tables, {k.get('rows')} rows); "
+                                "largest deviation from the student and wall time of energy+force evaluation on the same frames.",
+                                [Table(["", "value"], rows)]))
+        headline.append(["compress", f"max abs dF {meV(k.get('max_abs_df'))} meV/A, speed-up {f'{sp:.2f}x' if sp else '-'}"])
 
-    (out / "report.md").write_text("\n".join(parts))
+    intro = Section("Summary", "", [Table(["stage", "result"], headline)]) if headline else None
+    write_markdown(([intro] if intro else []) + sections, out / "report.md", title=title)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -109,12 +135,12 @@ class Report(OP):
     def get_input_sign(cls):
         return OPIOSign({
             "title": Parameter(str),
-            "clean": Artifact(Path, optional=True),          # clean stage output (summary.json)
+            "clean": Artifact(Path, optional=True),          # clean report folder (summary.json, <dataset>/clean.png)
             "pretrain": Artifact(Path, optional=True),       # pretrain output (summary.json, lcurve.png)
-            "finetune": Artifact(List[Path], optional=True), # fine-tuned model folders
+            "finetune": Artifact(List[Path], optional=True), # fine-tuned model folders, one per system
             "tests": Artifact(List[Path], optional=True),    # test reports, one per system
-            "distill": Artifact(Path, optional=True),
-            "compress": Artifact(Path, optional=True),
+            "distill": Artifact(Path, optional=True),        # distill output (summary.json, plots/)
+            "compress": Artifact(Path, optional=True),       # compress output (summary.json)
         })
 
     @classmethod

@@ -171,6 +171,13 @@ def test_distill_then_compress_ops_give_a_faster_model_with_a_report(tmp_path, s
     assert c["max_abs_df"] < 1e-2 and c["speedup"] > 0
     assert json.loads((tmp_path / "compress" / "summary.json").read_text()) == c
 
+    from lamflow.ops.report import run_report
+
+    s = run_report(tmp_path / "report", title="t", distill=tmp_path / "distill", compress=tmp_path / "compress")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Distillation" in md and "## Compression" in md and "speed-up" in md
+    assert s["compress"]["speedup"] == c["speedup"]
+
 
 def test_compress_rejects_unknown_settings_in_one_line(tmp_path, staged):
     from lamflow.model.errors import ConfigError

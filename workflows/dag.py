@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .spec import STAGES, PipelineSpec, Resources, model_settings
+from .spec import STAGES, PipelineSpec, Resources, finetune_settings, model_settings, zero_shot_branch
 
 GPU = "nvidia.com/gpu"
 REPORT = "report"
@@ -142,12 +142,13 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
             "{{item}}", input_parameter=["system", "resume_dir"], output_artifact=["model"], output_parameter=["summary"])),
             key="finetune-{{item}}", with_param=argo_range(n),
             parameters={"system": systems, "resume_dir": [resume(f"finetune-{i}") for i in range(n)],
-                        "config": model_settings(st.finetune), "branch": st.finetune.branch or "",
+                        "config": finetune_settings(spec), "type_map": opts.type_map, "branch": st.finetune.branch or "",
                         "freeze_descriptor": st.finetune.freeze_descriptor},
             artifacts={**common, "pretrained": pretrained}))
 
     if st.test.enabled:
         zero_shot = st.test.zero_shot and pretrained is not None
+        zs_branch = zero_shot_branch(spec)
         if systems:
             arts = {**common, "model": ft.outputs.artifacts["model"]}
             if zero_shot:
@@ -156,13 +157,13 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                 "{{item}}", input_parameter=["system"], input_artifact=["model"], output_artifact=["report"],
                 output_parameter=["summary"])),
                 key="test-{{item}}", with_param=argo_range(len(systems)),
-                parameters={"system": systems, "branch": st.finetune.branch or ""}, artifacts=arts))
+                parameters={"system": systems, "branch": zs_branch}, artifacts=arts))
         else:  # no fine-tuning: test the pretrained model on each system
             tsys = spec.test_systems
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], output_artifact=["report"], output_parameter=["summary"])),
                 key="test-{{item}}", with_param=argo_range(len(tsys)),
-                parameters={"system": tsys, "branch": ""}, artifacts={**common, "model": pretrained}))
+                parameters={"system": tsys, "branch": zs_branch}, artifacts={**common, "model": pretrained}))
 
     if st.distill.enabled:
         teacher = systems.index(spec.distill_teacher)

@@ -506,6 +506,30 @@ def model_settings(settings: ModelSettings) -> dict:
     return {k: copy.deepcopy(getattr(settings, k)) for k in MODEL_KEYS}
 
 
+def finetune_settings(spec: PipelineSpec) -> dict:
+    """Fine-tuning settings; the model section defaults to pretraining's (deepmd-kit checks the
+    fine-tune config's descriptor against the pretrained one)."""
+    own = model_settings(spec.stages.finetune)
+    if spec.stages.pretrain.enabled:
+        own["model"] = deep_merge(model_settings(spec.stages.pretrain)["model"], own["model"])
+    elif "descriptor" not in own["model"] and spec.stages.finetune.pretrained and not is_s3(spec.stages.finetune.pretrained):
+        from lamflow.model.checkpoint import read_checkpoint
+
+        p = Path(spec.stages.finetune.pretrained)
+        own["model"]["descriptor"] = read_checkpoint(p / "model.ckpt" if p.is_dir() else p)["config"]["descriptor"]
+    return own
+
+
+def zero_shot_branch(spec: PipelineSpec) -> str:
+    """The pretrained head whose bias the zero-shot test re-fits: finetune.branch when it names one,
+    else the first pretraining dataset of a multi-task model ("" for a single-task model)."""
+    b = spec.stages.finetune.branch if spec.stages.finetune.enabled else None
+    if b and b != "RANDOM":
+        return b
+    pre = spec.stages.pretrain
+    return pre.datasets[0] if pre.enabled and len(pre.datasets) > 1 else ""
+
+
 def train_config_dict(settings: ModelSettings, type_map: list[str], train: list[str], valid: list[str] | None,
                       fmt: str = "auto") -> dict:
     from lamflow.ops.common import train_config_dict as build
@@ -606,7 +630,13 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
     if st.pretrain.enabled:
         out += model_config_problems(source, "stages.pretrain", train_config_dict(st.pretrain, type_map, dummy, dummy))
     if st.finetune.enabled:
-        out += model_config_problems(source, "stages.finetune", train_config_dict(st.finetune, type_map, dummy, dummy))
+        try:
+            ft = finetune_settings(spec)
+        except LamflowError as e:
+            return out + [f"{source}: stages.finetune.pretrained: {e}"]
+        from lamflow.ops.common import train_config_dict as build
+
+        out += model_config_problems(source, "stages.finetune", build(ft, type_map, dummy, dummy))
     out += _stage_extra_problems(spec)
     for name in st.enabled():
         r = spec.resources_of(name)
