@@ -185,3 +185,30 @@ def test_compress_rejects_unknown_settings_in_one_line(tmp_path, staged):
 
     with pytest.raises(ConfigError, match=r"stages.compress.config: unknown key\(s\) strid"):
         run_compress({"strid": 0.1}, tmp_path, staged, "ch4", tmp_path / "c", log=quiet)
+
+
+@pytest.fixture()
+def two_heads(tmp_path) -> Path:
+    """ch4 staged twice, as two pretraining datasets (two heads), plus chon for element checks."""
+    root = tmp_path / "data2"
+    for name in ("ch4a", "ch4b"):
+        stage_dataset(root, name, {"train": [str(data_path("ch4_pbe", "train"))], "valid": [str(data_path("ch4_pbe", "valid"))]})
+    return root
+
+
+def test_multitask_pretrain_gives_one_head_per_dataset_and_finetune_starts_from_it(tmp_path, two_heads):
+    from lamflow.ops.finetune import run_finetune
+    from lamflow.ops.pretrain import run_pretrain
+    from lamflow.ops.test import run_test
+
+    s = run_pretrain(TINY, two_heads, ["ch4a", "ch4b"], tmp_path / "pre", type_map=["H", "C"], log=quiet)
+    assert s["kind"] == "multi-task" and set(s["heads"]) == {"ch4a", "ch4b"}
+    payload = read_checkpoint(tmp_path / "pre" / "model.ckpt")
+    assert payload["kind"] == "multitask" and set(payload["config"]["branches"]) == {"ch4a", "ch4b"}
+    ft = {k: v for k, v in TINY.items() if k != "model"}  # the descriptor comes from the checkpoint
+    f = run_finetune(ft, two_heads, "ch4b", tmp_path / "pre", tmp_path / "ft", type_map=["H", "C"], log=quiet)
+    assert f["system"] == "ch4b" and f["metrics"]["rmse_f"] > 0 and f["steps"] == 4
+    assert getattr(load_model(tmp_path / "ft" / "model.ckpt"), "kind", "") == "energy"
+    t = run_test(two_heads, "ch4b", tmp_path / "ft", tmp_path / "t", pretrained=tmp_path / "pre", branch="ch4a", log=quiet)
+    assert t["zero_shot"]["rmse_f"] > 0 and t["model"]["rmse_f"] > 0
+    assert (tmp_path / "t" / "zero_shot" / "parity.png").is_file()

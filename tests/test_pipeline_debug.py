@@ -3,6 +3,8 @@ and `lamflow retry` rerunning only what failed."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,45 @@ def test_retry_reruns_only_the_failed_step_and_reuses_the_rest(tmp_path, monkeyp
     assert main(["list", "--workdir", wd]) == 0
     listed = capsys.readouterr().out
     assert f"(retry of {first})" in listed and f"(retry of {second})" in listed
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_its_outputs_load(tmp_path, monkeypatch, capsys):
+    from lamflow.model.checkpoint import load_model
+    from lamflow.workflows.spec import load_spec
+
+    pipe = tmp_path / "quickstart.yaml"
+    doc = yaml.safe_load((REPO / "templates" / "quickstart.yaml").read_text())
+    doc["debug"] = {**doc.get("debug", {}), "workdir": str(tmp_path / "runs")}
+    pipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    shutil.copytree(REPO / "examples", tmp_path / "examples")  # the template's paths are relative to templates/
+    (tmp_path / "templates").mkdir()
+    shutil.move(pipe, tmp_path / "templates" / "quickstart.yaml")
+    pipe = tmp_path / "templates" / "quickstart.yaml"
+    spec = load_spec(pipe)
+    assert main(["submit", str(pipe), "--debug"]) == 0, capsys.readouterr().err
+    rid = run_id(capsys.readouterr().out)
+    wd = str(tmp_path / "runs")
+    res = tmp_path / "results"
+    assert main(["download", rid, "-o", str(res), "--workdir", wd]) == 0
+    md = (res / "report.md").read_text()
+    summary = json.loads((res / "summary.json").read_text())
+    for line in md.splitlines():
+        if line.startswith("!["):
+            assert (res / line.split("](")[1].rstrip(")")).is_file()
+    enabled = spec.stages.enabled()
+    for stage in enabled:
+        assert stage in summary, f"report has no {stage} section"
+    models = {"pretrain": "model", "finetune": "model", "distill": "model", "compress": "model"}
+    for stage in (s for s in enabled if s in models):
+        got = tmp_path / f"dl-{stage}"
+        assert main(["download", rid, "--stage", stage, "-o", str(got), "--workdir", wd]) == 0
+        ckpts = sorted(got.rglob("*.ckpt"))
+        assert ckpts, f"{stage}: no checkpoint downloaded"
+        for c in ckpts:
+            if c.parent.name != "checkpoints":
+                load_model(c)
+    capsys.readouterr()
+    assert main(["status", rid, "--workdir", wd]) == 0
+    status = capsys.readouterr().out
+    assert f"{rid} (debug): Succeeded" in status and "meV" in status
