@@ -204,3 +204,31 @@ def test_render_refuses_unpinned_images(tmp_path, capsys):
     p.write_text(yaml.safe_dump(doc))
     assert main(["render", str(p)]) == 1
     assert "stages.clean.resources.image: 'lamflow:latest' is not pinned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quickstart", "dpa2-production"])
+def test_templates_render_to_valid_manifests_with_gpu_fields_only_on_gpu_stages(name):
+    spec = load_spec(REPO / "templates" / f"{name}.yaml")
+    m = render_manifest(spec)
+    assert schema_errors(m) == []
+    stages = stage_templates(m)
+    assert set(stages) == set(spec.stages.enabled()) | {"report"}
+    for stage, t in stages.items():
+        res = spec.resources_of(stage) if stage != "report" else spec.resources
+        limits = t["script"].get("resources", {}).get("limits", {})
+        if res.gpus:
+            assert limits["nvidia.com/gpu"] == str(res.gpus), stage
+            assert t["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, stage
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in t["tolerations"], stage
+        else:
+            assert "nvidia.com" not in json.dumps(t), stage
+    images = [t["script"]["image"] for t in m["spec"]["templates"] if "script" in t]
+    assert all(":" in i.rsplit("/", 1)[-1] and not i.endswith(":latest") for i in images), images
+    if name == "dpa2-production":
+        assert {s for s, t in stages.items() if "nvidia.com/gpu" in json.dumps(t)} == {"pretrain", "finetune", "distill"}
+
+
+def test_production_template_passes_validate_for_argo(capsys):
+    assert main(["validate", str(REPO / "templates" / "dpa2-production.yaml"), "--argo"]) == 0
+    out = capsys.readouterr().out
+    assert "datasets on S3" in out and "stages clean, pretrain, finetune, test, distill, compress" in out

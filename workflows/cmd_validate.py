@@ -30,6 +30,12 @@ def run(args) -> int:
             print(line, file=sys.stderr)
         print(f"{args.pipeline}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
+    from .spec import as_list, is_s3
+
+    remote = sorted({n for n, d in spec.datasets.items() for sp in ("train", "valid", "test")
+                     for p in as_list(getattr(d, sp)) if is_s3(p)})
+    if remote and not args.no_data:
+        print(f"note: datasets on S3 ({', '.join(remote)}) were not read; lamflow submit fetches and checks them")
     tm = resolved_type_map(spec)
     print(f"{args.pipeline}: ok — stages {', '.join(spec.stages.enabled())}; datasets {', '.join(spec.used_datasets())}; "
           f"type map {tm}")

@@ -365,13 +365,18 @@ def assert_no_secrets(manifest: dict, env: ArgoEnv) -> None:
 
 
 def submit_argo(spec: PipelineSpec, *, check_data: bool = True) -> str:
-    problems = check_spec(spec, data=check_data) + image_problems(spec)
+    problems = check_spec(spec, data=False) + image_problems(spec)
     if problems:
         raise SpecError(problems)
     env = ArgoEnv.from_env(spec)
+    local = localize(spec)  # s3:// datasets fetched into the cache, so they are checked like local ones
+    if check_data:
+        problems = check_spec(local, data=True)
+        if problems:
+            raise SpecError(problems)
     configure_argo(env, spec)
     keys = input_keys(spec)
-    upload_inputs(localize(spec), keys)
+    upload_inputs(local, keys)
     wf = argo_workflow(spec, keys=keys, env=env)
     manifest = render_manifest(spec, namespace=env.namespace, workflow=wf)
     assert_no_secrets(manifest, env)
@@ -417,10 +422,13 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     from dflow.common import LocalArtifact
 
     if parent is None:
+        problems = check_spec(spec, data=False)
+        if problems:
+            raise SpecError(problems)
+        spec = localize(spec)  # s3:// datasets fetched into the cache
         problems = check_spec(spec, data=check_data)
         if problems:
             raise SpecError(problems)
-        spec = localize(spec)
     workdir = workdir or workdir_of(spec)
     workdir.mkdir(parents=True, exist_ok=True)
     configure_debug(workdir, spec.debug.pool_workers)

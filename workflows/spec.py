@@ -319,6 +319,15 @@ def reference_problems(spec: PipelineSpec) -> list[str]:
         need("stages.compress.dataset", st.compress.dataset)
     if spec.type_map is not None and len(set(spec.type_map)) != len(spec.type_map):
         out.append("type_map: an element is listed twice")
+    on_s3 = sorted({n for n, d in spec.datasets.items() for s in ("train", "valid", "test") for p in as_list(getattr(d, s))
+                    if is_s3(p)})
+    if spec.type_map is None and on_s3:
+        out.append(f"type_map: required when datasets are on S3 ({', '.join(on_s3)}): their elements are not known offline")
+    for name in ("pretrain", "finetune"):
+        st_ = getattr(st, name)
+        tm = st_.model.get("type_map") if isinstance(st_.model, dict) else None
+        if st_.enabled and spec.type_map is not None and tm is not None and list(tm) != list(spec.type_map):
+            out.append(f"stages.{name}.model.type_map: {tm} differs from the pipeline's type_map {spec.type_map}")
     for name in STAGES:
         out += resource_problems(spec, name)
     return out
@@ -329,6 +338,9 @@ def resource_problems(spec: PipelineSpec, stage: str) -> list[str]:
     r = spec.resources_of(stage)
     where = f"stages.{stage}.resources"
     out = []
+    if r.gpus > 1 and getattr(spec.stages, stage).enabled:
+        out.append(f"{where}.gpus: {r.gpus}: a step uses one GPU (multi-GPU data-parallel training is not wired "
+                   "into the pipeline); use gpus: 1")
     if r.gpus == 0:
         for k in r.node_selector:
             if k.startswith("nvidia.com/"):
