@@ -164,47 +164,81 @@ def table_grids(cfg: SeE2AConfig, mean: Tensor, std: Tensor, ntypes: int, min_nb
 # ----------------------------------------------------------------------------- evaluating tables
 
 
-def horner(coef: Tensor, rows: Tensor, d: Tensor, derivative: bool = False):
-    """G [P, M] (and dG/dd) from coefficient rows: coef [6, R, M], rows [P], d [P, 1]."""
+def horner(coef: Tensor, rows: Tensor, d: Tensor) -> Tensor:
+    """G [P, M] = sum_k coef[k, rows] d^k by Horner's rule (autograd-able); coef [6, R, M], rows [P], d [P, 1]."""
     G = coef[5].index_select(0, rows)
-    dG = G if derivative else None
     for k in (4, 3, 2, 1, 0):
         G = torch.addcmul(coef[k].index_select(0, rows), G, d)
-        if derivative and k > 0:
-            dG = torch.addcmul(G, dG, d)
-    return G, dG
+    return G
+
+
+def horner_into(coef: Tensor, rows: Tensor, d: Tensor, G: Tensor, dG: Tensor | None, tmp: Tensor) -> None:
+    """As horner, into preallocated G [P, M] (and dG/dd into dG), tmp [P, M] scratch; no autograd.
+    The derivative runs one step behind the value: dG <- G_k + dG d after G_k <- c_k + G_{k+1} d."""
+    if dG is None:
+        torch.index_select(coef[5], 0, rows, out=G)
+        for k in (4, 3, 2, 1, 0):
+            torch.addcmul(torch.index_select(coef[k], 0, rows, out=tmp), G, d, out=G)
+        return
+    torch.index_select(coef[5], 0, rows, out=dG)  # c5 = dG after the first step's "one behind"
+    torch.addcmul(torch.index_select(coef[4], 0, rows, out=tmp), dG, d, out=G)  # G = c4 + c5 d
+    for k in (3, 2, 1, 0):
+        torch.addcmul(G, dG, d, out=dG)
+        torch.addcmul(torch.index_select(coef[k], 0, rows, out=tmp), G, d, out=G)
 
 
 class _TabulatedContraction(torch.autograd.Function):
     """T[b] = sum_j R[b, j]^T G(R[b, j, 0]) for a tabulated G, chunk by chunk over b.
-    R [B, N, 4]; rows [B, N] coefficient rows; starts [R] knot of each row; coef [6, R, M]."""
+    R [B, N, 4]; rows [B, N] coefficient rows; starts [R] knot of each row; coef [6, R, M].
+    When forces are wanted, the forward also keeps G and G' = dG/ds of every pair (while they fit
+    in `keep_bytes`), so that the backward is two small matrix products per chunk; beyond that
+    budget the backward recomputes them chunk by chunk."""
+
+    keep_bytes = 256 << 20
 
     @staticmethod
     def forward(ctx, R: Tensor, rows: Tensor, starts: Tensor, coef: Tensor, chunk: int) -> Tensor:
         B, N, _ = R.shape
-        out = R.new_empty(B, 4, coef.shape[-1])
+        M = coef.shape[-1]
+        out = R.new_empty(B, 4, M)
+        keep = R.requires_grad and 2 * B * N * M * R.element_size() <= _TabulatedContraction.keep_bytes
+        G = R.new_empty(B if keep else min(chunk, B), N, M)
+        dG = torch.empty_like(G) if keep else None
+        tmp = R.new_empty(min(chunk, B) * N, M)
         for a in range(0, B, chunk):
             Rc, rc = R[a : a + chunk], rows[a : a + chunk]
+            b = Rc.shape[0]
+            Gc = G[a : a + b] if keep else G[:b]
             d = (Rc[..., 0] - starts[rc]).reshape(-1, 1)
-            G, _ = horner(coef, rc.reshape(-1), d)
-            torch.bmm(Rc.transpose(1, 2), G.view(Rc.shape[0], N, -1), out=out[a : a + chunk])
+            horner_into(coef, rc.reshape(-1), d, Gc.view(-1, M), None if dG is None else dG[a : a + b].view(-1, M), tmp[: b * N])
+            torch.bmm(Rc.transpose(1, 2), Gc, out=out[a : a + b])
         ctx.save_for_backward(R, rows, starts, coef)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.kept = chunk, (G, dG) if keep else None
         return out
 
     @staticmethod
     def backward(ctx, gT: Tensor):
         R, rows, starts, coef = ctx.saved_tensors
         B, N, _ = R.shape
+        M = coef.shape[-1]
         gR = torch.empty_like(R)
+        if ctx.kept is None:
+            G, dG = R.new_empty(min(ctx.chunk, B), N, M), R.new_empty(min(ctx.chunk, B), N, M)
+            tmp = R.new_empty(min(ctx.chunk, B) * N, M)
         for a in range(0, B, ctx.chunk):
-            Rc, rc, gc = R[a : a + ctx.chunk], rows[a : a + ctx.chunk], gT[a : a + ctx.chunk]
-            d = (Rc[..., 0] - starts[rc]).reshape(-1, 1)
-            G, dG = horner(coef, rc.reshape(-1), d, derivative=True)
-            G, dG = G.view(Rc.shape[0], N, -1), dG.view(Rc.shape[0], N, -1)  # [b, N, M]
-            g = torch.bmm(G, gc.transpose(1, 2))  # dE/dR [b, N, 4] through the R^T factor
-            g[..., 0] += (torch.bmm(Rc, gc) * dG).sum(-1)  # ... and through s = R[..., 0] inside G
-            gR[a : a + ctx.chunk] = g
+            Rc, gc = R[a : a + ctx.chunk], gT[a : a + ctx.chunk].transpose(1, 2)  # gc [b, M, 4]
+            b = Rc.shape[0]
+            if ctx.kept is not None:
+                Gc, dGc = ctx.kept[0][a : a + b], ctx.kept[1][a : a + b]
+            else:
+                rc = rows[a : a + b]
+                d = (Rc[..., 0] - starts[rc]).reshape(-1, 1)
+                Gc, dGc = G[:b], dG[:b]
+                horner_into(coef, rc.reshape(-1), d, Gc.view(-1, M), dGc.view(-1, M), tmp[: b * N])
+            g = torch.bmm(Gc, gc)  # dE/dR [b, N, 4] through the R^T factor
+            g[..., 0] += (torch.bmm(dGc, gc) * Rc).sum(-1)  # ... and through s = R[..., 0] inside G
+            gR[a : a + b] = g
+        ctx.kept = None
         return gR, None, None, None, None
 
 
@@ -259,8 +293,7 @@ class TabulatedSeE2A(nn.Module):
         """G(s) [..., M1] by plain autograd-able ops (reference path and empty slots)."""
         rows = self.locate(s, tid)
         d = (s - self.starts[rows]).reshape(-1, 1)
-        G, _ = horner(self.coef, rows.reshape(-1), d)
-        return G.view(*s.shape, self.m1)
+        return horner(self.coef, rows.reshape(-1), d).view(*s.shape, self.m1)
 
     # -- descriptor
     def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor], mapping: Tensor | None = None) -> DescriptorOutput:
