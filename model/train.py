@@ -103,7 +103,7 @@ class Trainer:
         self.task_prob = probs / probs.sum()
         self.history: list[dict] = []
         self.step_hook: Callable | None = None  # called with (step, task, loss) after each step (DDP sync, tests)
-        self.train_time, self.timed_steps = 0.0, 0  # optimisation steps only, first 10 excluded (as deepmd-kit)
+        self.train_time, self.timed_steps = 0.0, 0  # training steps (+ display), first 10 excluded, checkpoints not
         self.lr_scale = 1.0
         if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
             from .distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale
@@ -186,13 +186,13 @@ class Trainer:
             if self.step_hook is not None:
                 self.step_hook(step, task, loss)
             self.opt.step()
-            if step >= 10:
-                self.train_time += time.perf_counter() - t_step
-                self.timed_steps += 1
             self.step += 1
             last = self.step == self.numb_steps
             if step % tcfg.disp_freq == 0 or last:
                 self._display(step, task, loss.item(), metrics, lr, t0, step0, lcurve)
+            if step >= 10:  # like deepmd-kit's "average training time", validation at display steps included
+                self.train_time += time.perf_counter() - t_step
+                self.timed_steps += 1
             if self.rank == 0 and (self.step % tcfg.save_freq == 0 or last):
                 self.save(self.out / "model.ckpt")
                 if not last:

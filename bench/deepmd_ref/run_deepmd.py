@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=50, help="frames for --infer-bench")
     p.add_argument("--infer-repeats", type=int, default=2,
                    help="timed passes over the --frames frames after one warm-up pass")
+    p.add_argument("--init-model", default=None, help="start training from this checkpoint (dp --init-model)")
     p.add_argument("--skip-train", action="store_true",
                    help="reuse model.ckpt.pt / frozen.pth already in --workdir")
     p.add_argument("--dp", default=None, help="dp executable (default: the one next to this python)")
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
             cmd = [dp, "--pt", "train", "input.json"]
             if not args.neighbor_stat:
                 cmd.append("--skip-neighbor-stat")
+            if args.init_model:
+                cmd += ["--init-model", str(Path(args.init_model).resolve())]
             wall, out = run(cmd, workdir, env, "train.log")
             s = last_float(RE_AVG, out)
             res.update({"s_per_step": s, "steps_per_s": (1.0 / s) if s else None, "train_wall_s": round(wall, 2)})
