@@ -21,14 +21,14 @@ def run(args) -> int:
     from .spec import SpecError, check_spec, image_problems, load_spec
 
     spec = load_spec(args.pipeline)
-    problems = check_spec(spec, data=False) + image_problems(spec)
+    problems = check_spec(spec, data=False, models=False) + image_problems(spec)  # `lamflow validate` checks the rest
     if problems:
         raise SpecError(problems)
     text = yaml.safe_dump(render_manifest(spec, namespace=args.namespace), sort_keys=False, width=120)
     if args.output:
-        from lamflow.model.checkpoint import atomic_write_text
-
-        atomic_write_text(args.output, text)
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(args.output)  # atomic: a reader never sees half a manifest
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -51,6 +51,9 @@ def print_status(run) -> None:
     from .engine import run_status, steps_of
 
     print(f"{run.id} ({run.mode}): {run_status(run)}")
+    times = (run.meta or {}).get("steps", {}) if run.mode == "debug" else {}
     for i in steps_of(run):
         name = i.key + (f" [{i.system}]" if i.system else "")
-        print(f"  {name:<28} {i.phase:<10} {headline(i.stage, i.summary)}".rstrip())
+        t = times.get(i.key, {})
+        took = f"{t['end'] - t['start']:6.1f}s" if "end" in t else " " * 7
+        print(f"  {name:<28} {i.phase:<10} {took} {headline(i.stage, i.summary)}".rstrip())

@@ -455,7 +455,8 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
     progress(f"run {rid}: {workdir / rid}")
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_debug, args=(workdir / rid, stop, progress), daemon=True)
+    timings: dict[str, dict] = {}
+    watcher = threading.Thread(target=_watch_debug, args=(workdir / rid, stop, progress, timings), daemon=True)
     watcher.start()
     t0 = time.time()
     try:
@@ -468,6 +469,7 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     meta["finished"] = time.time()
     meta["status"] = status
     meta["wall_s"] = time.time() - t0
+    meta["steps"] = timings
     write_meta(workdir, meta)
     return rid, status
 
@@ -486,15 +488,21 @@ def _quiet_dflow():
         lg.setLevel(old)
 
 
-def _watch_debug(wfdir: Path, stop: threading.Event, progress) -> None:
+def _watch_debug(wfdir: Path, stop: threading.Event, progress, timings: dict) -> None:
+    """Print each step's phase changes; record when each step was first seen running and when it
+    ended (seconds since the run started, to the 0.2 s polling interval)."""
     seen: dict[str, str] = {}
     t0 = time.time()
     while True:
-        done = stop.wait(0.5)
+        done = stop.wait(0.2)
+        now = time.time() - t0
         for key, phase in _debug_phases(wfdir).items():
             if seen.get(key) != phase:
                 seen[key] = phase
-                progress(f"  [{time.time() - t0:6.1f}s] {key:<14} {phase}")
+                progress(f"  [{now:6.1f}s] {key:<14} {phase}")
+                t = timings.setdefault(key, {"start": now})
+                if phase in FINAL:
+                    t["end"], t["phase"] = now, phase
         if done:
             return
 

@@ -565,11 +565,48 @@ def dataset_paths(spec: PipelineSpec, name: str, split: str) -> list[str]:
     return as_list(getattr(spec.datasets[name], split))
 
 
+def native_elements(path: str, fmt: str = "auto") -> list[str] | None:
+    """Elements of deepmd/npy or deepmd/raw systems at or below `path`, from type_map.raw and
+    type.raw alone (no torch import: `lamflow render` stays quick). None: another format, or no
+    type_map.raw, so lamflow.model.data.elements_in must read it."""
+    if fmt not in ("auto", "deepmd/npy", "deepmd/raw"):
+        return None
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    dirs = [p] if (p / "type.raw").is_file() else sorted({f.parent for f in p.rglob("type.raw")})
+    if not dirs:
+        return None
+    seen: list[str] = []
+    for d in dirs:
+        if not (d / "type_map.raw").is_file():
+            return None
+        names = (d / "type_map.raw").read_text().split()
+        try:
+            types = sorted({int(t) for t in (d / "type.raw").read_text().split()})
+        except ValueError:
+            return None
+        if any(t >= len(names) or t < 0 for t in types):
+            return None
+        seen += [names[t] for t in types if names[t] not in seen]
+    return seen
+
+
 def resolved_type_map(spec: PipelineSpec, elements: dict[str, list[str]] | None = None) -> list[str]:
     """`type_map:` if given; else every element of the used datasets in order of appearance."""
     if spec.type_map:
         return list(spec.type_map)
-    from lamflow.model.data import elements_in
+
+    def elements_in(paths, fmt):
+        out: list[str] = []
+        for p in paths:
+            els = native_elements(p, fmt)
+            if els is None:
+                from lamflow.model.data import elements_in as read
+
+                els = read([p], fmt)
+            out += [e for e in els if e not in out]
+        return out
 
     seen: list[str] = []
     for name in spec.used_datasets():
@@ -585,11 +622,13 @@ def resolved_type_map(spec: PipelineSpec, elements: dict[str, list[str]] | None 
     return seen
 
 
-def check_spec(spec: PipelineSpec, *, data: bool = True) -> list[str]:
+def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) -> list[str]:
     """Every problem that can be found before submitting, one line each (empty: all good).
     data=True also reads every local dataset: paths exist, elements are in the type map, no
-    NaN/inf labels, at least one frame."""
-    from lamflow.model.data import elements_in, load_systems
+    NaN/inf labels, at least one frame. models=True also validates the clean/distill settings with
+    the model modules' own classes (which import torch; `lamflow render` skips them)."""
+    if data:
+        from lamflow.model.data import elements_in, load_systems
 
     source = spec_source(spec)
     problems: list[str] = []
@@ -629,11 +668,11 @@ def check_spec(spec: PipelineSpec, *, data: bool = True) -> list[str]:
                         load_systems([p], type_map, ds.fmt)
                     except LamflowError as e:
                         problems.append(f"{source}: {where}: {e}")
-    problems += stage_config_problems(spec, type_map or ["X"])
+    problems += stage_config_problems(spec, type_map or ["X"], models=models)
     return problems
 
 
-def stage_config_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
+def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool = True) -> list[str]:
     """Build each training stage's TrainConfig (with placeholder data) and each stage config."""
     source = spec_source(spec)
     out: list[str] = []
@@ -649,7 +688,7 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
         from lamflow.ops.common import train_config_dict as build
 
         out += model_config_problems(source, "stages.finetune", build(ft, type_map, dummy, dummy))
-    out += _stage_extra_problems(spec)
+    out += _stage_extra_problems(spec, models)
     for name in st.enabled():
         r = spec.resources_of(name)
         if r.timeout is not None and r.timeout > 30 * 86400:
@@ -657,11 +696,11 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
     return out
 
 
-def _stage_extra_problems(spec: PipelineSpec) -> list[str]:
+def _stage_extra_problems(spec: PipelineSpec, models: bool = True) -> list[str]:
     """Stage configs owned by lamflow.model modules (clean, distill, compress), when present."""
     from . import stage_configs
 
-    return stage_configs.problems(spec)
+    return stage_configs.problems(spec, models)
 
 
 def image_problems(spec: PipelineSpec) -> list[str]:

@@ -4,6 +4,7 @@ configs validated with the model's own pydantic classes (errors carry the pipeli
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ValidationError
@@ -30,16 +31,24 @@ def module(stage: str):
     return mod if all(hasattr(mod, a) for a in attrs) else None
 
 
-def available(stage: str) -> bool:
-    return stage not in MODULES or module(stage) is not None
+def available(stage: str, load: bool = True) -> bool:
+    """load=False: only whether the module file exists (no import, so no torch)."""
+    if stage not in MODULES:
+        return True
+    if not load:
+        return _exists(MODULES[stage][0])
+    return module(stage) is not None
+
+
+def _exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def multitask_available() -> bool:
-    try:
-        importlib.import_module("lamflow.model.multitask")
-    except ImportError:
-        return False
-    return True
+    return _exists("lamflow.model.multitask")
 
 
 def validate_config(cls: type[BaseModel], raw: dict, source: str, path: str) -> tuple[BaseModel | None, list[str]]:
@@ -51,22 +60,24 @@ def validate_config(cls: type[BaseModel], raw: dict, source: str, path: str) -> 
         return None, format_errors(source, e, path)
 
 
-def problems(spec: "PipelineSpec") -> list[str]:
+def problems(spec: "PipelineSpec", load: bool = True) -> list[str]:
+    """Stages this build cannot run, and (load=True) clean/distill settings validated by the model's
+    own config classes."""
     from .spec import spec_source
 
     source = spec_source(spec)
     out: list[str] = []
     for stage in spec.stages.enabled():
-        if not available(stage):
+        if not available(stage, load):
             out.append(f"{source}: stages.{stage}: this build of lamflow has no {MODULES[stage][0]}; "
                        f"disable the stage (enabled: false)")
     st = spec.stages
     if st.pretrain.enabled and len(st.pretrain.datasets) > 1 and not multitask_available():
         out.append(f"{source}: stages.pretrain.datasets: multi-task pretraining (lamflow.model.multitask) is not in "
                    "this build; name one dataset")
-    if st.clean.enabled and available("clean"):
+    if load and st.clean.enabled and available("clean"):
         out += validate_config(module("clean").CleanConfig, dict(st.clean.config), source, "stages.clean.config")[1]
-    if st.distill.enabled and available("distill"):
+    if load and st.distill.enabled and available("distill"):
         out += validate_config(module("distill").DistillConfig, dict(st.distill.config), source, "stages.distill.config")[1]
     if st.compress.enabled:
         unknown = sorted(set(st.compress.config) - COMPRESS_KEYS)
