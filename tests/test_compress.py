@@ -164,8 +164,11 @@ def test_inputs_beyond_the_table_extrapolate_linearly_and_warn(water, water_mode
 
 
 def test_compressed_checkpoint_round_trips_and_runs_in_lamflow_test(tmp_path, water, water_model, capsys):
+    from lamflow.model.distill import write_npy
+
+    data = write_npy(water.subset(range(0, 80, 16)), tmp_path / "water5")  # 5 frames, deepmd/npy
     src = save_model(water_model, tmp_path / "model.ckpt")
-    res = compress(src, tmp_path / "c.ckpt", training_data=[str(data_path("water_h2o", "valid"))], log=lambda *a: None)
+    res = compress(src, tmp_path / "c.ckpt", training_data=[str(data)], log=lambda *a: None)
     payload = read_checkpoint(res.checkpoint)
     assert payload["kind"] == "compressed" and payload["config"]["stride"] == 0.01
     assert res.min_nbor_dist == pytest.approx(payload["min_nbor_dist"]) and 0.8 < res.min_nbor_dist < 1.0
@@ -176,8 +179,8 @@ def test_compressed_checkpoint_round_trips_and_runs_in_lamflow_test(tmp_path, wa
     b = evaluate(cm, water.coord[:2], water.box[:2], water.atype)
     np.testing.assert_array_equal(a["energy"], b["energy"])
     np.testing.assert_array_equal(a["force"], b["force"])
-    assert main(["test", "-m", str(res.checkpoint), "-s", str(data_path("water_h2o", "valid")), "-o", str(tmp_path / "t")]) == 0
-    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["overall"]["nframes"] == 80
+    assert main(["test", "-m", str(res.checkpoint), "-s", str(data), "-o", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["overall"]["nframes"] == 5
 
 
 def test_compress_cli_options_and_one_line_errors(tmp_path, water_model, capsys):

@@ -24,7 +24,7 @@ CH4 = data_path("ch4_pbe")
 
 CONFIG = {
     "exploration": {"temperatures": [300, 800], "steps": 30, "timestep": 0.5, "sample_every": 5, "perturb": 0.02,
-                    "starts_per_system": 2},
+                    "strains": [0.0, 0.02]},
     "labelling": {"batch_size": 4},
     "student": {"model": {"descriptor": {"rcut": 4.0, "sel": [8, 4], "neuron": [4, 8], "axis_neuron": 2, "seed": 2},
                           "fitting_net": {"neuron": [16, 16], "seed": 2}},
@@ -84,7 +84,7 @@ def test_distill_cli_writes_student_data_and_report_with_consistent_counts(teach
     assert "held-out frames" in capsys.readouterr().out
     report = json.loads((out / "distill.json").read_text())
     c = report["counts"]
-    # 2 starts x 2 temperatures, 7 samples each (steps 0, 5, ..., 30)
+    # 2 strains x 2 temperatures, 7 samples each (steps 0, 5, ..., 30)
     assert c["md_runs"] == 4 and c["md_runs_failed"] == 0 and c["sampled"] == 28
     assert c["sampled"] == c["duplicates"] + c["over_max_frames"] + c["dropped_max_force"] + c["dropped_disagreement"] \
         + c["train_frames"] + c["test_frames"]
@@ -94,6 +94,9 @@ def test_distill_cli_writes_student_data_and_report_with_consistent_counts(teach
     te = load_systems(str(out / "data" / "test"), ["H", "C"])
     assert sum(s.nframes for s in tr) == c["train_frames"] and sum(s.nframes for s in te) == c["test_frames"]
     assert tr[0].virial is not None and (out / "data" / "train" / "sys.000" / "type_map.raw").read_text().split() == ["H", "C"]
+    a0 = load_systems(str(CH4 / "valid"), ["H", "C"])[0].box[0, 0, 0]
+    cells = {round(float(b[0, 0] / a0), 6) for s in tr + te for b in s.box}
+    assert cells == {1.0, 1.02}  # the strained runs explored a 2 % larger cell
     tmodel = load_model(teacher)
     from lamflow.model.infer import evaluate
 
