@@ -53,9 +53,14 @@ def test_retry_reruns_only_the_failed_step_and_reuses_the_rest(tmp_path, monkeyp
     first = run_id(capsys.readouterr().out)
     assert ledger(log) == ["pretrain", "test ch4a", "test ch4b"]  # report never ran
     monkeypatch.delenv("LAMFLOW_FAIL_STAGE")
+    wd = str(tmp_path / "runs")
+    assert main(["logs", first, "test-1", "--workdir", wd]) == 0
+    assert "failing on purpose" in capsys.readouterr().out
+    assert main(["watch", first, "--workdir", wd, "--interval", "0.1"]) == 1  # already over: prints and exits
+    watched = capsys.readouterr().out
+    assert "test-1         Failed" in watched and f"{first}: Failed" in watched
 
     log.unlink()
-    wd = str(tmp_path / "runs")
     assert main(["retry", first, "--workdir", wd]) == 0
     out = capsys.readouterr().out
     second = run_id(out)

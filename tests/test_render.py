@@ -232,3 +232,28 @@ def test_production_template_passes_validate_for_argo(capsys):
     assert main(["validate", str(REPO / "templates" / "dpa2-production.yaml"), "--argo"]) == 0
     out = capsys.readouterr().out
     assert "datasets on S3" in out and "stages clean, pretrain, finetune, test, distill, compress" in out
+
+
+def test_finetune_from_a_given_checkpoint_gets_it_as_an_input_artifact(tmp_path):
+    import torch
+
+    from lamflow.model.checkpoint import save_model
+    from lamflow.model.config import ModelConfig
+    from lamflow.model.potential import EnergyModel
+
+    torch.manual_seed(0)
+    ckpt = save_model(EnergyModel(ModelConfig.model_validate({"type_map": ["H", "C"], **TINY["model"]})), tmp_path / "pre.ckpt")
+    doc = yaml.safe_load(gpu_doc(tmp_path).read_text())
+    doc["stages"] = {"finetune": {"systems": ["ch4"], "pretrained": str(ckpt), "training": {"numb_steps": 4}}, "test": {}}
+    p = tmp_path / "ft.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    spec = load_spec(p)
+    assert spec.stages.enabled() == ["finetune", "test"]
+    m = render_manifest(spec)
+    assert schema_errors(m) == []
+    keys = {a["name"]: a["s3"]["key"] for t in m["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
+            for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
+    assert keys["pretrained"].endswith("/pretrained.tgz") and keys["data"].endswith("/data.tgz")
+    ft = next(task for t in m["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"] if task["name"] == "finetune")
+    config = json.loads(next(a["value"] for a in ft["arguments"]["parameters"] if a["name"] == "config"))
+    assert config["model"]["descriptor"]["type"] == "se_e2_a"  # taken from the checkpoint

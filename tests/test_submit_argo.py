@@ -226,3 +226,41 @@ def test_retry_on_argo_memoizes_succeeded_steps_and_reruns_the_failed_one(tmp_pa
     from test_render import schema_errors
 
     assert schema_errors(manifest) == []
+
+
+def test_s3_datasets_are_fetched_checked_and_staged(tmp_path, argo, s3, monkeypatch, capsys):
+    _, client = s3
+    monkeypatch.setenv("LAMFLOW_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "valid"):
+        src = data_path("ch4_pbe", split)
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            client.fput_object(BUCKET, f"datasets/ch4/{split}/{f.relative_to(src).as_posix()}", str(f))
+    doc = yaml.safe_load(pipeline(tmp_path).read_text())
+    doc["type_map"] = ["H", "C"]
+    doc["datasets"] = {"ch4": {"train": f"s3://{BUCKET}/datasets/ch4/train", "valid": f"s3://{BUCKET}/datasets/ch4/valid"}}
+    doc["stages"]["test"] = {}
+    p = tmp_path / "s3.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    assert main(["submit", str(p)]) == 0
+    assert (tmp_path / "cache" / "s3" / BUCKET / "datasets" / "ch4" / "train" / "set.000" / "force.npy").is_file()
+    manifest = argo.posts("/api/v1/workflows/")[-1]["body"]["workflow"]
+    (key,) = {a["s3"]["key"] for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
+              for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
+    names = tarfile.open(fileobj=io.BytesIO(client.get_object(BUCKET, key).read()), mode="r:gz").getnames()
+    assert any(n.endswith("ch4/valid/0/set.000/energy.npy") for n in names)
+
+    # a broken label in the S3 copy is found before anything is submitted
+    import numpy as np
+
+    f = tmp_path / "cache" / "s3" / BUCKET / "datasets" / "ch4" / "valid" / "set.000" / "energy.npy"
+    e = np.load(f)
+    e[2] = np.nan
+    np.save(tmp_path / "bad.npy", e)
+    import time
+
+    time.sleep(1.1)  # S3 times have one-second resolution
+    client.fput_object(BUCKET, "datasets/ch4/valid/set.000/energy.npy", str(tmp_path / "bad.npy"))  # same size, new content
+    n = len(argo.posts("/api/v1/workflows/"))
+    assert main(["submit", str(p)]) == 1
+    assert "frame 2: energy contains NaN" in capsys.readouterr().err
+    assert len(argo.posts("/api/v1/workflows/")) == n

@@ -159,8 +159,12 @@ def fetch_s3(uri: str) -> Path:
     for o in objs:
         rel = o.object_name[len(key):].lstrip("/")
         target = dest / rel if rel else dest
-        if not target.is_file() or target.stat().st_size != o.size:
+        stamp = o.last_modified.timestamp() if o.last_modified else None
+        fresh = target.is_file() and target.stat().st_size == o.size and stamp is not None and target.stat().st_mtime == stamp
+        if not fresh:
             client.fget_object(bucket, o.object_name, str(target))
+            if stamp is not None:
+                os.utime(target, (stamp, stamp))  # the cached copy carries the object's time: a changed object is fetched again
     return dest
 
 
@@ -314,8 +318,9 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
         config["mode"], config["util_image"] = saved
 
 
-def upload_inputs(spec: PipelineSpec, keys: dict[str, str]) -> None:
-    """Upload the staged data (and a given pretrained checkpoint) to their S3 keys, once."""
+def upload_inputs(spec: PipelineSpec, keys: dict[str, str], force: bool = False) -> None:
+    """Upload the staged data (and a given pretrained checkpoint) to their S3 keys, once (always
+    with force: the key of data fetched from S3 is derived from its URIs, not its content)."""
     from dflow import upload_artifact
 
     with tempfile.TemporaryDirectory(prefix="lamflow-stage-") as tmp:
@@ -326,7 +331,7 @@ def upload_inputs(spec: PipelineSpec, keys: dict[str, str]) -> None:
         if pre is not None:
             todo["pretrained"] = pre
         for what, path in todo.items():
-            if _s3_exists(keys[what]):
+            if not force and _s3_exists(keys[what]):
                 print(f"{what}: already uploaded (s3 key {keys[what]})")
                 continue
             print(f"{what}: uploading to s3 key {keys[what]}")
@@ -376,7 +381,7 @@ def submit_argo(spec: PipelineSpec, *, check_data: bool = True) -> str:
             raise SpecError(problems)
     configure_argo(env, spec)
     keys = input_keys(spec)
-    upload_inputs(local, keys)
+    upload_inputs(local, keys, force=local is not spec or is_s3(spec.stages.finetune.pretrained or ""))
     wf = argo_workflow(spec, keys=keys, env=env)
     manifest = render_manifest(spec, namespace=env.namespace, workflow=wf)
     assert_no_secrets(manifest, env)
