@@ -97,7 +97,7 @@ class Trainer:
         self.numb_steps = cfg.training.numb_steps
         self.lr = ExpDecayLR(cfg.learning_rate, self.numb_steps)
         params = [p for p in root.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(params, lr=cfg.learning_rate.start_lr)
+        self.opt = torch.optim.Adam(params, lr=cfg.learning_rate.start_lr, foreach=True)  # one fused update, not a loop over tensors
         self.step = 0
         probs = np.array([t.prob for t in tasks], dtype=float)
         self.task_prob = probs / probs.sum()
