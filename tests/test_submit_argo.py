@@ -33,6 +33,7 @@ class FakeArgo:
         self.requests: list[dict] = []
         self.workflows: dict[str, dict] = {}
         self.configmaps: list[dict] = []
+        self.pod_log = ["step log line 1", "step log line 2"]
         self.n = 0
         fake = self
 
@@ -72,6 +73,16 @@ class FakeArgo:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if parts[:3] == ["api", "v1", "workflows"] and len(parts) == 5 and parts[4] in fake.workflows:
                     return self._reply(fake.workflows[parts[4]])
+                if parts[:3] == ["api", "v1", "workflows"] and len(parts) == 4:  # list
+                    return self._reply({"items": [{"metadata": w["metadata"], "status": {"phase": w["status"].get("phase")}}
+                                                  for w in fake.workflows.values()]})
+                if parts[:3] == ["api", "v1", "workflows"] and len(parts) == 6 and parts[5] == "log":
+                    body = "\n".join(json.dumps({"result": {"content": ln, "podName": "p"}}) for ln in fake.pod_log)
+                    data = body.encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    return self.wfile.write(data)
                 self._reply({"message": "not found"}, 404)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -264,3 +275,27 @@ def test_s3_datasets_are_fetched_checked_and_staged(tmp_path, argo, s3, monkeypa
     assert main(["submit", str(p)]) == 1
     assert "frame 2: energy contains NaN" in capsys.readouterr().err
     assert len(argo.posts("/api/v1/workflows/")) == n
+
+
+def test_status_list_logs_and_download_of_an_argo_run(tmp_path, argo, s3, capsys):
+    _, client = s3
+    pipe = pipeline(tmp_path)
+    assert main(["submit", str(pipe)]) == 0
+    wid = submitted_id(capsys.readouterr().out)
+    wf = argo.workflows[wid]
+    by_task = {task["name"]: task["template"] for t in wf["spec"]["templates"] for task in t.get("dag", {}).get("tasks", [])}
+    summary = {"name": "summary", "value": json.dumps({"test": {}})}
+    key = f"{wid}/report/report"
+    client.put_object(BUCKET, f"{key}/report/report.md", io.BytesIO(b"# report\n"), 9)
+    wf["status"] = {"phase": "Succeeded", "nodes": {n["id"]: n for n in [
+        node(wf, by_task["report"], "report", "Succeeded",
+             {"parameters": [summary], "artifacts": [{"name": "report", "s3": {"key": key}}]})]}}
+    assert main(["list"]) == 0
+    assert wid in capsys.readouterr().out
+    assert main(["logs", wid, "report"]) == 0
+    out = capsys.readouterr().out
+    assert "==> report <==" in out and "step log line 2" in out
+    log_req = [r for r in argo.requests if r["path"].startswith(f"/api/v1/workflows/lamflow/{wid}/log")][-1]
+    assert "podName=" in log_req["path"] and log_req["headers"]["Authorization"] == f"Bearer {SECRETS['LAMFLOW_ARGO_TOKEN']}"
+    assert main(["download", wid, "-o", str(tmp_path / "res")]) == 0
+    assert (tmp_path / "res" / "report.md").read_text() == "# report\n"
