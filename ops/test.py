@@ -67,14 +67,6 @@ def _headline(m: dict) -> dict:
     return {k: m[k] for k in keys if m.get(k) is not None}
 
 
-def zero_shot_available() -> bool:
-    try:
-        from lamflow.model.finetune import zero_shot  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class Test(OP):
     @classmethod
     def get_input_sign(cls):

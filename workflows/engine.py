@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -424,8 +423,6 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     """Run the pipeline locally; return (run id, final status). `reuse`: dflow steps of an earlier
     run to reuse (retry); `parent`: that run's record, whose staged inputs and checkpoint folders
     this run shares."""
-    from dflow.common import LocalArtifact
-
     if parent is None:
         problems = check_spec(spec, data=False)
         if problems:

@@ -561,10 +561,6 @@ def model_config_problems(source: str, path: str, d: dict) -> list[str]:
 # ----------------------------------------------------------------------------- data checks
 
 
-def dataset_paths(spec: PipelineSpec, name: str, split: str) -> list[str]:
-    return as_list(getattr(spec.datasets[name], split))
-
-
 def native_elements(path: str, fmt: str = "auto") -> list[str] | None:
     """Elements of deepmd/npy or deepmd/raw systems at or below `path`, from type_map.raw and
     type.raw alone (no torch import: `lamflow render` stays quick). None: another format, or no
