@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
@@ -62,7 +63,7 @@ class Finetune(OP):
         return OPIOSign({
             "config": Parameter(dict),                      # model/learning_rate/loss/training (deepmd-kit keys)
             "system": Parameter(str),                       # the downstream dataset
-            "type_map": Parameter(list),                    # the pipeline's elements
+            "type_map": Parameter(List[str]),               # the pipeline's elements
             "branch": Parameter(str, default=""),           # multi-task head to keep, RANDOM for a new one ("": default)
             "freeze_descriptor": Parameter(bool, default=False),
             "resume_dir": Parameter(str, default=""),       # checkpoint folder that survives a failed step
