@@ -24,16 +24,18 @@ from .errors import DataError
 class LamflowCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model_or_path, device: str = "auto", **kwargs):
+    def __init__(self, model_or_path, device: str = "auto", branch: str | None = None, **kwargs):
+        """model_or_path: a model object or a checkpoint; `branch` picks the head of a multi-task model."""
         super().__init__(**kwargs)
+        from .checkpoint import load_model, resolve_device
+
         if isinstance(model_or_path, (str, os.PathLike)):
-            from .checkpoint import load_model
-
-            self.model = load_model(model_or_path, device)
+            model = load_model(model_or_path, device)
         else:
-            from .checkpoint import resolve_device
-
-            self.model = model_or_path.to(resolve_device(device)).eval()
+            model = model_or_path.to(resolve_device(device))
+        if getattr(model, "kind", "energy") == "multitask":
+            model = model.branch_model(branch)
+        self.model = model.eval()
         self.type_map = list(self.model.type_map)
         self._types_cache: tuple[tuple[str, ...], np.ndarray] | None = None
 

@@ -24,12 +24,16 @@ about them every that many calls.
 
 Evaluation (`TabulatedSeE2A`): the knot of each input comes from index arithmetic
 (floor((s - lower) / D)), the polynomial from Horner's rule on gathered coefficient rows. The
-fused path (`features`, used by `CompressedModel`) contracts T_i = sum_j R^_ij^T G_ij atom chunk
-by atom chunk (a chunk's G fits in cache and is never kept), trims the empty slots at the end
-of each type block and adds them analytically: every empty slot around a centre of type t_i
-contributes R^_pad^T G(s_pad), R^_pad = -mean[t_i] / std[t_i], like a neighbour at rcut. Its
-backward recomputes G and G' = dG/ds per chunk, so forces (autograd through the table) need no
-stored per-pair tensors either.
+fused path (`features`, used by `CompressedModel`) trims the empty slots at the end of each
+type block (over the batch) and adds them analytically: every empty slot around a centre of
+type t_i contributes R^_pad^T G(s_pad), R^_pad = -mean[t_i] / std[t_i], like a neighbour at
+rcut. It contracts T_i = sum_j R^_ij^T G_ij atom chunk by atom chunk (a chunk's G is ~1 MiB and
+stays in cache) into preallocated buffers. Forces come from autograd through the table: a
+custom backward uses G' = dG/ds, computed with G in the forward by the derivative of Horner's
+recursion and kept (up to 256 MiB; beyond that recomputed chunk by chunk in the backward).
+Pure PyTorch: no compiled kernel, so every step is a pass over a [pairs, M1] tensor, where
+deepmd-kit's C++ `tabulate_fusion_se_a` does all in one loop; the savings come from doing no
+work for empty slots and from never running the nets.
 """
 
 from __future__ import annotations
@@ -309,8 +313,17 @@ class TabulatedSeE2A(nn.Module):
 
     def features(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor]) -> Tensor:
         """D [nf, nloc, M1 * M2] by the fused path: trimmed slots, chunked contraction."""
-        nlist = nlists[0]
-        nf, nloc, _ = nlist.shape
+        R, rows, t, drop = self.inputs(coord_ext, atype_ext, nlists[0])
+        T = self.contract(R, rows)  # [nf, nloc, 4, M1]
+        if drop.numel():
+            T = T + self.empty_slots(drop)[t]
+        T = T / self.nnei
+        return (T.transpose(-1, -2) @ T[..., : self.m2]).flatten(-2)  # [nf, nloc, M1 * M2]
+
+    def inputs(self, coord_ext: Tensor, atype_ext: Tensor, nlist: Tensor):
+        """R^ [nf, nloc, nkeep, 4] of the kept slots, their coefficient rows [nf, nloc, nkeep],
+        the centre types [nf, nloc] and the trimmed (empty) slots."""
+        nloc = nlist.shape[1]
         t = atype_ext[:, :nloc].clamp(min=0)  # [nf, nloc]
         keep, drop = self._trim(nlist)
         nl = nlist.index_select(2, keep)  # [nf, nloc, nkeep]
@@ -319,14 +332,14 @@ class TabulatedSeE2A(nn.Module):
         R = (R - mean[t]) / std[t]  # [nf, nloc, nkeep, 4]
         self._check_range(R[..., 0], nl >= 0, t, keep)
         rows = self.locate(R[..., 0], self.slot_table[:, keep][t])  # [nf, nloc, nkeep]
-        B, nk = nf * nloc, keep.numel()
+        return R, rows, t, drop
+
+    def contract(self, R: Tensor, rows: Tensor) -> Tensor:
+        """sum_j R^_j^T G(s_j) [nf, nloc, 4, M1] (no 1/N_c), chunk by chunk over atoms."""
+        nf, nloc, nk, _ = R.shape
         chunk = max(1, self.chunk_elems // max(1, nk * self.m1))
-        T = _TabulatedContraction.apply(R.reshape(B, nk, 4), rows.reshape(B, nk), self.starts, self.coef, chunk)
-        T = T.view(nf, nloc, 4, self.m1)
-        if drop.numel():
-            T = T + self.empty_slots(drop)[t]
-        T = T / self.nnei
-        return (T.transpose(-1, -2) @ T[..., : self.m2]).flatten(-2)  # [nf, nloc, M1 * M2]
+        T = _TabulatedContraction.apply(R.reshape(nf * nloc, nk, 4), rows.reshape(nf * nloc, nk), self.starts, self.coef, chunk)
+        return T.view(nf, nloc, 4, self.m1)
 
     def empty_slots(self, slots: Tensor) -> Tensor:
         """sum over the given (empty) slots of R^_pad^T G(s_pad), per centre type [ntypes, 4, M1]."""

@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--interval", type=int, default=10, help="steps between progress lines and trajectory frames")
     p.add_argument("--traj", type=Path, default=Path("md.extxyz"), help="trajectory (extxyz); a JSON summary goes next to it")
     p.add_argument("--seed", type=int, default=None, help="seed of the initial velocities and the Langevin noise")
+    p.add_argument("--branch", default=None, help="head of a multi-task model")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for small systems on a busy CPU)")
     p.set_defaults(func=run)
@@ -34,7 +35,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     atoms = read_structure(args.structure, args.frame, args.fmt)  # bad input fails before the model loads
-    calc = LamflowCalculator(args.model, args.device)
+    calc = LamflowCalculator(args.model, args.device, branch=args.branch)
     calc.atom_types(atoms.get_chemical_symbols())
     summary = args.traj.with_suffix(".json")
     res = run_md(atoms, calc, ensemble=args.ensemble, temperature=args.temperature, steps=args.steps, timestep=args.timestep,
