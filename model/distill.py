@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Callable, Literal, Union
 
@@ -163,49 +164,39 @@ def explore(teacher, systems: list[System], cfg: ExplorationConfig, counts: Coun
             log: Callable = print) -> list[Frames]:
     """Teacher MD from every system (module docstring, step 1); deduplicated and capped."""
     from .calculator import LamflowCalculator
-    from .md import SimulationError, run_md, system_to_atoms
+    from .md import SimulationError, run_md
 
     calc = LamflowCalculator(teacher, device=str(teacher.out_bias.device))
     rng = np.random.default_rng(seed)
     out: list[Frames] = []
-    skipped_strain = False
+    if any(not s.pbc for s in systems) and any(e != 0 for e in cfg.strains):
+        log("explore: cell strains are skipped for non-periodic systems")
     for si, s in enumerate(systems):
         fr = Frames(f"sys.{si:03d}", list(s.elements), s.atype.copy())
+
+        def sample(step, atoms, fr=fr, pbc=s.pbc):
+            fr.coord.append(atoms.positions.copy())
+            fr.box.append(atoms.cell.array.copy() if pbc else None)
+
         starts = np.unique(np.linspace(0, s.nframes - 1, min(cfg.starts_per_system, s.nframes)).round().astype(int))
-        for k in starts:
-            for strain in cfg.strains:
-                if strain != 0 and not s.pbc:
-                    skipped_strain = True
-                    continue
-                for temp in cfg.temperatures:
-                    atoms = system_to_atoms(s, int(k))
-                    if strain != 0:
-                        atoms.set_cell(atoms.cell.array * (1 + strain), scale_atoms=True)
-                    if cfg.perturb > 0:
-                        atoms.positions = atoms.positions + rng.uniform(-cfg.perturb, cfg.perturb, atoms.positions.shape)
-
-                    def sample(step, a, fr=fr):
-                        fr.coord.append(a.positions.copy())
-                        fr.box.append(a.cell.array.copy() if s.pbc else None)
-
-                    counts.md_runs += 1
-                    n0 = len(fr)
-                    try:
-                        run_md(atoms, calc, ensemble="nvt", temperature=temp, steps=cfg.steps, timestep=cfg.timestep,
-                               friction=cfg.friction, interval=cfg.sample_every, seed=int(rng.integers(2**31)),
-                               on_sample=sample, log=lambda *a: None)
-                    except SimulationError as e:
-                        counts.md_runs_failed += 1
-                        log(f"explore {s.name} frame {k} strain {strain} T {temp}: stopped ({e})")
-                    log(f"explore {s.name} frame {k} strain {strain:+g} T {temp:g} K: {len(fr) - n0} frames")
+        for k, strain, temp in product(starts.tolist(), cfg.strains if s.pbc else [0.0], cfg.temperatures):
+            atoms = start_structure(s, k, strain, cfg.perturb, rng)
+            counts.md_runs += 1
+            n0 = len(fr)
+            try:
+                run_md(atoms, calc, ensemble="nvt", temperature=temp, steps=cfg.steps, timestep=cfg.timestep,
+                       friction=cfg.friction, interval=cfg.sample_every, seed=int(rng.integers(2**31)),
+                       on_sample=sample, log=lambda *a: None)
+            except SimulationError as e:
+                counts.md_runs_failed += 1
+                log(f"explore {s.name} frame {k} strain {strain} T {temp}: stopped ({e})")
+            log(f"explore {s.name} frame {k} strain {strain:+g} T {temp:g} K: {len(fr) - n0} frames")
         counts.sampled += len(fr)
         out.append(fr)
-    if skipped_strain:
-        log("explore: cell strains skipped for non-periodic systems")
     for fr in out:
         counts.duplicates += dedup(fr, cfg.dedup_tol)
     total = sum(len(f) for f in out)
-    if total > cfg.max_frames:
+    if total > cfg.max_frames:  # thin evenly over all systems
         keep = set(np.linspace(0, total - 1, cfg.max_frames).round().astype(int).tolist())
         g = 0
         for fr in out:
@@ -214,6 +205,19 @@ def explore(teacher, systems: list[System], cfg: ExplorationConfig, counts: Coun
             fr.coord, fr.box = [fr.coord[i] for i in idx], [fr.box[i] for i in idx]
         counts.over_max_frames = total - sum(len(f) for f in out)
     return [f for f in out if len(f)]
+
+
+def start_structure(s: System, frame: int, strain: float, perturb: float, rng: np.random.Generator):
+    """Frame `frame` of `s` as ase.Atoms, its cell (and atoms) scaled by 1 + strain, positions
+    displaced uniformly in [-perturb, perturb] A."""
+    from .md import system_to_atoms
+
+    atoms = system_to_atoms(s, frame)
+    if strain != 0:
+        atoms.set_cell(atoms.cell.array * (1 + strain), scale_atoms=True)
+    if perturb > 0:
+        atoms.positions = atoms.positions + rng.uniform(-perturb, perturb, atoms.positions.shape)
+    return atoms
 
 
 def dedup(fr: Frames, tol: float) -> int:

@@ -24,7 +24,7 @@ CH4 = data_path("ch4_pbe")
 
 CONFIG = {
     "exploration": {"temperatures": [300, 800], "steps": 30, "timestep": 0.5, "sample_every": 5, "perturb": 0.02,
-                    "strains": [0.0, 0.02]},
+                    "strains": [0.0, 0.02], "max_frames": 20},
     "labelling": {"batch_size": 4},
     "student": {"model": {"descriptor": {"rcut": 4.0, "sel": [8, 4], "neuron": [4, 8], "axis_neuron": 2, "seed": 2},
                           "fitting_net": {"neuron": [16, 16], "seed": 2}},
@@ -86,6 +86,7 @@ def test_distill_cli_writes_student_data_and_report_with_consistent_counts(teach
     c = report["counts"]
     # 2 strains x 2 temperatures, 7 samples each (steps 0, 5, ..., 30)
     assert c["md_runs"] == 4 and c["md_runs_failed"] == 0 and c["sampled"] == 28
+    assert c["over_max_frames"] == 28 - c["duplicates"] - 20 > 0
     assert c["sampled"] == c["duplicates"] + c["over_max_frames"] + c["dropped_max_force"] + c["dropped_disagreement"] \
         + c["train_frames"] + c["test_frames"]
     assert c["labelled"] == c["train_frames"] + c["test_frames"] and c["test_frames"] >= 1
