@@ -60,7 +60,9 @@ def save_model(model, path, kind: str | None = None, extra: dict | None = None) 
     return atomic_save(model_payload(model, kind, extra), path)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def read_checkpoint(path: str | os.PathLike, map_location="cpu", branch: str | None = None) -> dict:
+    """A lamflow payload; a deepmd-kit training checkpoint is converted on the fly (`branch` picks
+    one of a multi-task one's heads; see deepmd_import.py)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -69,6 +71,10 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except Exception as e:  # not a torch file, or one that needs code to load
         raise CheckpointError(f"{path}: not a lamflow checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        from .deepmd_import import is_deepmd_payload, payload_from_deepmd
+
+        if is_deepmd_payload(payload):
+            return payload_from_deepmd(payload, str(path), branch)
         hint = " (a deepmd-kit checkpoint? use `lamflow import-deepmd`)" if isinstance(payload, dict) and "model" in payload else ""
         raise CheckpointError(f"{path}: not a lamflow checkpoint{hint}")
     if payload.get("version", 0) > VERSION:

@@ -1,6 +1,7 @@
 """Layers with deepmd-kit's conventions (dpmodel NativeLayer / EmbeddingNet / FittingNet).
 
-    y = act(x W + b) [* idt]           idt: trainable per-channel "timestep" when resnet_dt
+    y = act(x W + b) [* idt]           idt: trainable per-channel "timestep" when resnet_dt and
+                                       width(out) is width(in) or 2 width(in)
     y = y + x          if resnet and width(out) == width(in)
     y = y + [x, x]     if resnet and width(out) == 2 width(in)
 Init: W ~ N(0, 1/sqrt(n_in + n_out)), b ~ N(0, 1), idt ~ N(0.1, 0.001).
@@ -41,6 +42,8 @@ class Layer(nn.Module):
         g = generator
         self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=g) * (std / math.sqrt(n_in + n_out)))
         self.bias = nn.Parameter(bavg + torch.randn(n_out, dtype=dtype, generator=g) * std) if bias else None
+        # deepmd-kit keeps a timestep only where a residual can follow (n_out = n_in or 2 n_in)
+        use_timestep = use_timestep and n_out in (n_in, 2 * n_in)
         self.idt = nn.Parameter(0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=g)) if use_timestep else None
 
     def forward(self, x: Tensor) -> Tensor:
