@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .checkpoint import atomic_save, atomic_write_text, model_payload, read_checkpoint, resolve_device
+from .checkpoint import atomic_save, atomic_write_text, model_payload, read_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DataSet, System, load_systems, max_neighbor_counts
 from .errors import ConfigError, DataError, TrainingError
@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
         if init is not None:
             init(model, train_sys)
         else:
-            fit_statistics(model, train_ds, cfg.model.data_stat_nbatch, cfg.model.data_stat_protect, log)
+            fit_statistics(model, train_ds, cfg.model.data_stat_nbatch * world, cfg.model.data_stat_protect, log)  # global batches
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model: {model.cfg.descriptor.type}, {nparam} parameters, {model.cfg.dtype_name}, device {device}")
     task = Task("default", model, EnergyLoss(cfg.loss), train_ds, valid_ds, 1.0, vd.numb_btch if vd else 1)

@@ -1,5 +1,8 @@
-"""`lamflow train CONFIG.yaml [-o OUT] [--restart CKPT]` (fine-tuning options are added by the
-multi-task module when present)."""
+"""`lamflow train CONFIG.yaml [-o OUT] [--restart CKPT] [--finetune CKPT [--branch B] [--freeze-descriptor]]`.
+
+A config whose model section has a `model_dict` (deepmd-kit's multi-task input) trains a
+multi-task model (lamflow.model.multitask); run it under `torchrun --nproc_per_node N -m
+lamflow.workflows.cli train ...` for data-parallel training (lamflow.model.distributed)."""
 
 from __future__ import annotations
 
@@ -18,10 +21,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.config import load_train_config
+    from lamflow.model.config import load_train_config, read_yaml
     from lamflow.model.errors import ConfigError
+    from lamflow.model.multitask import is_multitask_config
     from lamflow.model.train import train
 
+    if is_multitask_config(read_yaml(args.config)):
+        return _run_multitask(args)
     cfg = load_train_config(args.config)
     if args.finetune:
         try:
@@ -32,6 +38,30 @@ def run(args) -> int:
                        restart=args.restart)
     else:
         res = train(cfg, args.output, restart=args.restart)
+    if _rank() != 0:  # under torchrun only rank 0 reports
+        return 0
     m = res.metrics
     print(f"model: {res.checkpoint}  (valid: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith("rmse")) + ")")
     return 0
+
+
+def _run_multitask(args) -> int:
+    from lamflow.model.errors import ConfigError
+    from lamflow.model.multitask import load_multitask_config, train_multitask
+
+    if args.finetune or args.branch or args.freeze_descriptor:
+        raise ConfigError(f"{args.config}: --finetune/--branch/--freeze-descriptor take a single-task config "
+                          "(model.type_map, model.descriptor, model.fitting_net), not a multi-task one")
+    res = train_multitask(load_multitask_config(args.config), args.output, restart=args.restart)
+    if _rank() != 0:
+        return 0
+    for name, m in res.metrics.get("branches", {}).items():
+        print(f"branch {name} (valid): " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith(("rmse", "ce", "acc"))))
+    print(f"model: {res.checkpoint}  (multi-task: {', '.join(res.metrics.get('branches', {}))})")
+    return 0
+
+
+def _rank() -> int:
+    from lamflow.model.distributed import world_from_env
+
+    return world_from_env()[0]
