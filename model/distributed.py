@@ -2,7 +2,8 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup` joins the process group (NCCL on GPUs, one
 per process, gloo on CPUs). The Trainer then, when world > 1:
-- broadcasts rank 0's weights and buffers (statistics included), so all ranks start identical;
+- broadcasts rank 0's weights and buffers (statistics included) and sampler stream, so all
+  ranks start identical;
 - shards every training set: all ranks draw the SAME global batch (same seed, same task, same
   sampler stream) of world x batch_size frames and rank r keeps frames r::world. The global
   batch is therefore exactly what one process with batch_size x world would draw;
@@ -78,6 +79,16 @@ class ShardedDataSet(DataSet):
             self.cursor[i] += 1
         mine = picks[self.rank :: self.world] or [picks[self.rank % len(picks)]]  # a system smaller than world: repeat a frame
         return collate([(s, k, self.graphs[i][k]) for k in mine], self.dtype)
+
+
+def sync_rng(rng: np.random.Generator) -> None:
+    """Give every rank rank 0's sampler stream (it already has it when training.seed is set; without
+    a seed each process would draw its own tasks and batches)."""
+    import torch.distributed as dist
+
+    state = [rng.bit_generator.state]
+    dist.broadcast_object_list(state, src=0)
+    rng.bit_generator.state = state[0]
 
 
 def broadcast_module(module: torch.nn.Module) -> None:

@@ -444,8 +444,8 @@ class Branch:
 
     @property
     def out_bias(self) -> Tensor:
-        head = self.root.heads[self.name]
-        return head.out_bias if self.task == "ener" else next(head.parameters())
+        """An energy branch's bias (evaluation also reads the device from it)."""
+        return self.root.heads[self.name].out_bias
 
     def nlist_requests(self):
         return self.root.nlist_requests()

@@ -106,11 +106,12 @@ class Trainer:
         self.train_time, self.timed_steps = 0.0, 0  # training steps (+ display), first 10 excluded, checkpoints not
         self.lr_scale = 1.0
         if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
-            from .distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale
+            from .distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
 
             for t in tasks:
                 t.train = ShardedDataSet(t.train, rank, world)
             broadcast_module(root)
+            sync_rng(self.rng)  # the same task and global batch on every rank
             self.step_hook = GradAllReduce(root, world)
             self.lr_scale = lr_scale(cfg.learning_rate.scale_by_worker, world)
             torch.manual_seed(torch.initial_seed() + rank)  # own noise stream per rank (denoise); rank 0 unchanged

@@ -24,6 +24,9 @@ from lamflow.model.potential import extended_inputs
 SE_ATTEN = {"type": "se_atten", "rcut": 3.5, "rcut_smth": 0.5, "sel": 60, "neuron": [4, 8], "axis_neuron": 4,
             "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1}
 SE_E2_A = {"type": "se_e2_a", "rcut": 3.5, "rcut_smth": 0.5, "sel": [30, 30, 30], "neuron": [4, 8], "axis_neuron": 4, "seed": 1}
+DPA2 = {"type": "dpa2", "repinit": {"rcut": 3.5, "rcut_smth": 0.5, "nsel": 60, "neuron": [4, 8], "axis_neuron": 2, "tebd_dim": 4},
+        "repformer": {"rcut": 3.0, "rcut_smth": 0.5, "nsel": 40, "nlayers": 1, "g1_dim": 8, "g2_dim": 4, "axis_neuron": 2,
+                      "attn1_hidden": 4, "attn1_nhead": 1, "attn2_hidden": 4, "attn2_nhead": 1}, "seed": 1}
 
 
 def denoise_model(descriptor: dict, mask: bool) -> MultiTaskModel:
@@ -48,7 +51,7 @@ def displacement(model, coord, box, atype):
     return dx[0].detach().numpy(), logits[0].detach().numpy()
 
 
-@pytest.mark.parametrize("descriptor", [SE_ATTEN, SE_E2_A], ids=["se_atten", "se_e2_a"])
+@pytest.mark.parametrize("descriptor", [SE_ATTEN, SE_E2_A, DPA2], ids=["se_atten", "se_e2_a", "dpa2"])
 def test_denoise_displacement_rotates_with_the_structure(descriptor):
     model = denoise_model(descriptor, mask=False)
     s = load_systems(str(data_path("chon_nopbc", "valid")), ["C", "H", "O"])[0]
@@ -65,8 +68,9 @@ def test_denoise_displacement_rotates_with_the_structure(descriptor):
     np.testing.assert_allclose(dx_p, dx[perm], atol=1e-10)
 
 
-def test_denoise_displacement_of_a_periodic_frame_rotates_with_cell():
-    model = denoise_model(SE_ATTEN, mask=True)
+@pytest.mark.parametrize("descriptor", [SE_ATTEN, DPA2], ids=["se_atten", "dpa2"])
+def test_denoise_displacement_of_a_periodic_frame_rotates_with_cell(descriptor):
+    model = denoise_model(descriptor, mask=True)  # with the MASK pseudo-type; dpa2 passes messages over images
     s = load_systems(str(data_path("water_h2o", "valid")), ["C", "H", "O"])[0]
     rot = random_rotation(np.random.default_rng(5))
     dx, _ = displacement(model, s.coord[0], s.box[0], s.atype)
