@@ -154,10 +154,11 @@ class MultiTaskTrainConfig(Strict):
 
     @property
     def type_map(self) -> list[str]:
-        """The shared type map: union of the branches' type maps, in order of appearance."""
+        """The shared type map: shared_dict's type map(s), then any element only a branch lists."""
         out: list[str] = []
-        for name in self.branches:
-            out += [e for e in self.branch_type_map(name) if e not in out]
+        shared = [v for v in self.model.shared_dict.values() if isinstance(v, list)]
+        for tm in shared + [self.branch_type_map(n) for n in self.branches]:
+            out += [e for e in tm if e not in out]
         return out
 
     @property
@@ -241,8 +242,13 @@ def check(cfg: MultiTaskTrainConfig, source: str) -> None:
             raise ConfigError(f"{where}.type_map: {b.type_map!r} is not a type map in model.shared_dict")
         if b.type_map is None and len([v for v in shared.values() if isinstance(v, list)]) != 1:
             raise ConfigError(f"{where}.type_map: missing (model.shared_dict holds no single type map to default to)")
-        if isinstance(b.type_map, list) and len(set(b.type_map)) != len(b.type_map):
-            raise ConfigError(f"{where}.type_map: repeated elements")
+        if isinstance(b.type_map, list):
+            if len(set(b.type_map)) != len(b.type_map):
+                raise ConfigError(f"{where}.type_map: repeated elements")
+            known = {e for v in shared.values() if isinstance(v, list) for e in v}
+            extra = [e for e in b.type_map if known and e not in known]
+            if extra:
+                raise ConfigError(f"{where}.type_map: element(s) {', '.join(extra)} not in the shared type map")
         if b.descriptor is None:
             keys = [k for k, v in shared.items() if isinstance(v, dict)]
             if len(keys) != 1:

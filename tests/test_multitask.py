@@ -147,6 +147,8 @@ def test_cli_train_runs_a_multitask_config(tmp_path, capsys):
     (lambda c: c["model"]["model_dict"]["a"].update(task="energy"),
      "mt.yaml: model.model_dict.a: unknown type 'energy' (expected 'ener', 'denoise')"),
     (lambda c: c["training"].update(numb_step=3), "mt.yaml: training.numb_step: unknown key"),
+    (lambda c: c["model"]["model_dict"]["b"].update(type_map=["C", "Fe"]),
+     "mt.yaml: model.model_dict.b.type_map: element(s) Fe not in the shared type map"),
 ])
 def test_config_errors_are_one_line_with_the_key_path(tmp_path, edit, message):
     cfg = two_ch4_branches(tmp_path)
