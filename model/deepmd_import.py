@@ -19,6 +19,8 @@ containers only, nothing executed), then
     descriptor.se_atten.filter_layers[_strip].networks.0.layers.<l>  descriptor.net[_strip].layers.<l>
     descriptor.se_atten.dpa1_attention.attention_layers.<i>.
         attention_layer.{in,out}_proj / attn_layer_norm.{matrix,bias}  descriptor.attention.<i>.{in,out}_proj / norm.{weight,bias}
+    descriptor.{repinit,repinit_three_body,repformers,g1_shape_tranform,...}  the same names in DPA2, but for
+                                                                   the few that dpa2.from_deepmd_key renames
     fitting_net.filter_layers.networks.<k>.layers.<l>              fitting.nets.<k>.hidden.layers.<l> (last: .out)
     fitting_net.bias_atom_e [nt, 1]                                fitting.bias_atom_e [nt]
     out_bias [1, nt, 1]                                            out_bias [nt]
@@ -193,9 +195,32 @@ def _se_atten(o: _Options, dtype: str) -> dict:
     return cfg
 
 
+def _dpa2(o: _Options, dtype: str) -> dict:
+    """DPA2Config spells every option as deepmd-kit does: the blocks are checked key by key there
+    (an unknown or unsupported key is a validation error naming it)."""
+    blocks = {}
+    for name in ("repinit", "repformer"):
+        b = dict(o.take(name))
+        if "activation_function" in b:
+            b["activation_function"] = _activation(_Options(b, f"{o.where}.{name}", o.source))
+        blocks[name] = b
+    cfg = {"type": "dpa2", **blocks, "precision": _precision(o)}
+    for key in ("concat_output_tebd", "smooth", "env_protection", "add_tebd_to_repinit_out", "use_tebd_bias",
+                "exclude_types", "use_econf_tebd"):
+        if key in o.raw:
+            cfg[key] = o.take(key)
+    if "repformer_add_type_ebd_to_seq" in o.raw:  # deepmd-kit's older name
+        cfg["add_tebd_to_repinit_out"] = o.take("repformer_add_type_ebd_to_seq")
+    cfg["trainable"] = bool(o.take("trainable", True))
+    o.require("spin", _empty)
+    o.ignore("seed", "type_map")
+    return cfg
+
+
 DESCRIPTORS: dict[str, Callable[[_Options, str], dict]] = {
     "se_e2_a": _se_e2_a, "se_a": _se_e2_a,
     "se_atten": _se_atten, "dpa1": _se_atten, "se_atten_v2": _se_atten,
+    "dpa2": _dpa2,
 }
 
 
@@ -257,7 +282,7 @@ def _net(ours: str, theirs: str, nlayers: int, names: list[tuple[str, str]]) -> 
         names.append((f"{ours}.layers.{i}.", f"{theirs}.layers.{i}."))
 
 
-def _names_se_e2_a(model, cfg) -> list[tuple[str, str]]:
+def _names_se_e2_a(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
     nt, d = len(cfg.type_map), cfg.descriptor
     names = [("descriptor.env.", "descriptor.sea.")]
     for k in range(len(model.descriptor.nets)):
@@ -267,7 +292,7 @@ def _names_se_e2_a(model, cfg) -> list[tuple[str, str]]:
     return names
 
 
-def _names_se_atten(model, cfg) -> list[tuple[str, str]]:
+def _names_se_atten(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
     d, blk = cfg.descriptor, "descriptor.se_atten"
     names = [("descriptor.env.", f"{blk}."),
              ("descriptor.type_embedding.net.", "descriptor.type_embedding.embedding.embedding_net.")]
@@ -283,8 +308,20 @@ def _names_se_atten(model, cfg) -> list[tuple[str, str]]:
     return names
 
 
+def _names_dpa2(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
+    """dpa2.py keeps deepmd-kit's module names; `from_deepmd_key` renames the few that differ."""
+    from .descriptor.dpa2 import from_deepmd_key
+
+    names = []
+    for key in theirs:
+        if key.startswith("descriptor.") and (ours := from_deepmd_key(key[len("descriptor."):])) is not None:
+            names.append((f"descriptor.{ours}", key))
+    return names
+
+
 NAMES = {"se_e2_a": _names_se_e2_a, "se_a": _names_se_e2_a,
-         "se_atten": _names_se_atten, "dpa1": _names_se_atten, "se_atten_v2": _names_se_atten}
+         "se_atten": _names_se_atten, "dpa1": _names_se_atten, "se_atten_v2": _names_se_atten,
+         "dpa2": _names_dpa2}
 
 
 def _names_fitting(model, cfg) -> list[tuple[str, str]]:
@@ -319,24 +356,27 @@ def _unused_ok(key: str, value, tensors: dict, prefix: str) -> bool:
     return False
 
 
-def _check_padding_semantics(model, cfg, tensors: dict, prefix: str, source: str) -> None:
+def _check_padding_semantics(cfg, tensors: dict, prefix: str, source: str) -> None:
+    """Refuse the one deepmd-kit behaviour we do not reproduce (module docstring)."""
     d = cfg.descriptor
-    if not getattr(model.descriptor, "mixed_types", False) or d.type not in ("se_atten", "dpa1", "se_atten_v2"):
+    if d.type in ("se_atten", "dpa1", "se_atten_v2"):
+        block, mode, smooth = "se_atten", ("strip" if d.strip else "concat"), d.smooth_type_embedding
+    elif d.type == "dpa2":
+        block, mode, smooth = "repinit", d.repinit.tebd_input_mode, d.smooth
+    else:
         return
-    mean = tensors.get(f"{prefix}descriptor.se_atten.mean")
-    type_free_padding = model.descriptor.strip and model.descriptor.smooth
-    if mean is not None and bool(mean.abs().max() > 0) and not type_free_padding:
+    mean = tensors.get(f"{prefix}descriptor.{block}.mean")
+    if mean is not None and bool(mean.abs().max() > 0) and not (mode == "strip" and smooth):
         raise CheckpointError(
-            f"{source}: se_atten with a non-zero env-matrix mean (set_davg_zero: false) in "
-            f"{d.tebd_input_mode} mode{'' if model.descriptor.smooth else ' without smooth_type_embedding'} is not "
-            "supported: deepmd-kit gives empty neighbour slots the type embedding of atom 0, so its energy depends "
-            "on the atom order")
+            f"{source}: {d.type} with a non-zero {block} env-matrix mean (set_davg_zero: false) in {mode} mode"
+            f"{'' if smooth else ' without smoothing'} is not supported: deepmd-kit gives empty neighbour slots the "
+            "type embedding of atom 0, so its energy depends on the atom order")
 
 
 def load_weights(model, cfg: ModelConfig, sd: dict, prefix: str, source: str) -> None:
     """Copy the deepmd-kit tensors under `prefix` (`model.<branch>.atomic_model.`) into `model`."""
     tensors = {k: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
-    names = NAMES[cfg.descriptor.type](model, cfg) + _names_fitting(model, cfg)
+    names = NAMES[cfg.descriptor.type](model, cfg, [k[len(prefix):] for k in tensors]) + _names_fitting(model, cfg)
     ours = model.state_dict()
     used = set()
     new = {}
@@ -355,7 +395,7 @@ def load_weights(model, cfg: ModelConfig, sd: dict, prefix: str, source: str) ->
         if key not in used and not _unused_ok(key, value, tensors, prefix):
             raise CheckpointError(f"{source}: deepmd-kit weight {key} {tuple(value.shape)} has no counterpart in "
                                   "lamflow (an option that creates it is not supported)")
-    _check_padding_semantics(model, cfg, tensors, prefix, source)
+    _check_padding_semantics(cfg, tensors, prefix, source)
     model.load_state_dict(new, strict=True)
 
 

@@ -1,4 +1,5 @@
-"""Importing deepmd-kit 3.x PyTorch checkpoints: tiny models trained by the reference deepmd-kit
+"""Importing deepmd-kit 3.x PyTorch checkpoints (se_e2_a, se_atten / DPA-1, se_atten_v2, DPA-2,
+multi-task): tiny models trained by the reference deepmd-kit
 (`dp --pt train` in its own venv, see deepmd_helpers.py) predict, once imported, the energies,
 forces and virials that `deepmd.infer.DeepPot` gives for the same checkpoint, to 1e-8 (float64),
 on periodic (ch4_pbe) and non-periodic (chon_nopbc, two compositions) frames. Unsupported
@@ -26,6 +27,9 @@ TYPE_MAP = ["H", "C", "O"]
 TOL = 1e-8  # eV, eV/A, eV
 COMMON = {"rcut": 6.0, "rcut_smth": 0.5, "seed": 1}
 ATTEN = {**COMMON, "type": "se_atten", "sel": 24, "neuron": [4, 8], "axis_neuron": 4, "attn": 8, "tebd_dim": 4}
+REPFORMER = {"rcut": 4.0, "rcut_smth": 3.5, "nsel": 12, "nlayers": 2, "g1_dim": 8, "g2_dim": 4, "axis_neuron": 2,
+             "attn1_hidden": 4, "attn1_nhead": 2, "attn2_hidden": 4, "attn2_nhead": 2, "update_g1_has_attn": True,
+             "update_g2_has_g1g1": True, "update_g2_has_attn": True}
 SINGLE = {  # name -> descriptor; every variant the importer maps, each trained for a few steps
     "se_e2_a": {**COMMON, "type": "se_e2_a", "sel": [12, 6, 6], "neuron": [4, 8], "axis_neuron": 4,
                 "type_one_side": False, "resnet_dt": True},
@@ -34,6 +38,23 @@ SINGLE = {  # name -> descriptor; every variant the importer maps, each trained 
     "se_atten": {**ATTEN, "attn_layer": 2, "smooth_type_embedding": False},
     "se_atten_smooth": {**ATTEN, "attn_layer": 2, "smooth_type_embedding": True, "type_one_side": True},
     "se_atten_v2": {**ATTEN, "type": "se_atten_v2", "attn_layer": 1},
+    "dpa2": {  # three-body repinit, every repformer update, residual combination
+        "type": "dpa2", "precision": "float64", "smooth": True, "seed": 1, "add_tebd_to_repinit_out": True,
+        "repinit": {"rcut": 6.0, "rcut_smth": 0.5, "nsel": 24, "neuron": [4, 8], "axis_neuron": 4, "tebd_dim": 4,
+                    "use_three_body": True, "three_body_neuron": [2, 4], "three_body_rcut": 4.0,
+                    "three_body_rcut_smth": 3.5, "three_body_sel": 12},
+        "repformer": {**REPFORMER, "attn2_has_gate": True, "update_h2": True, "update_style": "res_residual",
+                      "update_residual": 0.01},
+    },
+}
+# the multi-task descriptor: strip repinit with a non-zero mean, no g1 conv/MLP outputs (and no
+# add_tebd_to_repinit_out: deepmd-kit keeps that layer per branch, so the branches would not share one descriptor)
+DPA2_SHARED = {
+    "type": "dpa2", "precision": "float64", "smooth": True, "seed": 1, "concat_output_tebd": False,
+    "repinit": {"rcut": 6.0, "rcut_smth": 0.5, "nsel": 24, "neuron": [4, 8], "axis_neuron": 4, "tebd_dim": 4,
+                "tebd_input_mode": "strip", "type_one_side": True, "set_davg_zero": False, "resnet_dt": True},
+    "repformer": {**REPFORMER, "attn2_nhead": 1, "direct_dist": True, "update_style": "res_incr", "use_sqrt_nnei": False,
+                  "g1_out_conv": False, "g1_out_mlp": False, "set_davg_zero": False, "activation_function": "silu"},
 }
 BRANCHES = ("ch4", "chon")
 FRAMES = {  # system -> frames compared (periodic CH4; two molecules without PBC)
@@ -44,8 +65,8 @@ FRAMES = {  # system -> frames compared (periodic CH4; two molecules without PBC
 
 
 def multitask_input() -> dict:
-    """Two branches (periodic CH4, CHO molecules) sharing one DPA-1 descriptor."""
-    desc = {**ATTEN, "attn_layer": 1, "smooth_type_embedding": True}
+    """Two branches (periodic CH4, CHO molecules) sharing one DPA-2 descriptor."""
+    desc = DPA2_SHARED
     fit = {"neuron": [8, 8], "resnet_dt": True}
     loss = {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1}
     data = {"ch4": [data_path("ch4_pbe", "train")],
