@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,15 +73,25 @@ def read_deepmd(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path}: a frozen TorchScript model (dp freeze / dp compress output); loading it would "
+                              "run its code: import the training checkpoint (model.ckpt.pt) instead")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a TorchScript archive (frozen .pth) or a pickle with classes
+    except Exception as e:  # a pickle that needs classes or functions, or not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = " (a frozen .pth model? import the training checkpoint model.ckpt.pt instead)" if "TorchScript" in str(e) or path.suffix == ".pth" else ""
-        raise CheckpointError(f"{path}: cannot be read as plain tensors{hint}: {first}") from None
+        raise CheckpointError(f"{path}: cannot be read as plain tensors ({type(e).__name__}: {first[:200]})") from None
     if not is_deepmd_payload(obj):
         raise CheckpointError(f"{path}: not a deepmd-kit checkpoint (no model._extra_state.model_params)")
     return _state_dict(obj)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a code/ folder and constants.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
 
 
 def branches(sd: dict) -> list[str]:

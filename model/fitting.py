@@ -33,6 +33,7 @@ class EnergyFitting(nn.Module):
     def forward(self, D: Tensor, atype: Tensor) -> Tensor:
         """D [nf, nloc, dim], atype [nf, nloc] (-1 padding) -> atomic energy [nf, nloc] (0 on padding)."""
         t = atype.clamp(min=0)
+        D = D.to(self.bias_atom_e.dtype)  # the fitting's own precision (deepmd-kit casts it too)
         if self.mixed_types:
             e = self.nets[0](D).squeeze(-1)
         else:
