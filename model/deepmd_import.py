@@ -27,8 +27,12 @@ containers only, nothing executed), then
 Dropped on purpose: `_networks.*` (deepmd-kit's alias of `networks.*`, checked equal), `out_std`
 and `min_nbor_dist` (statistics that no prediction reads), and the empty compression tables.
 
-The one deepmd-kit behaviour we do not reproduce: a mixed-type descriptor (se_atten) gives empty
-neighbour slots the type embedding of atom 0 of the frame (it gathers with index 0 for -1). That
+A multi-task checkpoint (`model_dict`) becomes one lamflow MultiTaskModel when its branches share
+one descriptor (deepmd-kit's shared_level 0: same options and, checked, the same weights), else
+one branch at a time (`branch=`, `lamflow import-deepmd --branch`).
+
+The one deepmd-kit behaviour we do not reproduce: se_atten and DPA-2's repinit give empty
+neighbour slots the type embedding of atom 0 of the frame (they gather with index 0 for -1). That
 only reaches the energy when the env-matrix mean is non-zero (`set_davg_zero: false`) and the
 empty-slot embedding depends on the type (concat mode, or strip mode without smoothing); such a
 checkpoint is refused, since its energy depends on how the atoms are numbered.
@@ -180,9 +184,10 @@ def _se_atten(o: _Options, dtype: str) -> dict:
         mode = "strip" if stripped else "concat"
     smooth = True if v2 else o.take("smooth_type_embedding", False)
     ln_eps = o.take("ln_eps", None)
+    sel = o.take("sel")  # one mixed list: a per-type list means its sum
     cfg = {
         "type": "se_atten_v2" if mode == "strip" and v2 else "se_atten",
-        "rcut": o.take("rcut"), "rcut_smth": o.take("rcut_smth"), "sel": o.take("sel"),
+        "rcut": o.take("rcut"), "rcut_smth": o.take("rcut_smth"), "sel": sum(sel) if isinstance(sel, list) else sel,
         "neuron": o.take("neuron", [25, 50, 100]), "axis_neuron": o.take("axis_neuron", 16),
         "tebd_dim": o.take("tebd_dim", 8), "tebd_input_mode": mode,
         "resnet_dt": o.take("resnet_dt", False), "type_one_side": o.take("type_one_side", False),

@@ -223,6 +223,12 @@ def test_unsupported_option_fails_naming_it(trained, tmp_path, edit, words):
         assert w in msg
 
 
+def test_unknown_dpa2_option_fails_naming_it(trained, tmp_path):
+    path = edited(trained["dpa2"], tmp_path / "bad.pt", lambda sd, p: p["descriptor"]["repformer"].update(use_loc_mapping=True))
+    msg = import_error(path)
+    assert "repformer.use_loc_mapping" in msg and "unknown key" in msg
+
+
 def test_compressed_model_is_refused(trained, tmp_path):
     key = "model.Default.atomic_model.descriptor.sea.compress_data.0"
     msg = import_error(edited(trained["se_e2_a"], tmp_path / "c.pt", lambda sd, p: sd.update({key: torch.ones(6)})))
