@@ -65,12 +65,25 @@ SE_ATTEN_CH4 = {"type": "se_atten", "sel": 8, "rcut_smth": 0.5, "rcut": 6.0, "ne
                 "axis_neuron": 4, "attn": 32, "attn_layer": 1, "attn_dotr": True, "attn_mask": False, "tebd_dim": 8,
                 "tebd_input_mode": "concat", "type_one_side": False, "smooth_type_embedding": True,
                 "precision": "float64", "seed": 1}
+# the small DPA-2 of templates/dpa2-small.yaml with explicit sel (deepmd-kit needs them); CH4 has <= 4 neighbours
+DPA2_CH4 = {"type": "dpa2", "precision": "float64", "smooth": True, "concat_output_tebd": True,
+            "add_tebd_to_repinit_out": False, "seed": 1,
+            "repinit": {"rcut": 6.0, "rcut_smth": 0.5, "nsel": 8, "neuron": [6, 12, 24], "axis_neuron": 4, "tebd_dim": 8,
+                        "tebd_input_mode": "concat", "activation_function": "tanh", "use_three_body": True,
+                        "three_body_neuron": [2, 4, 8], "three_body_rcut": 4.0, "three_body_rcut_smth": 3.5,
+                        "three_body_sel": 8},
+            "repformer": {"rcut": 4.0, "rcut_smth": 3.5, "nsel": 8, "nlayers": 2, "g1_dim": 16, "g2_dim": 8,
+                          "axis_neuron": 4, "attn1_hidden": 8, "attn1_nhead": 2, "attn2_hidden": 8, "attn2_nhead": 2,
+                          "attn2_has_gate": True, "update_g1_has_attn": False, "update_g2_has_g1g1": False,
+                          "update_g2_has_attn": True, "update_h2": False, "update_style": "res_residual",
+                          "update_residual": 0.01, "update_residual_init": "norm"}}
 SE_ATTEN_WATER = dict(SE_ATTEN_CH4, sel=120, neuron=[25, 50, 100], axis_neuron=16, attn=128, attn_layer=2)
 
 CASES = {
     "water_se_e2_a": lambda n: water(SE_E2A_WATER, n or 200),
     "ch4_se_e2_a": lambda n: ch4(SE_E2A_CH4, n or 300),
     "ch4_se_atten": lambda n: ch4(SE_ATTEN_CH4, n or 300),
+    "ch4_dpa2": lambda n: ch4(DPA2_CH4, n or 200),
     "water_se_atten": lambda n: water(SE_ATTEN_WATER, n or 40),
 }
 
