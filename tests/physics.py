@@ -1,6 +1,6 @@
 """The physics contract every potential must satisfy (NequIP-style mixin).
 
-A test class supplies `make_model(dtype)`; this mixin checks invariances, forces and virial
+A test class supplies `make_model(dtype) -> model`; this mixin checks invariances, forces and virial
 against finite differences, smoothness at rcut, periodic images, locality and batching.
 """
 
@@ -36,9 +36,6 @@ def chon_frame():
 class PotentialContract:
     type_map: list[str] = ["C", "H", "O"]
     tol = {torch.float32: 1e-4, torch.float64: 1e-10}
-
-    def make_model(self, dtype=torch.float64):  # pragma: no cover - supplied by subclasses
-        raise NotImplementedError
 
     def energy(self, model, coord, box, atype):
         return evaluate(model, coord[None], None if box is None else box[None], atype)
