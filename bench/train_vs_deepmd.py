@@ -65,10 +65,10 @@ SE_ATTEN_CH4 = {"type": "se_atten", "sel": 8, "rcut_smth": 0.5, "rcut": 6.0, "ne
                 "axis_neuron": 4, "attn": 32, "attn_layer": 1, "attn_dotr": True, "attn_mask": False, "tebd_dim": 8,
                 "tebd_input_mode": "concat", "type_one_side": False, "smooth_type_embedding": True,
                 "precision": "float64", "seed": 1}
-# the small DPA-2 of templates/dpa2-small.yaml with explicit sel (deepmd-kit needs them); CH4 has <= 4 neighbours
+# the small DPA-2 of templates/dpa2-small.yaml with explicit sel (deepmd-kit needs them and repinit nsel > repformer nsel); CH4 has <= 4 neighbours
 DPA2_CH4 = {"type": "dpa2", "precision": "float64", "smooth": True, "concat_output_tebd": True,
             "add_tebd_to_repinit_out": False, "seed": 1,
-            "repinit": {"rcut": 6.0, "rcut_smth": 0.5, "nsel": 8, "neuron": [6, 12, 24], "axis_neuron": 4, "tebd_dim": 8,
+            "repinit": {"rcut": 6.0, "rcut_smth": 0.5, "nsel": 12, "neuron": [6, 12, 24], "axis_neuron": 4, "tebd_dim": 8,
                         "tebd_input_mode": "concat", "activation_function": "tanh", "use_three_body": True,
                         "three_body_neuron": [2, 4, 8], "three_body_rcut": 4.0, "three_body_rcut_smth": 3.5,
                         "three_body_sel": 8},
