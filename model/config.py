@@ -314,9 +314,9 @@ class DataConfig(Strict):
         return [self.systems] if isinstance(self.systems, str) else list(self.systems)
 
 
-class TrainingConfig(Strict):
-    training_data: DataConfig
-    validation_data: DataConfig | None = None
+class TrainingLoopConfig(Strict):
+    """The training-loop keys shared by single-task, multi-task and distillation-student training."""
+
     numb_steps: int = Field(1000, ge=0)
     seed: int | None = None
     disp_freq: int = Field(100, gt=0)
@@ -324,6 +324,11 @@ class TrainingConfig(Strict):
     max_ckpt_keep: int = Field(2, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
+
+
+class TrainingConfig(TrainingLoopConfig):
+    training_data: DataConfig
+    validation_data: DataConfig | None = None
 
 
 class TrainConfig(Strict):

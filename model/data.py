@@ -419,26 +419,38 @@ class DataSet:
         self.dtype = dtype
         self.graphs = [[frame_graph(s, k, requests, truncate) for k in range(s.nframes)] for s in systems]
         self.batch_sizes = [resolve_batch_size(batch_size, s.natoms) for s in systems]
-        nbatch = np.array([max(1, s.nframes // b) for s, b in zip(systems, self.batch_sizes)], dtype=float)
+        self.set_batch_sizes(self.batch_sizes)
+
+    def set_batch_sizes(self, batch_sizes: list[int]) -> None:
+        """Batch size per system; resets the system probabilities and the shuffled orders."""
+        self.batch_sizes = list(batch_sizes)
+        nbatch = np.array([max(1, s.nframes // b) for s, b in zip(self.systems, self.batch_sizes)], dtype=float)
         self.prob = nbatch / nbatch.sum()
-        self.order: list[np.ndarray] = [np.arange(s.nframes) for s in systems]
-        self.cursor = [s.nframes for s in systems]  # exhausted: reshuffle on first draw
+        self.order: list[np.ndarray] = [np.arange(s.nframes) for s in self.systems]
+        self.cursor = [s.nframes for s in self.systems]  # exhausted: reshuffle on first draw
 
     @property
     def nframes(self) -> int:
         return sum(s.nframes for s in self.systems)
 
-    def sample(self, rng: np.random.Generator) -> Batch:
+    def draw(self, rng: np.random.Generator) -> tuple[int, list[int]]:
+        """A system (probability proportional to its batches) and a batch of its frames."""
         i = int(rng.choice(len(self.systems), p=self.prob))
-        s, b = self.systems[i], self.batch_sizes[i]
+        n, b = self.systems[i].nframes, self.batch_sizes[i]
         picks = []
-        while len(picks) < min(b, s.nframes):
-            if self.cursor[i] >= s.nframes:
-                self.order[i] = rng.permutation(s.nframes)
+        while len(picks) < min(b, n):
+            if self.cursor[i] >= n:
+                self.order[i] = rng.permutation(n)
                 self.cursor[i] = 0
             picks.append(int(self.order[i][self.cursor[i]]))
             self.cursor[i] += 1
-        return collate([(s, k, self.graphs[i][k]) for k in picks], self.dtype)
+        return i, picks
+
+    def frames(self, i: int, ks) -> Batch:
+        return collate([(self.systems[i], k, self.graphs[i][k]) for k in ks], self.dtype)
+
+    def sample(self, rng: np.random.Generator) -> Batch:
+        return self.frames(*self.draw(rng))
 
     def batches(self, max_frames: int | None = None, batch_size: int | None = None):
         """Every frame once, in order, system by system (for evaluation and statistics)."""
@@ -448,7 +460,7 @@ class DataSet:
             n = s.nframes if left is None else min(s.nframes, left)
             for start in range(0, n, b):
                 ks = range(start, min(start + b, n))
-                yield i, collate([(s, k, self.graphs[i][k]) for k in ks], self.dtype)
+                yield i, self.frames(i, ks)
             if left is not None:
                 left -= n
                 if left <= 0:

@@ -30,14 +30,14 @@ import time
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Callable, Literal, Union
+from typing import Callable, Union
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from .checkpoint import atomic_save, atomic_write_text, load_model, read_checkpoint
 from .config import (DataConfig, FittingConfig, LearningRateConfig, LossConfig, ModelConfig, SeE2AConfig, Strict,
-                     TrainConfig, TrainingConfig, parse_config, read_yaml)
+                     TrainConfig, TrainingConfig, TrainingLoopConfig, parse_config, read_yaml)
 from .data import System, load_systems
 from .errors import ConfigError, DataError
 
@@ -90,19 +90,12 @@ class StudentModelConfig(Strict):
     data_stat_protect: float = 1e-2
 
 
-class StudentTrainingConfig(Strict):
+class StudentTrainingConfig(TrainingLoopConfig):
     """TrainingConfig without the data sections (distillation makes them)."""
 
-    numb_steps: int = Field(1000, ge=0)
     batch_size: Union[int, str] = "auto"
     valid_batch_size: Union[int, str] = "auto"
     numb_btch: int = Field(1, gt=0)
-    seed: int | None = None
-    disp_freq: int = Field(100, gt=0)
-    save_freq: int = Field(1000, gt=0)
-    max_ckpt_keep: int = Field(2, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None
 
 
 class StudentConfig(Strict):

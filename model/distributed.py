@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import resolve_device
-from .data import Batch, DataSet, collate
+from .data import Batch, DataSet
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -60,25 +60,13 @@ class ShardedDataSet(DataSet):
     def __init__(self, base: DataSet, rank: int, world: int):
         self.__dict__.update(base.__dict__)
         self.rank, self.world = rank, world
-        self.batch_sizes = [b * world for b in base.batch_sizes]  # global batch per system
-        nbatch = np.array([max(1, s.nframes // b) for s, b in zip(self.systems, self.batch_sizes)], dtype=float)
-        self.prob = nbatch / nbatch.sum()
-        self.order = [np.arange(s.nframes) for s in self.systems]
-        self.cursor = [s.nframes for s in self.systems]
+        self.set_batch_sizes([b * world for b in base.batch_sizes])  # global batch per system
 
     def sample(self, rng: np.random.Generator) -> Batch:
         # the same draw as DataSet.sample with the global batch size, on every rank
-        i = int(rng.choice(len(self.systems), p=self.prob))
-        s, b = self.systems[i], self.batch_sizes[i]
-        picks = []
-        while len(picks) < min(b, s.nframes):
-            if self.cursor[i] >= s.nframes:
-                self.order[i] = rng.permutation(s.nframes)
-                self.cursor[i] = 0
-            picks.append(int(self.order[i][self.cursor[i]]))
-            self.cursor[i] += 1
+        i, picks = self.draw(rng)
         mine = picks[self.rank :: self.world] or [picks[self.rank % len(picks)]]  # a system smaller than world: repeat a frame
-        return collate([(s, k, self.graphs[i][k]) for k in mine], self.dtype)
+        return self.frames(i, mine)
 
 
 def sync_rng(rng: np.random.Generator) -> None:

@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from . import distributed
 from .checkpoint import atomic_write_text, build_from_payload, read_checkpoint
 from .config import (
-    DataConfig, DescriptorConfig, FittingConfig, LearningRateConfig, LossConfig, ModelConfig, Strict, dtype_name,
-    read_yaml, strip_comments,
+    DataConfig, DescriptorConfig, FittingConfig, LearningRateConfig, LossConfig, ModelConfig, Strict, TrainingLoopConfig,
+    dtype_name, read_yaml, strip_comments,
 )
 from .data import DataSet, System, load_systems
 from .denoise import MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig, denoise_dtype
@@ -112,19 +112,12 @@ class BranchData(Strict):
     validation_data: DataConfig | None = None
 
 
-class MultiTrainingConfig(Strict):
+class MultiTrainingConfig(TrainingLoopConfig):
     """`training` of a multi-task run: TrainingConfig with data_dict (and model_prob) instead of
     training_data / validation_data."""
 
     data_dict: dict[str, BranchData]
     model_prob: dict[str, float] | None = None  # relative weights; None: proportional to training frames
-    numb_steps: int = Field(1000, ge=0)
-    seed: int | None = None
-    disp_freq: int = Field(100, gt=0)
-    save_freq: int = Field(1000, gt=0)
-    max_ckpt_keep: int = Field(2, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None
 
 
 class MultiTaskTrainConfig(Strict):

@@ -14,6 +14,8 @@ import torch
 from conftest import data_path
 from physics import PotentialContract
 
+import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
+
 from lamflow.model.checkpoint import load_model, read_checkpoint, save_model
 from lamflow.model.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model, hermite_coefficients,
                                     net_derivatives)
@@ -210,38 +212,13 @@ def test_stored_min_nbor_dist_is_used(tmp_path, water_model):
         compress(src, tmp_path / "c.ckpt", stride=0.0, log=lambda *a: None)
 
 
-def _randomized(model, seed=0):
-    """Non-trivial per-type statistics (tiled over slots) and bias, as in test_descriptors."""
-    g = torch.Generator().manual_seed(seed)
-    env = model.descriptor.env
-    nt = env.mean.shape[0]
-    env.mean.copy_((0.1 * torch.rand(nt, 1, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0, 0, 0], dtype=torch.float64))
-                   .expand(env.mean.shape).to(env.mean))
-    std = 0.5 + torch.rand(nt, 1, 2, generator=g, dtype=torch.float64)
-    env.stddev.copy_(torch.cat([std[..., :1], std[..., 1:].expand(-1, -1, 3)], -1).expand(env.stddev.shape).to(env.stddev))
-    model.out_bias.copy_(torch.tensor([-3.0, -1.0, -7.0]).to(model.out_bias))
-    return model
-
-
 class TestTabulatedSeE2A(PotentialContract):
-    def make_model(self, dtype=torch.float64):
-        prec = "float64" if dtype == torch.float64 else "float32"
-        cfg = ModelConfig(
-            type_map=self.type_map,
-            descriptor={"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": [30, 60, 30], "neuron": [4, 8, 16],
-                        "axis_neuron": 4, "seed": 1, "precision": prec, "resnet_dt": True},
-            fitting_net={"neuron": [16, 16], "seed": 2, "precision": prec},
-        )
-        return compress_model(_randomized(EnergyModel(cfg)), min_nbor_dist=0.8)
+    """The physics contract on the compressed form of test_descriptors' se_e2_a models."""
+
+    def make_model(self, dtype=torch.float64):  # one net per (centre, neighbour) type pair
+        return compress_model(td.TestSeE2A.make_model(self, dtype), min_nbor_dist=0.8)
 
 
-class TestTabulatedSeE2ATwoSided(TestTabulatedSeE2A):
-    def make_model(self, dtype=torch.float64):
-        prec = "float64" if dtype == torch.float64 else "float32"
-        cfg = ModelConfig(
-            type_map=self.type_map,
-            descriptor={"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 1.0, "sel": [30, 60, 30], "neuron": [4, 8],
-                        "axis_neuron": 2, "seed": 3, "type_one_side": False, "precision": prec},
-            fitting_net={"neuron": [8], "seed": 4, "precision": prec},
-        )
-        return compress_model(_randomized(EnergyModel(cfg)), min_nbor_dist=0.8)
+class TestTabulatedSeE2AOneSide(TestTabulatedSeE2A):
+    def make_model(self, dtype=torch.float64):  # one net per neighbour type
+        return compress_model(td.TestSeE2ATypeOneSide.make_model(self, dtype), min_nbor_dist=0.8)
