@@ -33,7 +33,6 @@ legitimate forces up to 151 eV/A and distances down to 0.52 A (combustion).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -362,45 +361,25 @@ def bias_delta(model, systems: list[System]) -> tuple[np.ndarray, list[dict]]:
 
 
 def refit_bias(model, systems: list[System]) -> tuple[object, list[dict], np.ndarray]:
-    """Copy of `model` with its energy bias refit on `systems` (change-by-statistic) and its
-    predictions there. `systems` index the model's type map. Returns (model, predictions, delta b).
-    Uses lamflow.model.finetune.zero_shot (the fine-tuning code's own refit) when present."""
+    """Copy of `model` with its energy bias refit on `systems` (change-by-statistic, the fine-tuning
+    code's own refit) and its predictions there. `systems` index the model's type map. Returns
+    (model, predictions, delta b)."""
+    from .finetune import zero_shot
     from .infer import evaluate_system
 
-    try:
-        from .finetune import zero_shot
-    except ImportError:
-        zero_shot = None
-    if zero_shot is not None:
-        refit = zero_shot(model, systems)
-        delta = (refit.out_bias - model.out_bias.to(refit.out_bias.device)).detach().cpu().numpy()
-        preds = [evaluate_system(refit, s, virial=s.virial is not None and s.box is not None) for s in systems]
-        return refit, preds, delta
-    ntypes = len(model.type_map)
-    delta, preds = bias_delta(model, systems)
-    model = copy.deepcopy(model)
-    model.out_bias.add_(model.out_bias.new_tensor(delta))
-    for s, p in zip(systems, preds):
-        p["energy"] = p["energy"] + s.counts(ntypes) @ delta  # a constant per atom moves no force or virial
-    return model, preds, delta
+    refit = zero_shot(model, systems)
+    delta = (refit.out_bias - model.out_bias.to(refit.out_bias.device)).detach().cpu().numpy()
+    preds = [evaluate_system(refit, s, virial=s.virial is not None and s.box is not None) for s in systems]
+    return refit, preds, delta
 
 
 def load_pretrained(pretrained: str | os.PathLike, branch: str | None = None, device: str = "cpu"):
     """The energy model of a checkpoint: a single-task one, or branch `branch` of a multi-task one
     (None: its only energy branch) as a stand-alone model."""
-    from .checkpoint import build_from_payload, read_checkpoint, resolve_device
+    from .checkpoint import resolve_device
+    from .finetune import energy_model
 
-    model = build_from_payload(read_checkpoint(pretrained), str(pretrained))
-    if hasattr(model, "branch_model"):  # multi-task
-        try:
-            model = model.branch_model(branch)
-        except ConfigError as e:
-            raise ConfigError(f"{pretrained}: {e}") from None
-    elif getattr(model, "kind", None) != "energy":
-        raise ConfigError(f"{pretrained}: zero-shot needs an energy model, got a {getattr(model, 'kind', '?')!r} one")
-    elif branch is not None:
-        raise ConfigError(f"{pretrained}: a single-task model has no branch {branch!r}")
-    return model.to(resolve_device(device)).eval()
+    return energy_model(pretrained, branch).to(resolve_device(device)).eval()
 
 
 def zero_shot_errors(model, sources: list[tuple[str, System]]) -> tuple[dict, list[tuple[System, dict]]]:

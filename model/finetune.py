@@ -144,10 +144,9 @@ def finetune(cfg: TrainConfig, pretrained: str | os.PathLike, out_dir: str | os.
     return train(cfg.model_copy(update={"model": mcfg}), out_dir, restart=restart, init=init, log=log)
 
 
-def zero_shot(pretrained, systems, branch: str | None = None, log: Callable = lambda *a: None) -> EnergyModel:
-    """The pretrained model with only its energy bias re-fitted (change-by-statistic) on `systems`:
-    a list of System (any type map: re-indexed by element name) or of paths. `pretrained`: a
-    checkpoint path or a model; `branch` picks a multi-task model's head (None: its only one)."""
+def energy_model(pretrained, branch: str | None = None) -> EnergyModel:
+    """A stand-alone energy model from a checkpoint path or a model (copied): a single-task model,
+    or head `branch` of a multi-task one (None: its only energy head)."""
     from .multitask import MultiTaskModel
 
     if isinstance(pretrained, (str, os.PathLike)):
@@ -159,13 +158,22 @@ def zero_shot(pretrained, systems, branch: str | None = None, log: Callable = la
     src = str(pretrained) if isinstance(pretrained, (str, os.PathLike)) else "pretrained model"
     if isinstance(model, MultiTaskModel):
         try:
-            model = model.branch_model(branch)
+            return model.branch_model(branch)
         except ConfigError as e:
             raise ConfigError(f"{src}: {e}") from None
-    elif getattr(model, "kind", None) != "energy":
+    if getattr(model, "kind", None) != "energy":
         raise ConfigError(f"{src}: zero-shot needs an energy model, got a {getattr(model, 'kind', '?')!r} one")
-    elif branch is not None:
+    if branch is not None:
         raise ConfigError(f"{src}: a single-task model has no branch {branch!r}")
+    return model
+
+
+def zero_shot(pretrained, systems, branch: str | None = None, log: Callable = lambda *a: None) -> EnergyModel:
+    """The pretrained model with only its energy bias re-fitted (change-by-statistic) on `systems`:
+    a list of System (any type map: re-indexed by element name) or of paths. `pretrained`: a
+    checkpoint path or a model; `branch` picks a multi-task model's head (None: its only one)."""
+    model = energy_model(pretrained, branch)
+    src = str(pretrained) if isinstance(pretrained, (str, os.PathLike)) else "pretrained model"
     tm = list(model.type_map)
     if systems and isinstance(systems[0], System):
         mapped = [retype(s, tm, src) for s in systems]
