@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 import yaml
 from conftest import data_path
 
@@ -108,12 +106,3 @@ def pretrained(tmp_path_factory):
         _PRETRAINED["result"] = (train_multitask(load_multitask_config(path), root / "out", log=lambda *a: None), data)
     return _PRETRAINED["result"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread while these tiny models train: on a shared CPU a second thread mostly
-    spins (3x slower here); restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

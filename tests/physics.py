@@ -7,7 +7,6 @@ against finite differences, smoothness at rcut, periodic images, locality and ba
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from conftest import data_path
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from conftest import data_path
@@ -24,20 +23,10 @@ from lamflow.workflows.cli import main
 CH4 = data_path("ch4_pbe")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """5-atom systems: one thread is faster and immune to a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ch4_model(tmp_path_factory):
     """A tiny se_e2_a trained for 100 steps on ch4_pbe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     cfg = TrainConfig.model_validate({
         "model": {"type_map": ["H", "C"],
                   "descriptor": {"type": "se_e2_a", "rcut": 5.0, "rcut_smth": 0.5, "sel": [8, 4], "neuron": [8, 16],
@@ -47,7 +36,6 @@ def ch4_model(tmp_path_factory):
         "training": {"training_data": {"systems": str(CH4 / "train"), "batch_size": 8}, "numb_steps": 100, "seed": 1,
                      "disp_freq": 50, "save_freq": 100}})
     res = train(cfg, tmp_path_factory.mktemp("ch4") / "model", log=lambda *a: None)
-    torch.set_num_threads(n)
     return res.checkpoint
 
 

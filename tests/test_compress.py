@@ -31,14 +31,6 @@ from lamflow.workflows.cli import main
 E_TOL, F_TOL = 1e-8, 1e-7  # eV/atom, eV/A
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one thread is faster and immune to a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def fitted_model(type_map, descriptor, systems, fitting=(16, 16)):
     """A randomly initialised se_e2_a with statistics (env mat, energy bias) from real data."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_path
-from multitask_helpers import one_thread, write_subset, write_yaml  # noqa: F401
+from multitask_helpers import write_subset, write_yaml  # noqa: F401
 
 from lamflow.model.checkpoint import load_model
 from lamflow.model.config import load_train_config

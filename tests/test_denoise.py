@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_path
-from multitask_helpers import one_thread, write_subset, write_yaml  # noqa: F401
+from multitask_helpers import write_subset, write_yaml  # noqa: F401
 from physics import random_rotation
 
 from lamflow.model.data import System, collate, load_systems

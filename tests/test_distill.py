@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from conftest import data_path
 
@@ -36,13 +35,6 @@ CONFIG = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def train_teacher(out, seed=1, steps=100):
     cfg = TrainConfig.model_validate({
@@ -59,10 +51,7 @@ def train_teacher(out, seed=1, steps=100):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     path = train_teacher(tmp_path_factory.mktemp("teacher") / "t")
-    torch.set_num_threads(n)
     return path
 
 

@@ -15,7 +15,6 @@ from lamflow.model.config import ModelConfig, TrainConfig, parse_config
 from lamflow.model.data import load_systems, max_neighbor_counts
 from lamflow.model.descriptor.base import EnvMatBlock
 from lamflow.model.errors import ConfigError
-from lamflow.model.infer import evaluate
 from lamflow.model.potential import EnergyModel
 from lamflow.model.train import build_energy_model, train
 

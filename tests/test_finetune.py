@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import data_path
-from multitask_helpers import PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, TYPE_MAP_ALL, one_thread, pretrained, write_subset  # noqa: F401
+from multitask_helpers import PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, TYPE_MAP_ALL, pretrained, write_subset  # noqa: F401
 
 from lamflow.model.checkpoint import load_model, save_model
 from lamflow.model.config import load_train_config

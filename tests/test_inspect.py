@@ -2,7 +2,6 @@
 periodic-table coverage PNGs; a clear error for a descriptor without type embedding."""
 
 import pytest
-from multitask_helpers import one_thread  # noqa: F401
 
 from lamflow.model.checkpoint import save_model
 from lamflow.model.config import ModelConfig

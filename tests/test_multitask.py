@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, data_path
-from multitask_helpers import TYPE_MAP_ALL, multitask_config, one_thread, pretrained, write_subset, write_yaml  # noqa: F401
+from multitask_helpers import TYPE_MAP_ALL, multitask_config, pretrained, write_subset, write_yaml  # noqa: F401
 
 from lamflow.model.checkpoint import load_model, read_checkpoint, save_model
 from lamflow.model.data import DataSet, load_systems

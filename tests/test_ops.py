@@ -9,19 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_path
+from conftest import TINY, data_path
 
 from lamflow.model.checkpoint import load_model, read_checkpoint
 from lamflow.ops.common import split_paths, stage_dataset
 
-TINY = {
-    "model": {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": "auto", "neuron": [4, 8],
-                             "axis_neuron": 2, "seed": 1},
-              "fitting_net": {"neuron": [8, 8], "seed": 1}},
-    "learning_rate": {"start_lr": 0.005, "stop_lr": 1e-4, "decay_steps": 5},
-    "training": {"numb_steps": 4, "disp_freq": 2, "save_freq": 2, "seed": 1, "training_data": {"batch_size": 4},
-                 "validation_data": {"batch_size": 20}},
-}
 
 
 @pytest.fixture()
