@@ -509,7 +509,10 @@ def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stri
         check = compare(model, cm, systems)
         log(f"check on {check['frames']} frames: max |dE| {check['max_abs_de_per_atom']:.2e} eV/atom, "
             f"max |dF| {check['max_abs_df']:.2e} eV/A")
-    path = save_model(cm, out_path, extra={"min_nbor_dist": d})
+    # the uncompressed model travels along (tensors only), so `lamflow export-deepmd` can hand deepmd-kit
+    # the embedding nets themselves plus the settings for `dp compress`
+    parent = {k: v for k, v in payload.items() if k != "train_state"}
+    path = save_model(cm, out_path, extra={"min_nbor_dist": d, "parent": parent})
     rows = cm.descriptor.coef.shape[1]
     log(f"compressed {len(cm.cfg.tables)} embedding nets into {rows} rows (stride {stride}, extrapolate {extrapolate}, "
         f"min_nbor_dist {d:.4f} A) -> {path}")
