@@ -59,10 +59,13 @@ def randomise(model, seed: int):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, buf in model.named_buffers():
+            # like real statistics: one value per centre type and env-matrix column, the same for
+            # every neighbour slot (a per-slot value would make the energy depend on slot order)
+            per_type = (buf.shape[0], 1, buf.shape[-1]) if buf.ndim == 3 else buf.shape
             if name.endswith("stddev"):
-                buf.copy_(0.5 + torch.rand(buf.shape, generator=g, dtype=torch.float64))
+                buf.copy_((0.5 + torch.rand(per_type, generator=g, dtype=torch.float64)).expand(buf.shape))
             elif name.endswith(".mean") and not davg_zero(model, name):
-                buf.copy_(0.1 * torch.randn(buf.shape, generator=g, dtype=torch.float64))
+                buf.copy_((0.1 * torch.randn(per_type, generator=g, dtype=torch.float64)).expand(buf.shape))
             elif name.endswith("out_bias"):
                 buf.copy_(torch.randn(buf.shape, generator=g, dtype=torch.float64) - 5.0)
         for name, p in model.named_parameters():

