@@ -521,7 +521,8 @@ def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stri
         check = compare(model, cm, systems)
         log(f"check on {check['frames']} frames: max |dE| {check['max_abs_de_per_atom']:.2e} eV/atom, "
             f"max |dF| {check['max_abs_df']:.2e} eV/A")
-    path = save_model(cm, out_path, extra={"min_nbor_dist": d})
+    kept = {k: payload[k] for k in ("trained_elements",) if k in payload}  # coverage of the model it was made from
+    path = save_model(cm, out_path, extra={"min_nbor_dist": d, **kept})
     rows = cm.descriptor.coef.shape[1]
     log(f"compressed {len(cm.cfg.tables)} embedding nets into {rows} rows (stride {stride}, extrapolate {extrapolate}, "
         f"min_nbor_dist {d:.4f} A) -> {path}")
