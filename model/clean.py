@@ -435,7 +435,7 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         from .coverage import trained_elements
 
         pre_payload = read_checkpoint(pretrained)  # CheckpointError before any work
-        pre_tm, pre_trained = list(pre_payload.get("type_map") or []), trained_elements(pre_payload)
+        pre_tm, pre_trained = list(pre_payload.get("type_map") or []), trained_elements(pre_payload, branch)
         del pre_payload
         if cfg.zero_shot:
             pre_model = load_pretrained(pretrained, branch)

@@ -3,8 +3,8 @@
 A type map may list elements the model never saw: a multi-task model's shared type map is the
 union of its heads', and a pretrained model keeps every element of its type map whether or not
 its data held one. Training therefore records the elements its data contained (at least one atom
-in some training frame, any branch) in the checkpoint as `trained_elements`; coverage reports
-both sets:
+in some training frame, any branch) in the checkpoint as `trained_elements`, and a multi-task
+model those of each branch as `trained_elements_by_branch`; coverage reports both sets:
     uncovered  elements of the data that are not in the type map (the model cannot take them)
     untrained  elements in the type map that no training frame contained (it takes them, but
                their embedding or network is untrained: its predictions there mean nothing)
@@ -24,9 +24,11 @@ def observed_elements(systems) -> list[str]:
     return sorted(seen, key=lambda e: (atomic_numbers.get(e, 999), e))
 
 
-def trained_elements(payload: dict) -> list[str] | None:
-    """The elements a checkpoint's model was trained on, None when the checkpoint does not say."""
-    got = payload.get("trained_elements")
+def trained_elements(payload: dict, branch: str | None = None) -> list[str] | None:
+    """The elements a checkpoint's model (its branch `branch`, when recorded) was trained on; None
+    when the checkpoint does not say."""
+    by_branch = payload.get("trained_elements_by_branch") or {}
+    got = by_branch.get(branch) if branch in by_branch else payload.get("trained_elements")
     return None if got is None else list(got)
 
 

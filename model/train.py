@@ -97,6 +97,9 @@ class Trainer:
             from .coverage import observed_elements
 
             self.extra_payload["trained_elements"] = observed_elements([s for t in tasks for s in getattr(t.train, "systems", [])])
+            if len(tasks) > 1:
+                self.extra_payload["trained_elements_by_branch"] = {t.name: observed_elements(getattr(t.train, "systems", []))
+                                                                    for t in tasks}
         self.rng = rng or np.random.default_rng(cfg.training.seed)
         self.numb_steps = cfg.training.numb_steps
         self.lr = ExpDecayLR(cfg.learning_rate, self.numb_steps)

@@ -8,7 +8,7 @@ import pytest
 from conftest import data_path
 
 from lamflow.model.checkpoint import read_checkpoint, save_model
-from lamflow.model.clean import clean
+from lamflow.model.clean import CleanConfig, clean
 from lamflow.model.compress import compress
 from lamflow.model.config import ModelConfig, TrainConfig
 from lamflow.model.denoise import MASK
@@ -89,15 +89,43 @@ def test_training_records_trained_elements_and_coverage_tells_them_from_the_type
     assert cov.stat().st_size > 5000
     # a compressed model: inspect no longer crashes, shows the tables and keeps the trained-on record
     comp = compress(ckpt, tmp_path / "c.ckpt", min_nbor_dist=0.9, stride=0.05, log=lambda *a: None).checkpoint
-    assert main(["inspect", str(comp), "--coverage", str(tmp_path / "ccov.png")]) == 0
+    assert main(["inspect", str(comp)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "(kind compressed, float64)" in out[0] and out[2] == "trained on (2): H C  (in the type map only, untrained: O)"
     assert out[3].startswith("descriptor: se_e2_a  rcut 4.0  sel [24, 4, 12]")
     assert out[4].startswith("compressed: 9 tables, ") and "min_nbor_dist 0.9000 A" in out[4]
-    rows = {line.rsplit(None, 1)[0].strip(): int(line.split()[-1].replace(",", "")) for line in out[6:-1]}
+    rows = {line.rsplit(None, 1)[0].strip(): int(line.split()[-1].replace(",", "")) for line in out[6:]}
     assert rows["tables (coefficients)"] > 0 and rows["total"] == rows["tables (coefficients)"] + rows["fitting"]
     # clean with water data: O is covered by the type map, but the model was never trained on it
-    res = clean([str(data_path("water_h2o_mini", "valid"))], tmp_path / "clean", pretrained=str(ckpt), log=lambda *a: None)
+    res = clean([str(data_path("water_h2o_mini", "valid"))], tmp_path / "clean", CleanConfig(zero_shot=False),
+                pretrained=str(ckpt), log=lambda *a: None)
     c = res.report["coverage"]
     assert c["uncovered"] == [] and c["trained_elements"] == ["H", "C"] and c["untrained"] == ["O"]
     assert "Element(s) O are in the pretrained type map but not in its training data" in (tmp_path / "clean" / "report.md").read_text()
+
+
+def test_multitask_training_records_the_elements_of_each_branch(tmp_path, capsys):
+    """Pretraining on water and CH4 with type map H C O Si: Si untrained; the water head never saw C."""
+    from lamflow.model.multitask import MultiTaskTrainConfig, train_multitask
+
+    branch = lambda seed: {"type_map": "tm", "descriptor": "d", "fitting_net": {"neuron": [8], "seed": seed}}  # noqa: E731
+    data = lambda p: {"training_data": {"systems": str(data_path(*p)), "batch_size": 1}}  # noqa: E731
+    cfg = MultiTaskTrainConfig.model_validate({
+        "model": {"shared_dict": {"tm": ["H", "C", "O", "Si"],
+                                  "d": {"type": "se_e2_a", "rcut": 3.0, "sel": [40, 4, 20, 4], "neuron": [4], "axis_neuron": 2,
+                                        "seed": 1}},
+                  "model_dict": {"water": branch(2), "ch4": branch(3)}},
+        "training": {"data_dict": {"water": data(("water_h2o_mini", "valid")), "ch4": data(("ch4_pbe", "valid"))},
+                     "numb_steps": 2, "disp_freq": 1, "save_freq": 2, "seed": 1}})
+    ckpt = train_multitask(cfg, tmp_path / "mt", log=lambda *a: None).checkpoint
+    payload = read_checkpoint(ckpt)
+    assert payload["trained_elements"] == ["H", "C", "O"]
+    assert payload["trained_elements_by_branch"] == {"water": ["H", "O"], "ch4": ["H", "C"]}
+    assert main(["inspect", str(ckpt)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "trained on (3): H C O  (in the type map only, untrained: Si)"
+    assert out[3] == "  by branch: water: H O; ch4: H C"
+    # clean's coverage through the water head: C is in the type map, but that head never saw it
+    res = clean([str(data_path("ch4_pbe", "valid"))], tmp_path / "clean", CleanConfig(zero_shot=False), pretrained=str(ckpt),
+                branch="water", log=lambda *a: None)
+    assert res.report["coverage"]["untrained"] == ["C"] and res.report["coverage"]["uncovered"] == []

@@ -32,7 +32,7 @@ def run(args) -> int:
     payload = read_checkpoint(args.model)
     model = build_from_payload(payload, str(args.model))
     trained = trained_elements(payload)
-    for line in summary(model, str(args.model), trained):
+    for line in summary(model, str(args.model), trained, payload.get("trained_elements_by_branch")):
         print(line)
     if args.type_embedding_pca:
         type_embedding_pca(model, args.type_embedding_pca, str(args.model))
@@ -81,8 +81,9 @@ def descriptor_config(model):
     return cfg.model.descriptor if getattr(model, "kind", "energy") == "compressed" else cfg.descriptor
 
 
-def summary(model, source: str, trained: list[str] | None = None) -> list[str]:
-    """The printed lines; `trained`: elements of the training data (checkpoint's trained_elements)."""
+def summary(model, source: str, trained: list[str] | None = None, by_branch: dict | None = None) -> list[str]:
+    """The printed lines; `trained`: elements of the training data (checkpoint's trained_elements),
+    `by_branch`: those of each branch of a multi-task model."""
     from lamflow.model.denoise import MASK
 
     kind = getattr(model, "kind", "energy")
@@ -90,6 +91,8 @@ def summary(model, source: str, trained: list[str] | None = None) -> list[str]:
     lines = [f"model: {source}  (kind {kind}, {model.cfg.dtype_name})",
              f"type map ({len(elements(model))}): {' '.join(elements(model))}" + ("  (+ MASK token for denoising)" if MASK in tm else "")]
     lines.append(trained_line(elements(model), trained))
+    if by_branch:
+        lines.append("  by branch: " + "; ".join(f"{n}: {' '.join(e)}" for n, e in by_branch.items()))
     branches = getattr(model.cfg, "branches", None)
     if branches:
         parts = [f"{n} ({h.task}: {' '.join(h.type_map)})" for n, h in branches.items()]
