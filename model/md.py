@@ -167,10 +167,12 @@ class MDResult:
         return self.status == "completed"
 
     def to_json(self) -> dict:
+        """The fields as strict JSON: no per-step lists; inf / nan (a guard switched off, no steps) become null."""
         d = asdict(self)
         d.pop("time_ps")
         d.pop("total_energy")
-        return d
+        finite = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v  # noqa: E731
+        return {k: ({kk: finite(vv) for kk, vv in v.items()} if isinstance(v, dict) else finite(v)) for k, v in d.items()}
 
 
 def run_md(atoms, calc, *, ensemble: Literal["nvt", "nve"] = "nvt", temperature: float = 300.0, steps: int = 1000,
@@ -308,7 +310,7 @@ def run_md(atoms, calc, *, ensemble: Literal["nvt", "nve"] = "nvt", temperature:
     if seen["stop"] is not None:
         res.stopped_at_step, res.status, res.message = seen["stop"]
     if summary is not None:
-        atomic_write_text(summary, json.dumps(res.to_json(), indent=2))
+        atomic_write_text(summary, json.dumps(res.to_json(), indent=2, allow_nan=False))
     how = "completed" if res.completed else f"STOPPED at step {res.stopped_at_step} ({res.status})"
     log(f"{ensemble}: {done} of {steps} steps in {wall:.1f} s, {how}; energy drift {res.energy_drift_eV_per_atom_per_ps:.3e} "
         f"eV/atom/ps, max |Etot - Etot(0)| {res.max_energy_deviation_eV_per_atom:.3e} eV/atom, mean T {res.mean_temperature_K:.1f} K, "

@@ -62,6 +62,7 @@ def test_md_cli_stops_a_temperature_runaway_with_one_line_and_status(tmp_path, c
     assert md_cli(ckpt, traj, "--ensemble", "nvt", "--steps", "20", "--timestep", "2", "--max-temperature", "inf") == 0
     done = json.loads(traj.with_suffix(".json").read_text())
     assert done["status"] == "completed" and done["stopped_at_step"] is None and done["steps_done"] == 20
+    assert done["limits"]["max_temperature_K"] is None  # switched off: null, and the file stays strict JSON
 
 
 def test_md_stops_on_close_contact_below_the_checkpoint_min_nbor_dist(tmp_path, capsys):
