@@ -8,6 +8,11 @@ sigma = (1/V) dE/d(eps): ASE's convention (pressure = -trace(sigma) / 3).
 Atoms are mapped onto the model's type map by element name. A fully periodic cell or no
 periodicity at all are supported; mixed periodicity (slabs, wires) is refused, since the
 neighbour lists know no partly periodic cell.
+
+For the MD guards (md.py) the calculator also knows `min_nbor_dist`, the closest pair of the
+model's training data (stored in distilled and compressed checkpoints; None when unknown), and,
+for a compressed model, counts the neighbour inputs that fall outside its tables
+(`out_of_table_inputs()`; None for other models).
 """
 
 from __future__ import annotations
@@ -27,17 +32,29 @@ class LamflowCalculator(Calculator):
     def __init__(self, model_or_path, device: str = "auto", branch: str | None = None, **kwargs):
         """model_or_path: a model object or a checkpoint; `branch` picks the head of a multi-task model."""
         super().__init__(**kwargs)
-        from .checkpoint import load_model, resolve_device
+        from .checkpoint import build_from_payload, read_checkpoint, resolve_device
 
+        self.min_nbor_dist: float | None = None  # Angstrom, closest pair in the training data, when known
         if isinstance(model_or_path, (str, os.PathLike)):
-            model = load_model(model_or_path, device)
+            payload = read_checkpoint(model_or_path)
+            model = build_from_payload(payload, str(model_or_path))
+            self.min_nbor_dist = payload.get("min_nbor_dist")
         else:
-            model = model_or_path.to(resolve_device(device))
+            model = model_or_path
+        model = model.to(resolve_device(device))
+        self.min_nbor_dist = self.min_nbor_dist or getattr(model.cfg, "min_nbor_dist", None)  # compressed models keep it
         if getattr(model, "kind", "energy") == "multitask":
             model = model.branch_model(branch)
         self.model = model.eval()
         self.type_map = list(self.model.type_map)
         self._types_cache: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._tables = getattr(self.model, "descriptor", None) if getattr(self.model, "kind", "") == "compressed" else None
+        if self._tables is not None:
+            self._tables.count_range = True
+
+    def out_of_table_inputs(self) -> int | None:
+        """Neighbour inputs outside a compressed model's tables, over every call so far (None: not compressed)."""
+        return None if self._tables is None else int(self._tables.out_of_range)
 
     def atom_types(self, symbols: list[str]) -> np.ndarray:
         """Element names -> indices into the model's type map (a DataError names the unknown ones)."""

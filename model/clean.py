@@ -429,11 +429,14 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
             raise DataError(f"{p}: no such file or directory")
         if fmt == "auto" and Path(p).is_file():
             detect_format(Path(p))  # a clear error for an unknown file before any work
-    pre_tm, pre_model = None, None
+    pre_tm, pre_model, pre_trained = None, None, None
     if pretrained is not None:
         from .checkpoint import read_checkpoint
+        from .coverage import trained_elements
 
-        pre_tm = list(read_checkpoint(pretrained).get("type_map") or [])  # CheckpointError before any work
+        pre_payload = read_checkpoint(pretrained)  # CheckpointError before any work
+        pre_tm, pre_trained = list(pre_payload.get("type_map") or []), trained_elements(pre_payload, branch)
+        del pre_payload
         if cfg.zero_shot:
             pre_model = load_pretrained(pretrained, branch)
     if cfg.active is not None and cfg.active.model is None and pretrained is None:
@@ -472,6 +475,16 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         coverage.update({"model_type_map": pre_tm, "uncovered": [e for e in data_el if e not in pre_tm]})
         if coverage["uncovered"]:
             log(f"coverage: element(s) {', '.join(coverage['uncovered'])} not in the pretrained type map {pre_tm}")
+        if pre_trained is not None:  # "in the type map" is not "trained on" (coverage.py)
+            from .coverage import element_coverage
+
+            untrained = element_coverage(data_el, pre_tm, pre_trained)["untrained"]
+            coverage.update({"trained_elements": pre_trained, "untrained": untrained})
+            if untrained:
+                msg = (f"Element(s) {', '.join(untrained)} are in the pretrained type map but not in its training data "
+                       f"(trained on {', '.join(pre_trained)}): zero-shot and fine-tuned predictions for them start untrained.")
+                log(f"coverage: {msg}")
+                diag["notes"].append(msg)
     counts = {r: sum(d.reason == r for d in drops) for r in REASONS}
     report = {
         "config": cfg.model_dump(mode="json"),

@@ -279,6 +279,10 @@ class TabulatedSeE2A(nn.Module):
         tid = tj[None].expand(ntypes, -1) + (0 if cfg.type_one_side else torch.arange(ntypes)[:, None] * ntypes)
         self.register_buffer("slot_table", tid.contiguous(), persistent=False)  # [ntypes, nnei]
         self.check_frequency, self.calls = check_frequency, 0
+        # MD guards (md.py) set count_range: every call then adds its inputs outside the tables to
+        # out_of_range (a tensor, so counting never waits for the device); read it with int()
+        self.count_range = False
+        self.register_buffer("out_of_range", torch.zeros((), dtype=torch.long), persistent=False)
         self.chunk_elems = 1 << 17  # pairs x channels per chunk of the fused path (~1 MiB of float64)
         self.requires_grad_(False)
 
@@ -358,7 +362,15 @@ class TabulatedSeE2A(nn.Module):
             drop.append(torch.arange(a + last, b, device=nlist.device))
         return torch.cat(keep), torch.cat(drop)
 
+    def outside_tables(self, s: Tensor, used: Tensor, t: Tensor, keep: Tensor) -> Tensor:
+        """[nf, nloc, nkeep] bool: real neighbours whose input s lies outside [lower, last knot] of
+        its table (where G is extended linearly)."""
+        tid = self.slot_table[:, keep][t]
+        return used & ((s < self.t_lower[tid]) | (s > self.t_max[tid]))
+
     def _check_range(self, s: Tensor, used: Tensor, t: Tensor, keep: Tensor) -> None:
+        if self.count_range:
+            self.out_of_range += self.outside_tables(s.detach(), used, t, keep).sum()
         if self.check_frequency <= 0:
             return
         self.calls += 1
@@ -510,9 +522,10 @@ def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stri
         log(f"check on {check['frames']} frames: max |dE| {check['max_abs_de_per_atom']:.2e} eV/atom, "
             f"max |dF| {check['max_abs_df']:.2e} eV/A")
     # the uncompressed model travels along (tensors only), so `lamflow export-deepmd` can hand deepmd-kit
-    # the embedding nets themselves plus the settings for `dp compress`
+    # the embedding nets themselves plus the settings for `dp compress`; coverage of the model it was made from
     parent = {k: v for k, v in payload.items() if k != "train_state"}
-    path = save_model(cm, out_path, extra={"min_nbor_dist": d, "parent": parent})
+    kept = {k: payload[k] for k in ("trained_elements",) if k in payload}
+    path = save_model(cm, out_path, extra={"min_nbor_dist": d, "parent": parent, **kept})
     rows = cm.descriptor.coef.shape[1]
     log(f"compressed {len(cm.cfg.tables)} embedding nets into {rows} rows (stride {stride}, extrapolate {extrapolate}, "
         f"min_nbor_dist {d:.4f} A) -> {path}")

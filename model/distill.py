@@ -6,7 +6,10 @@ workflow; deepmd-kit has no single command for it).
             start positions optionally displaced uniformly in [-perturb, perturb] A; a frame is
             sampled every `sample_every` steps (step 0 included). Frames of a system whose
             coordinates and cell all differ by less than `dedup_tol` A from a kept frame are
-            duplicates; at most `max_frames` are kept (evenly thinned).
+            duplicates; at most `max_frames` are kept (evenly thinned). A run stopped by the MD
+            guards (md.py: temperature runaway, close contact, non-finite energy; bounds
+            `max_temperature`, `min_distance`, defaults as `lamflow md`) is dropped whole: its
+            frames count as dropped_unstable, the run in md_runs_failed and md_stops[status].
 2. label    the teacher labels every kept frame (energy, force, virial) in batches. Trust check:
             a frame is dropped when some teacher force exceeds `max_force` (eV/A), or else when
             the teacher and a second teacher disagree on some force by more than
@@ -18,7 +21,7 @@ workflow; deepmd-kit has no single command for it).
 5. report   distill.json with every count, the student's errors vs the teacher (held-out frames)
             and vs DFT (dft_valid; the teacher's too, for reference), and parity plots.
 Counts add up: sampled = duplicates + over_max_frames + dropped_max_force + dropped_disagreement
-+ train_frames + test_frames.
++ train_frames + test_frames (sampled: frames of the runs that completed).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class ExplorationConfig(Strict):
     starts_per_system: int = Field(1, ge=1)  # start frames per training system, evenly spaced
     max_frames: int = Field(1000, ge=1)  # frames kept after deduplication, over all systems
     dedup_tol: float = Field(1e-3, ge=0)  # A
+    max_temperature: float | None = Field(None, gt=0)  # K, a run above it is dropped (None: 5 x its temperature, >= 1000 K)
+    min_distance: float | None = Field(None, ge=0)  # A, a run with a closer pair is dropped (None: 0.9 x the teacher's
+    # min_nbor_dist when its checkpoint stores one, else 0.5 A; 0: never)
 
     @model_validator(mode="after")
     def _check(self):
@@ -142,7 +148,9 @@ class Frames:
 @dataclass
 class Counts:
     md_runs: int = 0
-    md_runs_failed: int = 0
+    md_runs_failed: int = 0  # runs stopped by the MD guards (their frames dropped)
+    md_stops: dict = field(default_factory=dict)  # MDResult.status -> runs
+    dropped_unstable: int = 0  # frames sampled by those runs before they stopped
     sampled: int = 0
     duplicates: int = 0
     over_max_frames: int = 0
@@ -154,12 +162,15 @@ class Counts:
 
 
 def explore(teacher, systems: list[System], cfg: ExplorationConfig, counts: Counts, seed: int | None = None,
-            log: Callable = print) -> list[Frames]:
-    """Teacher MD from every system (module docstring, step 1); deduplicated and capped."""
+            log: Callable = print, min_nbor_dist: float | None = None) -> list[Frames]:
+    """Teacher MD from every system (module docstring, step 1); deduplicated and capped.
+    `min_nbor_dist`: of the teacher's training data, for the default close-contact bound."""
     from .calculator import LamflowCalculator
-    from .md import SimulationError, run_md
+    from .md import MDGuards, SimulationError, run_md
 
     calc = LamflowCalculator(teacher, device=str(teacher.out_bias.device))
+    calc.min_nbor_dist = min_nbor_dist or calc.min_nbor_dist
+    guards = MDGuards(max_temperature=cfg.max_temperature, min_distance=cfg.min_distance)
     rng = np.random.default_rng(seed)
     out: list[Frames] = []
     if any(not s.pbc for s in systems) and any(e != 0 for e in cfg.strains):
@@ -177,12 +188,18 @@ def explore(teacher, systems: list[System], cfg: ExplorationConfig, counts: Coun
             counts.md_runs += 1
             n0 = len(fr)
             try:
-                run_md(atoms, calc, ensemble="nvt", temperature=temp, steps=cfg.steps, timestep=cfg.timestep,
-                       friction=cfg.friction, interval=cfg.sample_every, seed=int(rng.integers(2**31)),
-                       on_sample=sample, log=lambda *a: None)
+                res = run_md(atoms, calc, ensemble="nvt", temperature=temp, steps=cfg.steps, timestep=cfg.timestep,
+                             friction=cfg.friction, interval=cfg.sample_every, seed=int(rng.integers(2**31)),
+                             guards=guards, on_sample=sample, log=lambda *a: None)
+                status, why = res.status, f"step {res.stopped_at_step}: {res.message}"
             except SimulationError as e:
+                status, why = "error", str(e)
+            if status != "completed":  # drop the whole run: the frames before the stop are suspect too
                 counts.md_runs_failed += 1
-                log(f"explore {s.name} frame {k} strain {strain} T {temp}: stopped ({e})")
+                counts.md_stops[status] = counts.md_stops.get(status, 0) + 1
+                counts.dropped_unstable += len(fr) - n0
+                del fr.coord[n0:], fr.box[n0:]
+                log(f"explore {s.name} frame {k} strain {strain:+g} T {temp:g} K: dropped, {status} ({why})")
             log(f"explore {s.name} frame {k} strain {strain:+g} T {temp:g} K: {len(fr) - n0} frames")
         counts.sampled += len(fr)
         out.append(fr)
@@ -386,13 +403,15 @@ def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, 
     out.mkdir(parents=True, exist_ok=True)
 
     counts = Counts()
-    frames = explore(tmodel, starts, cfg.exploration, counts, cfg.seed, log)
+    frames = explore(tmodel, starts, cfg.exploration, counts, cfg.seed, log,
+                     min_nbor_dist=read_checkpoint(teacher).get("min_nbor_dist"))
     t1 = time.time()
     labelled, deviation = label(tmodel, frames, cfg.labelling, counts, second, log)
     t2 = time.time()
     if not labelled:
         raise DataError(f"distill: none of the {counts.sampled} explored frames survived (duplicates {counts.duplicates}, "
-                        f"dropped by max_force {counts.dropped_max_force}, by disagreement {counts.dropped_disagreement}); "
+                        f"dropped by max_force {counts.dropped_max_force}, by disagreement {counts.dropped_disagreement}; "
+                        f"{counts.md_runs_failed} of {counts.md_runs} MD runs stopped by the guards {counts.md_stops}); "
                         f"loosen labelling.trust or explore more")
     data_dir = out / "data"
     train_dirs, test_dirs = split_and_write(labelled, data_dir, cfg.test_fraction, counts, cfg.seed)

@@ -89,6 +89,9 @@ def change_bias(model: EnergyModel, systems: list[System], keep_head: bool, log:
     how = "change-by-statistic" if keep_head else "set-by-statistic"
     log(f"energy bias of {names} ({how}) from {np.round(old[used], 4).tolist()} to {np.round(new[used], 4).tolist()}; "
         f"RMSE of energy per atom after the fit: {rmse:.4g} eV")
+    from .bias_check import warn_underdetermined_bias
+
+    warn_underdetermined_bias(systems, model.type_map, log)
     return new
 
 

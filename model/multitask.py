@@ -544,6 +544,9 @@ def fit_multitask_statistics(model: MultiTaskModel, datasets: dict[str, DataSet]
         used = [i for i, e in enumerate(model.type_map) if e in cfg.branches[name].type_map]
         log(f"{name}: energy bias {dict((model.type_map[i], round(float(bias[i]), 4)) for i in used)}; "
             f"RMSE of energy per atom after linear regression: {rmse:.4g} eV")
+        from .bias_check import warn_underdetermined_bias
+
+        warn_underdetermined_bias(datasets[name].systems, model.type_map, log, prefix=f"{name}: ")
         out[name] = rmse
     return out
 

@@ -81,4 +81,7 @@ def fit_statistics(model, ds: DataSet, nbatch: int, protect: float, log=print) -
     model.out_bias.copy_(torch.as_tensor(bias, dtype=model.dtype))
     log(f"energy bias per type {dict(zip(model.type_map, np.round(bias, 4).tolist()))}; "
         f"RMSE of energy per atom after linear regression: {rmse:.4g} eV")
+    from .bias_check import warn_underdetermined_bias
+
+    warn_underdetermined_bias(ds.systems, model.type_map, log)
     return {"bias_rmse_e_per_atom": rmse}

@@ -93,6 +93,13 @@ class Trainer:
         self.root, self.tasks, self.cfg, self.out = root, tasks, cfg, Path(out_dir)
         self.kind, self.log, self.rank, self.world = kind, log, rank, world
         self.extra_payload = extra_payload or {}
+        if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (coverage.py)
+            from .coverage import observed_elements
+
+            self.extra_payload["trained_elements"] = observed_elements([s for t in tasks for s in getattr(t.train, "systems", [])])
+            if len(tasks) > 1:
+                self.extra_payload["trained_elements_by_branch"] = {t.name: observed_elements(getattr(t.train, "systems", []))
+                                                                    for t in tasks}
         self.rng = rng or np.random.default_rng(cfg.training.seed)
         self.numb_steps = cfg.training.numb_steps
         self.lr = ExpDecayLR(cfg.learning_rate, self.numb_steps)

@@ -36,8 +36,34 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     if pretrained is not None:
         summary["zero_shot"] = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, log)
     write_json(out / "summary.json", summary)
-    log(f"test {system}: " + json.dumps(summary))
+    for line in summary_table(summary):
+        log(line)
     return summary
+
+
+UNITS = {"rmse_e_per_atom": "E rmse meV/atom", "mae_e_per_atom": "E mae meV/atom", "rmse_f": "F rmse meV/A",
+         "mae_f": "F mae meV/A", "rmse_v_per_atom": "V rmse meV/atom"}
+
+
+def summary_table(summary: dict) -> list[str]:
+    """The summary as a few aligned lines: one row per model entry (model, zero_shot, ...), errors in meV."""
+    rows = {k.replace("_", "-"): v for k, v in summary.items() if isinstance(v, dict) and v}
+    cols = [k for k in UNITS if any(k in r for r in rows.values())]
+    cols += sorted({k for r in rows.values() for k, v in r.items() if k not in UNITS and isinstance(v, (int, float))})
+    table = [["", *[UNITS.get(c, c) for c in cols]]]
+    for name, r in rows.items():
+        table.append([name, *[_cell(c, r.get(c)) for c in cols]])
+    w = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    head = f"test {summary.get('system', '?')}: {summary.get('nframes', '?')} frames"
+    return [head] + ["  " + "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(t)) for t in table]
+
+
+def _cell(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key in UNITS:
+        return f"{1000 * v:.2f}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, log) -> dict:

@@ -128,6 +128,8 @@ def test_md_cli_nvt_writes_extxyz_trajectory_and_summary(ch4_model, tmp_path, ca
     assert "energy" in frames[-1].calc.results and frames[-1].get_forces().shape == (5, 3)
     summary = json.loads(traj.with_suffix(".json").read_text())
     assert summary["steps"] == 30 and summary["ensemble"] == "nvt" and "energy_drift_eV_per_atom_per_ps" in summary
+    assert summary["status"] == "completed" and summary["steps_done"] == 30 and summary["stopped_at_step"] is None
+    assert 0.9 < summary["min_distance_seen_A"] < 1.3 and summary["max_temperature_seen_K"] < summary["limits"]["max_temperature_K"]
     assert not list(traj.parent.glob("*.part"))
 
 

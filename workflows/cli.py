@@ -15,11 +15,22 @@ from lamflow.model.errors import LamflowError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamflow", description="Large Atomic Model workflows: train, test, run pipelines.")
+    parser.add_argument("--version", action="version", version=f"lamflow {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     here = Path(__file__).parent
     for mod in sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("cmd_")):
         importlib.import_module(f"lamflow.workflows.{mod}").register(sub)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), or "unknown" when lamflow is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lamflow")
+    except PackageNotFoundError:
+        return "unknown (not installed; run pip install -e .)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 Prints what a checkpoint holds: kind, type map, branches (multi-task), the descriptor and its
 sizes, and the number of parameters of each part. `--type-embedding-pca` plots the learned type
 embedding of every element on its first two principal components (elements that behave alike sit
-together, DPA-2 paper Fig. 2); `--coverage` draws the periodic table with the model's elements
-highlighted.
+together, DPA-2 paper Fig. 2); `--coverage` draws the periodic table with the elements the model
+was trained on (its checkpoint's `trained_elements`) apart from those only in its type map.
+Works for energy, multi-task and compressed checkpoints.
 """
 
 from __future__ import annotations
@@ -19,24 +20,38 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="type map, branches, descriptor and parameter counts of a model; optional plots")
     p.add_argument("model", type=Path, help="model checkpoint (energy or multi-task)")
     p.add_argument("--type-embedding-pca", type=Path, metavar="OUT.png", help="PCA of the learned type embeddings")
-    p.add_argument("--coverage", type=Path, metavar="OUT.png", help="periodic table with the model's elements highlighted")
+    p.add_argument("--coverage", type=Path, metavar="OUT.png",
+                   help="periodic table: elements trained on vs only in the type map")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lamflow.model.checkpoint import build_from_payload, read_checkpoint
+    from lamflow.model.coverage import trained_elements
 
     payload = read_checkpoint(args.model)
     model = build_from_payload(payload, str(args.model))
-    for line in summary(model, str(args.model)):
+    trained = trained_elements(payload)
+    for line in summary(model, str(args.model), trained, payload.get("trained_elements_by_branch")):
         print(line)
     if args.type_embedding_pca:
         type_embedding_pca(model, args.type_embedding_pca, str(args.model))
         print(f"wrote {args.type_embedding_pca}")
     if args.coverage:
-        coverage_plot(elements(model), args.coverage, title=f"{args.model.name}: {len(elements(model))} elements")
+        tm = elements(model)
+        title = f"{args.model.name}: {len(tm)} elements in the type map" + (
+            ", trained-on elements not recorded" if trained is None else f", {len([e for e in tm if e in trained])} trained on")
+        coverage_plot(tm, args.coverage, title=title, trained=trained)
         print(f"wrote {args.coverage}")
     return 0
+
+
+def trained_line(type_map: list[str], trained: list[str] | None) -> str:
+    if trained is None:
+        return "trained on: not recorded in this checkpoint (written before lamflow recorded it)"
+    on = [e for e in type_map if e in trained]
+    only = [e for e in type_map if e not in trained]
+    return f"trained on ({len(on)}): {' '.join(on)}" + (f"  (in the type map only, untrained: {' '.join(only)})" if only else "")
 
 
 def elements(model) -> list[str]:
@@ -60,20 +75,35 @@ def _sizes(cfg: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def summary(model, source: str) -> list[str]:
+def descriptor_config(model):
+    """The descriptor's config; a compressed model keeps it in the config of the model it was made from."""
+    cfg = model.cfg
+    return cfg.model.descriptor if getattr(model, "kind", "energy") == "compressed" else cfg.descriptor
+
+
+def summary(model, source: str, trained: list[str] | None = None, by_branch: dict | None = None) -> list[str]:
+    """The printed lines; `trained`: elements of the training data (checkpoint's trained_elements),
+    `by_branch`: those of each branch of a multi-task model."""
     from lamflow.model.denoise import MASK
 
     kind = getattr(model, "kind", "energy")
     tm = list(model.type_map)
     lines = [f"model: {source}  (kind {kind}, {model.cfg.dtype_name})",
              f"type map ({len(elements(model))}): {' '.join(elements(model))}" + ("  (+ MASK token for denoising)" if MASK in tm else "")]
+    lines.append(trained_line(elements(model), trained))
+    if by_branch:
+        lines.append("  by branch: " + "; ".join(f"{n}: {' '.join(e)}" for n, e in by_branch.items()))
     branches = getattr(model.cfg, "branches", None)
     if branches:
         parts = [f"{n} ({h.task}: {' '.join(h.type_map)})" for n, h in branches.items()]
         lines.append(f"branches ({len(branches)}): " + "; ".join(parts))
     desc = model.descriptor
-    dcfg = model.cfg.descriptor
+    dcfg = descriptor_config(model)
     lines.append(f"descriptor: {dcfg.type}  " + "  ".join(_sizes(dcfg.model_dump())) + f"  dim_out {desc.dim_out}")
+    if kind == "compressed":
+        c = model.cfg
+        lines.append(f"compressed: {len(c.tables)} tables, {desc.coef.shape[1]} rows of {desc.coef.shape[0]} x {desc.coef.shape[2]} "
+                     f"coefficients (stride {c.stride}, extrapolate {c.extrapolate}, min_nbor_dist {c.min_nbor_dist:.4f} A)")
     lines.append("parameters:")
     rows = [("descriptor", _count(desc))] + [(f"  {n}", _count(m)) for n, m in desc.named_children() if _count(m)]
     heads = getattr(model, "heads", None)
@@ -81,7 +111,9 @@ def summary(model, source: str) -> list[str]:
         rows += [(f"head {n} ({branches[n].task})", _count(m)) for n, m in heads.items()]
     else:
         rows += [(n, _count(m)) for n, m in model.named_children() if n != "descriptor"]
-    rows.append(("total", _count(model)))
+    if kind == "compressed":  # the tables are buffers, not parameters
+        rows.insert(1, ("  tables (coefficients)", desc.coef.numel()))
+    rows.append(("total", _count(model) + (desc.coef.numel() if kind == "compressed" else 0)))
     w = max(len(r[0]) for r in rows)
     lines += [f"  {name.ljust(w)}  {n:>10,d}" for name, n in rows]
     return lines
@@ -94,7 +126,7 @@ def type_embedding_table(model, source: str):
 
     found = [m for m in model.descriptor.modules() if isinstance(m, TypeEmbedding)]
     if not found:
-        raise ConfigError(f"{source}: descriptor {model.cfg.descriptor.type} has no type embedding (one network per "
+        raise ConfigError(f"{source}: descriptor {descriptor_config(model).type} has no type embedding (one network per "
                           "element); --type-embedding-pca needs a mixed-type descriptor such as se_atten or dpa2")
     tm = list(model.type_map)
     idx = [tm.index(e) for e in elements(model)]
@@ -122,7 +154,7 @@ def type_embedding_pca(model, png: Path, source: str = "model") -> Path:
         ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=10)
     ax.set_xlabel(f"PC1 ({100 * var[0]:.0f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * (var[1] if len(var) > 1 else 0):.0f}% of variance)")
-    ax.set_title(f"type embeddings ({model.cfg.descriptor.type}, dim {emb.shape[1]})")
+    ax.set_title(f"type embeddings ({descriptor_config(model).type}, dim {emb.shape[1]})")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -149,7 +181,9 @@ def table_position(z: int) -> tuple[int, int]:
     return row, z - first - 14 + 1
 
 
-def coverage_plot(covered: list[str], png: Path, title: str = "element coverage") -> Path:
+def coverage_plot(covered: list[str], png: Path, title: str = "element coverage", trained: list[str] | None = None) -> Path:
+    """Periodic table: `covered` (the type map) highlighted; with `trained`, elements trained on in
+    orange and those only in the type map in pale yellow, hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,9 +197,16 @@ def coverage_plot(covered: list[str], png: Path, title: str = "element coverage"
         row, col = table_position(z)
         y = -(row + (0.5 if row > 7 else 0))
         on = sym in covered
-        ax.add_patch(Rectangle((col, y), 0.92, 0.92, facecolor="tab:orange" if on else "0.92", edgecolor="0.5", lw=0.5))
+        untrained = on and trained is not None and sym not in trained
+        face = "0.92" if not on else ("#fff3b0" if untrained else "tab:orange")
+        ax.add_patch(Rectangle((col, y), 0.92, 0.92, facecolor=face, edgecolor="0.5", lw=0.5, hatch="//" if untrained else None))
         ax.text(col + 0.46, y + 0.46, sym, ha="center", va="center", fontsize=9, weight="bold" if on else "normal",
                 color="black" if on else "0.55")
+    if trained is not None:
+        ax.legend(handles=[Rectangle((0, 0), 1, 1, facecolor="tab:orange", edgecolor="0.5", label="trained on"),
+                           Rectangle((0, 0), 1, 1, facecolor="#fff3b0", edgecolor="0.5", hatch="//",
+                                     label="in the type map only (untrained)")],
+                  loc="upper center", bbox_to_anchor=(0.45, 0.99), fontsize=9, frameon=False)
     ax.set_xlim(0.8, 19.1)
     ax.set_ylim(-11.2, 0.1)
     ax.set_aspect("equal")

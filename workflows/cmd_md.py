@@ -1,7 +1,12 @@
 """`lamflow md -m MODEL -s STRUCTURE [--frame K] --ensemble nvt|nve --temperature T --steps N
 --timestep FS --traj out.extxyz [--engine ase|lammps]`: molecular dynamics with a lamflow model,
 through ASE (default) or in LAMMPS with deepmd-kit's `pair_style deepmd` on the exported model
-(`--dry-run` writes the LAMMPS files and prints the commands for your own LAMMPS)."""
+(`--dry-run` writes the LAMMPS files and prints the commands for your own LAMMPS).
+
+With ASE the run stops early, writes its trajectory and JSON summary (`status`, `stopped_at_step`)
+and exits 1 with one line saying why, when the temperature runs away, two atoms come too close, or
+(NVE) the total energy drifts: see lamflow.model.md (MDGuards) for the bounds and their defaults;
+--max-temperature, --min-distance and --max-energy-drift override them."""
 
 from __future__ import annotations
 
@@ -22,6 +27,13 @@ def register(sub) -> None:
     p.add_argument("--interval", type=int, default=10, help="steps between progress lines and trajectory frames")
     p.add_argument("--traj", type=Path, default=Path("md.extxyz"), help="trajectory (extxyz); a JSON summary goes next to it")
     p.add_argument("--seed", type=int, default=None, help="seed of the initial velocities and the Langevin noise")
+    p.add_argument("--max-temperature", type=float, default=None, metavar="K",
+                   help="stop above this temperature (default: 5 x --temperature, at least 1000 K; inf: never)")
+    p.add_argument("--min-distance", type=float, default=None, metavar="A",
+                   help="stop when two atoms come closer (default: 0.9 x the min_nbor_dist stored in the checkpoint, "
+                        "else 0.5 A; 0: never)")
+    p.add_argument("--max-energy-drift", type=float, default=None, metavar="EV_PER_ATOM",
+                   help="NVE: stop when |Etot - Etot(0)| per atom exceeds this (default 0.01 eV/atom; inf: never)")
     p.add_argument("--branch", default=None, help="head of a multi-task model")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest for small systems on a busy CPU)")
@@ -68,7 +80,7 @@ def run(args) -> int:
     if args.engine == "lammps":
         return run_lammps(args)
     from lamflow.model.calculator import LamflowCalculator
-    from lamflow.model.md import read_structure, run_md
+    from lamflow.model.md import MDGuards, SimulationError, read_structure, run_md
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +88,13 @@ def run(args) -> int:
     calc = LamflowCalculator(args.model, args.device, branch=args.branch)
     calc.atom_types(atoms.get_chemical_symbols())
     summary = args.traj.with_suffix(".json")
+    guards = MDGuards(max_temperature=args.max_temperature, min_distance=args.min_distance,
+                      max_energy_drift=args.max_energy_drift)
     res = run_md(atoms, calc, ensemble=args.ensemble, temperature=args.temperature, steps=args.steps, timestep=args.timestep,
-                 friction=args.friction, interval=args.interval, traj=args.traj, summary=summary, seed=args.seed)
+                 friction=args.friction, interval=args.interval, traj=args.traj, summary=summary, seed=args.seed,
+                 guards=guards)
+    if not res.completed:
+        raise SimulationError(f"stopped at step {res.stopped_at_step} of {res.steps}: {res.status}: {res.message} "
+                              f"(trajectory {res.trajectory}, summary {res.summary})")
     print(f"wrote {res.trajectory} and {res.summary}")
     return 0
