@@ -119,6 +119,44 @@ def scrubbed():
         s3_config.update(saved[1])
 
 
+# dflow acts on these when it is imported or a Workflow is made: with DFLOW_S3_REPO_KEY set, `import
+# dflow` reads the artifact-repositories ConfigMap from Kubernetes (a traceback when no cluster answers)
+CLUSTER_ENV = ("DFLOW_S3_REPO_KEY",)
+
+
+def import_dflow_offline():
+    """Import dflow without letting it reach a cluster at import time (render must work offline
+    whatever the environment holds). The variables are put back for everything else."""
+    import sys
+
+    if "dflow" in sys.modules:
+        return sys.modules["dflow"]
+    saved = {k: os.environ.pop(k) for k in CLUSTER_ENV if k in os.environ}
+    try:
+        import dflow
+    finally:
+        os.environ.update(saved)
+    return dflow
+
+
+@contextmanager
+def offline():
+    """Build dflow Workflow objects without reaching any cluster, whatever the environment holds:
+    DFLOW_S3_REPO_KEY makes dflow read the artifact-repositories ConfigMap from Kubernetes when a
+    Workflow is created, DFLOW_REGISTER_TASKS registers it with a lineage server. lamflow sets
+    artifactRepositoryRef on the manifest itself (engine.artifact_repo_key)."""
+    import_dflow_offline()
+    from dflow import config, s3_config
+
+    saved = (config.get("register_tasks"), s3_config.get("repo_key"))
+    config["register_tasks"] = False
+    s3_config["repo_key"] = None
+    try:
+        yield
+    finally:
+        config["register_tasks"], s3_config["repo_key"] = saved
+
+
 def configure_debug(workdir: Path, pool_workers: int) -> None:
     from dflow import config
 
@@ -261,6 +299,7 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
 
     apiVersion/kind/metadata.namespace are added (dflow omits them), the ServiceAccount is the
     spec's, and the resolved spec is stored as an annotation (for `lamflow retry`)."""
+    import_dflow_offline()
     from dflow import config
 
     ns = namespace or os.environ.get("LAMFLOW_NAMESPACE") or spec.engine.namespace
@@ -269,7 +308,8 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
     saved_mode = config["mode"]
     config["mode"] = "default"
     try:
-        wf = workflow.convert_to_argo(reuse_step=reuse_step)
+        with offline():
+            wf = workflow.convert_to_argo(reuse_step=reuse_step)
     finally:
         config["mode"] = saved_mode
     m = workflow.api_instance.api_client.sanitize_for_serialization(wf)
@@ -310,7 +350,7 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
     if env is not None:
         kw.update(host=env.host, token=env.token)
     try:
-        with scrubbed():
+        with scrubbed(), offline():
             return build_workflow(spec, s3_inputs(keys), BuildOptions(mode="argo", type_map=type_map),
                                   labels=labels, annotations=annotations, seed=json.dumps(summary, sort_keys=True), **kw)
     finally:

@@ -177,8 +177,8 @@ class Debug(Strict):
     """Local runs (`lamflow submit --debug`): dflow's debug mode, one process per step."""
 
     workdir: str = "lamflow-runs"  # relative to the current directory
-    pool_workers: int = Field(1, ge=1)  # sliced steps (one per system) run this many at once
-    threads: int = Field(1, ge=1)  # torch threads per step
+    pool_workers: int = Field(1, ge=1, le=256)  # sliced steps (one per system) run this many at once
+    threads: int = Field(1, ge=1, le=1024)  # torch threads per step
 
 
 class PipelineSpec(Strict):
@@ -664,8 +664,19 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
                         load_systems([p], type_map, ds.fmt)
                     except LamflowError as e:
                         problems.append(f"{source}: {where}: {e}")
-    problems += stage_config_problems(spec, type_map or ["X"], models=models)
+    problems += stage_config_problems(spec, type_map or placeholder_type_map(spec), models=models)
     return problems
+
+
+def placeholder_type_map(spec: PipelineSpec) -> list[str]:
+    """When the data are not read, a stand-in type map: as many elements as a per-element `sel`
+    list names (so only the data check, not this stand-in, judges its length)."""
+    n = 1
+    for st in (spec.stages.pretrain, spec.stages.finetune):
+        sel = (st.model.get("descriptor") or {}).get("sel") if isinstance(st.model, dict) else None
+        if isinstance(sel, list) and sel:
+            n = len(sel)
+    return [f"X{i}" for i in range(n)]
 
 
 def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool = True) -> list[str]:

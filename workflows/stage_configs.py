@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Optional
 
 from pydantic import BaseModel, ValidationError
 
@@ -84,7 +84,22 @@ def problems(spec: "PipelineSpec", load: bool = True) -> list[str]:
         if unknown:
             out.append(f"{source}: stages.compress.config: unknown key(s) {', '.join(unknown)} "
                        f"(known: {', '.join(sorted(COMPRESS_KEYS))})")
+        elif load and available("compress"):
+            out += validate_config(compress_settings(), dict(st.compress.config), source, "stages.compress.config")[1]
     return out
 
 
 COMPRESS_KEYS = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
+
+
+def compress_settings() -> type[BaseModel]:
+    """The compress stage's settings as a pydantic model whose fields are those of the compressed
+    checkpoint's own config (lamflow.model.compress.CompressedModelConfig): the same bounds the
+    stage applies (stride > 0, extrapolate >= 1, min_nbor_dist > 0), not a second rule set."""
+    from pydantic import ConfigDict, create_model
+
+    fields = module("compress").CompressedModelConfig.model_fields
+    spec = {k: (f.annotation, f) for k, f in fields.items() if k in COMPRESS_KEYS and k != "min_nbor_dist"}
+    mnd = fields["min_nbor_dist"]
+    spec["min_nbor_dist"] = (Optional[Annotated[float, *mnd.metadata]], None)  # optional here: else from the data
+    return create_model("CompressSettings", __config__=ConfigDict(extra="forbid", frozen=True), **spec)
