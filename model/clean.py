@@ -52,7 +52,7 @@ from .errors import CheckpointError, ConfigError, DataError
 from .neighbor import find_pairs
 from .stats import energy_bias
 
-REASONS = ("non_finite", "max_force", "min_distance", "energy_outlier", "duplicate", "near_duplicate")
+REASONS = ("non_finite", "singular_cell", "max_force", "min_distance", "energy_outlier", "duplicate", "near_duplicate")
 NATIVE = ("auto", "deepmd/npy", "deepmd/raw")
 
 
@@ -125,6 +125,7 @@ class Source:
     path: str
     group: int  # index of the input path (one energy fit per group)
     system: System
+    singular: dict = field(default_factory=dict)  # frame -> cell volume, for frames with a singular cell
 
 
 def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> list[Source]:
@@ -138,7 +139,7 @@ def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> li
         # names relative to the inputs' common folder: ch4_pbe/train next to water_h2o/valid
         base = roots[g].name if common is None or roots[g] == common else roots[g].relative_to(common).as_posix()
         for sp in find_systems(root) if fmt in NATIVE else [root]:
-            systems = load_system(sp, type_map, fmt, labeled=True, check_finite=False)
+            systems, singular = _load_with_singular_cells(sp, type_map, fmt)
             rel = sp.relative_to(root) if sp != root and root in sp.parents else None
             for s in systems:
                 name = base if rel is None else f"{base}/{rel.as_posix()}"
@@ -149,10 +150,43 @@ def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> li
                 while unique in used:
                     unique, k = f"{name}_{k}", k + 1
                 used.add(unique)
-                out.append(Source(unique, str(sp), g, s))
+                out.append(Source(unique, str(sp), g, s, singular.get(s.name, {})))
     if not out:
         raise DataError(f"{paths}: no systems")
     return out
+
+
+SINGULAR_VOLUME = 1e-6  # A^3: lamflow.model.data refuses cells below this volume
+
+
+def _load_with_singular_cells(path: Path, type_map: list[str], fmt: str) -> tuple[list[System], dict]:
+    """load_system with NaN/inf kept; a frame whose cell is singular is kept too, its box set to
+    NaN and listed ({system name: {frame: volume}}), so that the rules drop just that frame."""
+    from . import data as D
+
+    try:
+        return load_system(path, type_map, fmt, labeled=True, check_finite=False), {}
+    except DataError as e:
+        if "degenerate cell" not in str(e):
+            raise
+    f = D.detect_format(path) if fmt == "auto" else fmt
+    if f in ("deepmd/npy", "deepmd/raw"):
+        items = [(str(path), *D._read_native(path, f))]
+    else:
+        items = D._read_dpdata(path, f, True)
+    systems, singular = [], {}
+    for name, names, types, raw, nopbc in items:
+        if raw.get("box") is not None:
+            raw = dict(raw)
+            boxes = [np.array(b, dtype=np.float64).reshape(-1, 9) for b in raw["box"]]
+            vol = np.linalg.det(np.concatenate(boxes).reshape(-1, 3, 3)) if boxes else np.zeros(0)
+            bad = np.nonzero(np.abs(vol) < SINGULAR_VOLUME)[0]
+            singular[name] = {int(k): float(vol[k]) for k in bad}
+            flat = np.concatenate(boxes)
+            flat[bad] = np.nan
+            raw["box"] = [flat]
+        systems.append(D._validate(name, names, types, raw, nopbc, type_map=type_map, labeled=True, check_finite=False))
+    return systems, singular
 
 
 def write_system(s: System, path: str | os.PathLike) -> Path:
@@ -314,7 +348,11 @@ def apply_rules(sources: list[Source], cfg: CleanConfig, ntypes: int) -> tuple[l
 
     for n, src in enumerate(sources):
         s = src.system
+        for k, vol in src.singular.items():
+            drop(n, k, "singular_cell", vol, "the cell vectors are (nearly) linearly dependent")
         for k, key in non_finite(s):
+            if not keep[n][k]:
+                continue
             drop(n, k, "non_finite", float("nan"), f"{key} contains {'NaN' if np.isnan(getattr(s, key)[k]).any() else 'inf'}")
         if s.force is not None:
             fmax = np.where(keep[n], max_atomic_force(s), np.nan)  # [nf]
@@ -438,6 +476,12 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
             pre_model = load_pretrained(pretrained, branch)
     if cfg.active is not None and cfg.active.model is None and pretrained is None:
         raise ConfigError("active.model: needed to train from scratch when no pretrained model is given")
+    from dpdata.periodic_table import ELEMENTS
+
+    for p in systems:  # a name that is no element (a typo in type_map.raw) would be kept as a new type
+        odd = [e for e in elements_in([p], fmt) if e not in ELEMENTS]
+        if odd:
+            raise DataError(f"{p}: element(s) {', '.join(map(repr, odd))} in its type map are not chemical elements")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -623,6 +623,8 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
     data=True also reads every local dataset: paths exist, elements are in the type map, no
     NaN/inf labels, at least one frame. models=True also validates the clean/distill settings with
     the model modules' own classes (which import torch; `lamflow render` skips them)."""
+    from . import stage_configs
+
     if data:
         from lamflow.model.data import elements_in, load_systems
 
@@ -661,9 +663,11 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
                         continue
                     where = f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(getattr(ds, split), list) else "")
                     try:
-                        load_systems([p], type_map, ds.fmt)
+                        loaded = load_systems([p], type_map, ds.fmt)
                     except LamflowError as e:
                         problems.append(f"{source}: {where}: {e}")
+                        continue
+                    problems += stage_configs.sel_problems(spec, name, where, loaded, type_map)
     problems += stage_config_problems(spec, type_map or placeholder_type_map(spec), models=models)
     return problems
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 from pydantic import BaseModel, ValidationError
 
+from lamflow.model.errors import LamflowError
+
 if TYPE_CHECKING:
     from .spec import PipelineSpec
 
@@ -103,3 +105,28 @@ def compress_settings() -> type[BaseModel]:
     mnd = fields["min_nbor_dist"]
     spec["min_nbor_dist"] = (Optional[Annotated[float, *mnd.metadata]], None)  # optional here: else from the data
     return create_model("CompressSettings", __config__=ConfigDict(extra="forbid", frozen=True), **spec)
+
+
+def sel_problems(spec: "PipelineSpec", dataset: str, where: str, systems: list, type_map: list[str]) -> list[str]:
+    """Frames of `dataset` (one split, loaded) whose neighbours exceed the fixed `sel` of a
+    training stage that reads it, from a bounded sample (lamflow.model.data_warnings.sel_overflow)."""
+    from lamflow.model.data_warnings import sel_overflow
+
+    from .spec import finetune_settings, model_settings, spec_source
+
+    st = spec.stages
+    stages = []
+    if st.pretrain.enabled and dataset in st.pretrain.datasets:
+        stages.append(("pretrain", lambda: model_settings(st.pretrain)))
+    if dataset in spec.finetune_systems:
+        stages.append(("finetune", lambda: finetune_settings(spec)))
+    out = []
+    for name, settings in stages:
+        try:
+            desc = settings()["model"].get("descriptor") or {}
+        except LamflowError:  # a broken pretrained checkpoint is reported by stage_config_problems
+            continue
+        msg = sel_overflow(systems, desc, type_map) if isinstance(desc, dict) else None
+        if msg:
+            out.append(f"{spec_source(spec)}: {where}: stages.{name} descriptor: {msg}")
+    return out
