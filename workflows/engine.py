@@ -646,13 +646,15 @@ def _quiet_dflow():
     """dflow prints a line per skipped/finished step; lamflow prints its own progress."""
     import logging
 
-    lg = logging.getLogger("dflow")
-    old = lg.level
+    lg, root = logging.getLogger("dflow"), logging.getLogger()
+    old = lg.level, root.level
     lg.setLevel(logging.WARNING)
+    root.setLevel(logging.ERROR)  # dflow warns "step (key: ...) skipped" on the root logger for each reused step
     try:
         yield
     finally:
-        lg.setLevel(old)
+        lg.setLevel(old[0])
+        root.setLevel(old[1])
 
 
 def _watch_debug(wfdir: Path, stop: threading.Event, progress, timings: dict) -> None:
