@@ -116,8 +116,8 @@ def load_failure(e: Exception) -> str:
     if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         what = f" ({m.group(1)})" if m else ""
-        return (f"refused: the file holds pickled Python objects{what} that could run code when loaded; a lamflow "
-                "checkpoint holds only tensors and plain data, so lamflow does not load it")
+        return (f"not a lamflow checkpoint, refused: it holds pickled Python objects{what} that could run code when "
+                "loaded (a lamflow checkpoint holds only tensors and plain data)")
     first = text.splitlines()[0] if text.strip() else ""
     return f"not a lamflow checkpoint (not a readable PyTorch file: {type(e).__name__}{': ' + first if first else ''})"
 
