@@ -137,6 +137,8 @@ def sel_overflow(systems: list[System], descriptor: dict, type_map: list[str], m
     ntypes = len(type_map)
     idx = sample_frames(systems, max_frames)
     for key, rcut, per_type, total in reqs:
+        if per_type is not None and len(per_type) != ntypes:
+            continue  # a config error (one sel per element), reported by the config's own check
         first = None
         need_t = np.zeros(ntypes, dtype=np.int64)
         need_total = 0

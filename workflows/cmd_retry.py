@@ -22,9 +22,13 @@ def register(sub) -> None:
 def run(args) -> int:
     from .cmd_submit import report_debug
     from .engine import find_run, retry
-    from .spec import load_spec
+    from .spec import SpecError, check_spec, load_spec
 
-    spec = load_spec(args.spec) if args.spec else None  # a bad fixed spec fails before the run is looked up
+    spec = load_spec(args.spec) if args.spec else None
+    if spec is not None:  # a bad fixed spec fails before the run is looked up (data are checked by retry)
+        problems = check_spec(spec, data=False)
+        if problems:
+            raise SpecError(problems)
     r = find_run(args.id, args.workdir)
     rid, status = retry(r, args.from_stage, spec=spec, check_data=not args.skip_data_check)
     if rid is None:
