@@ -330,7 +330,7 @@ def render_unpinned_image(tmp):
 
 @case
 def train_sel_entries_differ_from_type_map(tmp):
-    return train_case(tmp, ["model: descriptor.sel: 1 entries"], model={"descriptor": {"sel": [8]}})
+    return train_case(tmp, ["model: Value error, descriptor.sel: 1 entries"], model={"descriptor": {"sel": [8]}})
 
 
 @case
