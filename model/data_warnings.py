@@ -124,6 +124,20 @@ def sel_requests(descriptor: dict, ntypes: int) -> list[tuple[str, float, list[i
     return out
 
 
+def resolved_descriptor(descriptor: dict, type_map: list[str], systems: list[System],
+                        max_frames: int = MAX_FRAMES) -> dict | None:
+    """The descriptor with "auto" sels replaced as training would replace them (from these
+    systems' neighbour counts), or None when the systems hold more than `max_frames` frames (a
+    sample would only give a lower bound of the sel training computes)."""
+    from .config import ModelConfig
+    from .train import resolve_sel
+
+    if sum(s.nframes for s in systems) > max_frames:
+        return None
+    desc = ModelConfig.model_validate({"type_map": list(type_map), "descriptor": descriptor}).descriptor
+    return resolve_sel(desc, systems, len(type_map)).model_dump(mode="json")
+
+
 def sel_overflow(systems: list[System], descriptor: dict, type_map: list[str], max_frames: int = MAX_FRAMES
                  ) -> str | None:
     """The first sampled frame whose neighbours do not fit the descriptor's sel, as one message

@@ -486,6 +486,14 @@ def finetune_neighbours_exceed_sel_found_by_validate(tmp):
 
 
 @case
+def finetune_neighbours_exceed_the_auto_sel_of_pretraining(tmp):
+    dense = ch4(tmp, "dense", mutate=lambda d: npy(d, "box", lambda a: np.tile(np.eye(3).ravel() * 3.5, (len(a), 1))))
+    p = pipeline(tmp, datasets={"dense": {"train": str(dense), "valid": str(dense)}},  # pretrain: sel auto on ch4
+                 stages={"finetune": {"systems": ["dense"], "training": {"numb_steps": 2}}})
+    return validate(p, ["datasets.dense.train", "dense frame 0", "stages.finetune", "sel is [8, 4]", "need sel: ["])
+
+
+@case
 def pretrain_neighbours_exceed_sel_found_by_validate(tmp):
     p = pipeline(tmp, stages={"pretrain": {"model": {"descriptor": {"sel": [2, 1]}}}})
     return validate(p, ["datasets.ch4.train", "frame 0", "stages.pretrain", "sel is [2, 1]", "need sel: [8, 4]"])

@@ -124,9 +124,39 @@ def sel_problems(spec: "PipelineSpec", dataset: str, where: str, systems: list, 
     for name, settings in stages:
         try:
             desc = settings()["model"].get("descriptor") or {}
-        except LamflowError:  # a broken pretrained checkpoint is reported by stage_config_problems
+            if name == "finetune" and st.pretrain.enabled and isinstance(desc, dict):
+                desc = pretrained_descriptor(spec, desc, type_map) or desc
+        except LamflowError:  # a broken pretrained checkpoint or config is reported by stage_config_problems
             continue
         msg = sel_overflow(systems, desc, type_map) if isinstance(desc, dict) else None
         if msg:
             out.append(f"{spec_source(spec)}: {where}: stages.{name} descriptor: {msg}")
     return out
+
+
+_RESOLVED: dict[str, dict | None] = {}
+
+
+def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str]) -> dict | None:
+    """Fine-tuning keeps the pretrained model's sel; with `sel: auto` pretraining computes it from
+    its training data. Compute it the same way when those data are small enough to read whole
+    (lamflow.model.data_warnings.resolved_descriptor), so validate can check the fine-tune data
+    against it; None when that is not possible offline."""
+    import json
+
+    from lamflow.model.data import load_systems
+    from lamflow.model.data_warnings import resolved_descriptor
+
+    from .spec import as_list, is_s3
+
+    paths = [(p, spec.datasets[d].fmt) for d in spec.stages.pretrain.datasets for p in as_list(spec.datasets[d].train)]
+    if any(is_s3(p) for p, _ in paths):
+        return None
+    cache = json.dumps([desc, type_map, paths], sort_keys=True, default=str)
+    if cache not in _RESOLVED:
+        systems = [s for p, fmt in paths for s in load_systems([p], type_map, fmt)]
+        try:
+            _RESOLVED[cache] = resolved_descriptor(desc, type_map, systems)
+        except (LamflowError, ValidationError):
+            _RESOLVED[cache] = None
+    return _RESOLVED[cache]
