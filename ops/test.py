@@ -21,6 +21,7 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     metrics.json, parity.png (and zero_shot/...) into out_dir; return the summary."""
     from lamflow.model.checkpoint import load_model
     from lamflow.model.data import load_systems
+
     out = Path(out_dir)
     root = pick_root(system, data, cleaned)
     fmt = dataset_fmt(root, system)
