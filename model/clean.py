@@ -482,12 +482,11 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         odd = [e for e in elements_in([p], fmt) if e not in ELEMENTS]
         if odd:
             raise DataError(f"{p}: element(s) {', '.join(map(repr, odd))} in its type map are not chemical elements")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
     data_el = elements_in(systems, fmt)
     tm = list(type_map) if type_map else data_el
     sources = read_sources(systems, tm, fmt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # after every input was read: a bad one leaves nothing behind
     total = sum(src.system.nframes for src in sources)
     log(f"clean: {total} frames in {len(sources)} systems, elements {data_el}")
     keep, drops, diag = apply_rules(sources, cfg, len(tm))
