@@ -160,33 +160,42 @@ SINGULAR_VOLUME = 1e-6  # A^3: lamflow.model.data refuses cells below this volum
 
 
 def _load_with_singular_cells(path: Path, type_map: list[str], fmt: str) -> tuple[list[System], dict]:
-    """load_system with NaN/inf kept; a frame whose cell is singular is kept too, its box set to
-    NaN and listed ({system name: {frame: volume}}), so that the rules drop just that frame."""
-    from . import data as D
+    """load_system with NaN/inf kept; a frame whose cell is singular is kept too, so that the rules
+    drop just that frame: the system is read from a copy whose singular boxes are NaN (read into
+    memory), and those frames are listed ({system name: {frame: volume}}). Other formats than
+    deepmd/npy and deepmd/raw keep lamflow.model.data's error, which names the frame."""
+    import tempfile
 
     try:
         return load_system(path, type_map, fmt, labeled=True, check_finite=False), {}
     except DataError as e:
-        if "degenerate cell" not in str(e):
+        f = detect_format(path) if fmt == "auto" else fmt
+        if "degenerate cell" not in str(e) or f not in ("deepmd/npy", "deepmd/raw"):
             raise
-    f = D.detect_format(path) if fmt == "auto" else fmt
-    if f in ("deepmd/npy", "deepmd/raw"):
-        items = [(str(path), *D._read_native(path, f))]
-    else:
-        items = D._read_dpdata(path, f, True)
-    systems, singular = [], {}
-    for name, names, types, raw, nopbc in items:
-        if raw.get("box") is not None:
-            raw = dict(raw)
-            boxes = [np.array(b, dtype=np.float64).reshape(-1, 9) for b in raw["box"]]
-            vol = np.linalg.det(np.concatenate(boxes).reshape(-1, 3, 3)) if boxes else np.zeros(0)
+    with tempfile.TemporaryDirectory(prefix="lamflow-clean-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copytree(path, copy)
+        singular, k0 = {}, 0
+        parts = sorted(copy.glob("set.*")) if f == "deepmd/npy" else [copy]
+        for part in parts:
+            box_file = part / ("box.npy" if f == "deepmd/npy" else "box.raw")
+            if not box_file.is_file():
+                continue
+            box = (np.load(box_file) if f == "deepmd/npy" else np.loadtxt(box_file, ndmin=2)).astype(np.float64)
+            box = box.reshape(-1, 9)
+            vol = np.linalg.det(box.reshape(-1, 3, 3))
             bad = np.nonzero(np.abs(vol) < SINGULAR_VOLUME)[0]
-            singular[name] = {int(k): float(vol[k]) for k in bad}
-            flat = np.concatenate(boxes)
-            flat[bad] = np.nan
-            raw["box"] = [flat]
-        systems.append(D._validate(name, names, types, raw, nopbc, type_map=type_map, labeled=True, check_finite=False))
-    return systems, singular
+            singular.update({k0 + int(k): float(vol[k]) for k in bad})
+            box[bad] = np.nan
+            np.save(box_file, box) if f == "deepmd/npy" else np.savetxt(box_file, box)
+            k0 += len(box)
+        systems = load_system(copy, type_map, f, labeled=True, check_finite=False)
+        out = []
+        for s in systems:
+            s = s.materialize() if hasattr(s, "materialize") else s  # the copy goes away
+            out.append(System(str(path), s.elements, s.atype, np.asarray(s.coord), None if s.box is None else np.asarray(s.box),
+                              *(None if a is None else np.asarray(a) for a in (s.energy, s.force, s.virial))))
+    return out, {str(path): singular}
 
 
 def write_system(s: System, path: str | os.PathLike) -> Path:
