@@ -189,7 +189,8 @@ def _load_with_singular_cells(path: Path, type_map: list[str], fmt: str) -> tupl
             box[bad] = np.nan
             np.save(box_file, box) if f == "deepmd/npy" else np.savetxt(box_file, box)
             k0 += len(box)
-        systems = load_system(copy, type_map, f, labeled=True, check_finite=False)
+        with np.errstate(invalid="ignore"):  # the NaN boxes' volumes
+            systems = load_system(copy, type_map, f, labeled=True, check_finite=False)
         out = []
         for s in systems:
             s = s.materialize() if hasattr(s, "materialize") else s  # the copy goes away
