@@ -215,6 +215,15 @@ def spec_numb_steps_1e20(tmp):
 
 
 @case
+def spec_multitask_pretrain_checked_by_its_own_config(tmp):
+    p = pipeline(tmp, datasets={"a": {"train": str(CH4), "valid": str(CH4)}},
+                 stages={"pretrain": {"datasets": ["ch4", "a"], "training": {"model_prob": {"ch4": 1, "a": 1},
+                                                                            "training_data": {"batch_size": 0}}},
+                         "test": {"systems": ["ch4"]}})
+    return validate(p, ["stages.pretrain.training.training_data.batch_size", "batch_size 0"])
+
+
+@case
 def spec_pool_workers_1e9(tmp):
     return validate(pipeline(tmp, debug={"pool_workers": 10**9}), ["debug.pool_workers"])
 

@@ -689,7 +689,11 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool 
     out: list[str] = []
     st = spec.stages
     dummy = ["data"]
-    if st.pretrain.enabled:
+    from . import stage_configs
+
+    if st.pretrain.enabled and models and len(st.pretrain.datasets) > 1 and stage_configs.multitask_available():
+        out += stage_configs.multitask_problems(spec, type_map)  # the multi-task trainer's own config model
+    elif st.pretrain.enabled:
         out += model_config_problems(source, "stages.pretrain", train_config_dict(st.pretrain, type_map, dummy, dummy))
     if st.finetune.enabled:
         try:

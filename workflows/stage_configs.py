@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from typing import TYPE_CHECKING, Annotated, Optional
 
 from pydantic import BaseModel, ValidationError
@@ -160,3 +161,34 @@ def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str])
         except (LamflowError, ValidationError):
             _RESOLVED[cache] = None
     return _RESOLVED[cache]
+
+
+# the multi-task layout's paths -> the pipeline's (`stages.pretrain.<these>`)
+MULTITASK_PATHS = [(re.compile(r"\bmodel\.model_dict\.[^.:]+\."), "model."), (re.compile(r"\bmodel\.shared_dict\."), "model."),
+                   (re.compile(r"\bloss_dict\.[^.:]+([.:])"), r"loss\1"),
+                   (re.compile(r"\btraining\.data_dict\.[^.:]+\."), "training.")]
+
+
+def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
+    """A multi-task pretraining stage's settings checked by the multi-task trainer's own config
+    (lamflow.model.multitask.parse_multitask_config on what the pretrain OP builds), with the
+    errors' paths put back into the pipeline's layout (one line per problem, not per head)."""
+    from lamflow.model.multitask import parse_multitask_config
+    from lamflow.ops.pretrain import multitask_config_dict
+
+    from .spec import model_settings, spec_source
+
+    st = spec.stages.pretrain
+    heads = {n: {"train": ["data"], "valid": ["data"], "fmt": "auto"} for n in st.datasets}
+    try:
+        parse_multitask_config(multitask_config_dict(model_settings(st), heads, type_map), "@")
+    except LamflowError as e:
+        out = []
+        for line in str(e).splitlines():
+            line = line.replace("@: ", f"{spec_source(spec)}: stages.pretrain.", 1)
+            for pat, rep in MULTITASK_PATHS:
+                line = pat.sub(rep, line)
+            if line not in out and ".systems" not in line:
+                out.append(line)
+        return out
+    return []
