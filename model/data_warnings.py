@@ -41,13 +41,22 @@ def sample_frames(systems: list[System], max_frames: int = MAX_FRAMES) -> list[n
     return out
 
 
+def _sampled(systems: list[System], idx: list[np.ndarray]) -> list[System]:
+    """The sampled frames of each system, in memory (systems may be memory-mapped)."""
+    out = []
+    for s, i in zip(systems, idx):
+        sub = s.subset(i)
+        out.append(sub.materialize() if hasattr(sub, "materialize") else sub)
+    return out
+
+
 def suspicious_frames(systems: list[System], max_frames: int = MAX_FRAMES) -> dict[str, list[tuple[str, int]]]:
     """kind -> [(system name, frame)] found on the sample, with lamflow.model.clean's detectors."""
     from .clean import CleanConfig, Source, energy_zscores, find_duplicates, max_atomic_force
 
     cfg = CleanConfig()
     idx = sample_frames(systems, max_frames)
-    sub = [s.subset(i) for s, i in zip(systems, idx)]
+    sub = _sampled(systems, idx)
     found: dict[str, list[tuple[str, int]]] = {"duplicate": [], "max_force": [], "energy_outlier": []}
     ok = [np.all(np.isfinite(s.coord.reshape(s.nframes, -1)), axis=1) for s in sub]
     for s, i, m in zip(sub, idx, ok):
@@ -150,15 +159,16 @@ def sel_overflow(systems: list[System], descriptor: dict, type_map: list[str], m
         return None
     ntypes = len(type_map)
     idx = sample_frames(systems, max_frames)
+    sub = _sampled(systems, idx)
     for key, rcut, per_type, total in reqs:
         if per_type is not None and len(per_type) != ntypes:
             continue  # a config error (one sel per element), reported by the config's own check
         first = None
         need_t = np.zeros(ntypes, dtype=np.int64)
         need_total = 0
-        for s, frames in zip(systems, idx):
-            for k in frames:
-                c = neighbor_counts(find_pairs(s.coord[k], None if s.box is None else s.box[k], rcut), s.atype,
+        for s, frames in zip(sub, idx):
+            for j, k in enumerate(frames):
+                c = neighbor_counts(find_pairs(s.coord[j], None if s.box is None else s.box[j], rcut), s.atype,
                                     s.natoms, ntypes, rcut)  # [natoms, ntypes]
                 mt, mtot = c.max(axis=0), int(c.sum(axis=1).max())
                 need_t, need_total = np.maximum(need_t, mt), max(need_total, mtot)
