@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,9 +20,30 @@ FORMAT = "lamflow-model"
 VERSION = 1
 
 
+_STARTED = time.time()  # temporaries older than this process were left by a killed one
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete `.NAME.*.tmp` files next to `path` that an earlier, killed writer left behind (SIGKILL
+    between the temp write and os.replace). Only files older than this process are touched, so a
+    temporary another live process is writing right now is left alone."""
+    path = Path(path)
+    gone = []
+    if path.parent.is_dir():
+        for f in path.parent.glob(f".{path.name}.*.tmp"):
+            try:
+                if f.stat().st_mtime < _STARTED:
+                    f.unlink()
+                    gone.append(f)
+            except FileNotFoundError:
+                pass
+    return gone
+
+
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -36,6 +58,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -69,7 +92,7 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", branch: str | N
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # not a torch file, or one that needs code to load
-        raise CheckpointError(f"{path}: not a lamflow checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: {load_failure(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         from .deepmd_import import is_deepmd_payload, payload_from_deepmd
 
@@ -80,6 +103,23 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", branch: str | N
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: format version {payload['version']}, this lamflow reads <= {VERSION}")
     return payload
+
+
+def load_failure(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in our words. PyTorch's own message for a
+    pickle with code in it advises rerunning with weights_only=False; never pass that on: loading
+    an untrusted pickle that way runs whatever code it holds."""
+    import pickle
+    import re
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({m.group(1)})" if m else ""
+        return (f"not a lamflow checkpoint, refused: it holds pickled Python objects{what} that could run code when "
+                "loaded (a lamflow checkpoint holds only tensors and plain data)")
+    first = text.splitlines()[0] if text.strip() else ""
+    return f"not a lamflow checkpoint (not a readable PyTorch file: {type(e).__name__}{': ' + first if first else ''})"
 
 
 # kind -> "module:Class"; the class has `from_config(dict)` and loads the payload's state_dict.

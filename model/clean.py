@@ -52,7 +52,7 @@ from .errors import CheckpointError, ConfigError, DataError
 from .neighbor import find_pairs
 from .stats import energy_bias
 
-REASONS = ("non_finite", "max_force", "min_distance", "energy_outlier", "duplicate", "near_duplicate")
+REASONS = ("non_finite", "singular_cell", "max_force", "min_distance", "energy_outlier", "duplicate", "near_duplicate")
 NATIVE = ("auto", "deepmd/npy", "deepmd/raw")
 
 
@@ -125,6 +125,7 @@ class Source:
     path: str
     group: int  # index of the input path (one energy fit per group)
     system: System
+    singular: dict = field(default_factory=dict)  # frame -> cell volume, for frames with a singular cell
 
 
 def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> list[Source]:
@@ -138,7 +139,7 @@ def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> li
         # names relative to the inputs' common folder: ch4_pbe/train next to water_h2o/valid
         base = roots[g].name if common is None or roots[g] == common else roots[g].relative_to(common).as_posix()
         for sp in find_systems(root) if fmt in NATIVE else [root]:
-            systems = load_system(sp, type_map, fmt, labeled=True, check_finite=False)
+            systems, singular = _load_with_singular_cells(sp, type_map, fmt)
             rel = sp.relative_to(root) if sp != root and root in sp.parents else None
             for s in systems:
                 name = base if rel is None else f"{base}/{rel.as_posix()}"
@@ -149,10 +150,53 @@ def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> li
                 while unique in used:
                     unique, k = f"{name}_{k}", k + 1
                 used.add(unique)
-                out.append(Source(unique, str(sp), g, s))
+                out.append(Source(unique, str(sp), g, s, singular.get(s.name, {})))
     if not out:
         raise DataError(f"{paths}: no systems")
     return out
+
+
+SINGULAR_VOLUME = 1e-6  # A^3: lamflow.model.data refuses cells below this volume
+
+
+def _load_with_singular_cells(path: Path, type_map: list[str], fmt: str) -> tuple[list[System], dict]:
+    """load_system with NaN/inf kept; a frame whose cell is singular is kept too, so that the rules
+    drop just that frame: the system is read from a copy whose singular boxes are NaN (read into
+    memory), and those frames are listed ({system name: {frame: volume}}). Other formats than
+    deepmd/npy and deepmd/raw keep lamflow.model.data's error, which names the frame."""
+    import tempfile
+
+    try:
+        return load_system(path, type_map, fmt, labeled=True, check_finite=False), {}
+    except DataError as e:
+        f = detect_format(path) if fmt == "auto" else fmt
+        if "degenerate cell" not in str(e) or f not in ("deepmd/npy", "deepmd/raw"):
+            raise
+    with tempfile.TemporaryDirectory(prefix="lamflow-clean-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copytree(path, copy)
+        singular, k0 = {}, 0
+        parts = sorted(copy.glob("set.*")) if f == "deepmd/npy" else [copy]
+        for part in parts:
+            box_file = part / ("box.npy" if f == "deepmd/npy" else "box.raw")
+            if not box_file.is_file():
+                continue
+            box = (np.load(box_file) if f == "deepmd/npy" else np.loadtxt(box_file, ndmin=2)).astype(np.float64)
+            box = box.reshape(-1, 9)
+            vol = np.linalg.det(box.reshape(-1, 3, 3))
+            bad = np.nonzero(np.abs(vol) < SINGULAR_VOLUME)[0]
+            singular.update({k0 + int(k): float(vol[k]) for k in bad})
+            box[bad] = np.nan
+            np.save(box_file, box) if f == "deepmd/npy" else np.savetxt(box_file, box)
+            k0 += len(box)
+        with np.errstate(invalid="ignore"):  # the NaN boxes' volumes
+            systems = load_system(copy, type_map, f, labeled=True, check_finite=False)
+        out = []
+        for s in systems:
+            s = s.materialize() if hasattr(s, "materialize") else s  # the copy goes away
+            out.append(System(str(path), s.elements, s.atype, np.asarray(s.coord), None if s.box is None else np.asarray(s.box),
+                              *(None if a is None else np.asarray(a) for a in (s.energy, s.force, s.virial))))
+    return out, {str(path): singular}
 
 
 def write_system(s: System, path: str | os.PathLike) -> Path:
@@ -314,7 +358,11 @@ def apply_rules(sources: list[Source], cfg: CleanConfig, ntypes: int) -> tuple[l
 
     for n, src in enumerate(sources):
         s = src.system
+        for k, vol in src.singular.items():
+            drop(n, k, "singular_cell", vol, "the cell vectors are (nearly) linearly dependent")
         for k, key in non_finite(s):
+            if not keep[n][k]:
+                continue
             drop(n, k, "non_finite", float("nan"), f"{key} contains {'NaN' if np.isnan(getattr(s, key)[k]).any() else 'inf'}")
         if s.force is not None:
             fmax = np.where(keep[n], max_atomic_force(s), np.nan)  # [nf]
@@ -441,12 +489,17 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
             pre_model = load_pretrained(pretrained, branch)
     if cfg.active is not None and cfg.active.model is None and pretrained is None:
         raise ConfigError("active.model: needed to train from scratch when no pretrained model is given")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from dpdata.periodic_table import ELEMENTS
 
+    for p in systems:  # a name that is no element (a typo in type_map.raw) would be kept as a new type
+        odd = [e for e in elements_in([p], fmt) if e not in ELEMENTS]
+        if odd:
+            raise DataError(f"{p}: element(s) {', '.join(map(repr, odd))} in its type map are not chemical elements")
     data_el = elements_in(systems, fmt)
     tm = list(type_map) if type_map else data_el
     sources = read_sources(systems, tm, fmt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # after every input was read: a bad one leaves nothing behind
     total = sum(src.system.nframes for src in sources)
     log(f"clean: {total} frames in {len(sources)} systems, elements {data_el}")
     keep, drops, diag = apply_rules(sources, cfg, len(tm))

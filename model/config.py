@@ -7,16 +7,21 @@ Where we deviate from deepmd-kit's argcheck default we say so next to the field.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 Precision = Literal["default", "float64", "float32"]
+
+# Upper bounds on sizes: far above any real model (deepmd-kit examples use sel <= ~500 per type,
+# widths <= 1024, 10^7 steps), low enough that a typo (1e12) is refused before memory or time runs out.
+MAX_SEL = 4096  # neighbours per type (or in total for mixed-type descriptors)
+MAX_WIDTH = 65536  # neurons in one layer
+MAX_STEPS = 10**9  # training steps
+MAX_BATCH = 10**6  # frames per batch
 Activation = Literal["tanh", "gelu", "gelu_tf", "relu", "silu", "softplus", "sigmoid", "linear", "none"]
 
 
@@ -141,6 +146,9 @@ class RepinitConfig(Strict):
             raise ValueError(f"axis_neuron {self.axis_neuron} > neuron[-1] {self.neuron[-1]}")
         _check_auto(self.nsel, "nsel")
         _check_auto(self.three_body_sel, "three_body_sel")
+        _check_sel(self.nsel, "nsel")
+        _check_sel(self.three_body_sel, "three_body_sel")
+        _check_widths(self.neuron, "neuron")
         if self.use_three_body:
             if self.three_body_rcut_smth >= self.three_body_rcut:
                 raise ValueError(f"three_body_rcut_smth {self.three_body_rcut_smth} must be < three_body_rcut {self.three_body_rcut}")
@@ -189,6 +197,10 @@ class RepformerConfig(Strict):
         if self.rcut_smth >= self.rcut:
             raise ValueError(f"rcut_smth {self.rcut_smth} must be < rcut {self.rcut}")
         _check_auto(self.nsel, "nsel")
+        _check_sel(self.nsel, "nsel")
+        for k in ("g1_dim", "g2_dim", "attn1_hidden", "attn2_hidden"):
+            if getattr(self, k) > MAX_WIDTH:
+                raise ValueError(f"{k}: {getattr(self, k)} is more than {MAX_WIDTH}")
         if self.update_g1_has_grrg and self.axis_neuron > self.g2_dim:
             raise ValueError(f"axis_neuron {self.axis_neuron} > g2_dim {self.g2_dim} (used by update_g1_has_grrg)")
         if self.update_g1_has_drrd and self.axis_neuron > self.g1_dim:
@@ -240,6 +252,33 @@ def _check_common(cfg) -> None:
         raise ValueError("exclude_types is not supported by lamflow")
     if isinstance(cfg.sel, str) and not (cfg.sel == "auto" or cfg.sel.startswith("auto:")):
         raise ValueError(f"sel must be a list of ints, an int, 'auto' or 'auto:RATIO', got {cfg.sel!r}")
+    _check_sel(cfg.sel, "sel")
+    _check_widths(cfg.neuron, "neuron")
+
+
+def _check_sel(sel, key: str) -> None:
+    """Neighbour counts: non-negative ints up to MAX_SEL each; "auto:RATIO" with a positive ratio."""
+    if isinstance(sel, str):
+        if sel.startswith("auto:"):
+            try:
+                ratio = float(sel[5:])
+            except ValueError:
+                raise ValueError(f"{key}: {sel!r}: the ratio after 'auto:' must be a number") from None
+            if not 0 < ratio <= 100:
+                raise ValueError(f"{key}: {sel!r}: the ratio must be in (0, 100]")
+        return
+    for i, n in enumerate([sel] if isinstance(sel, int) else sel):
+        if n < 0 or n > MAX_SEL:
+            where = key if isinstance(sel, int) else f"{key}[{i}]"
+            raise ValueError(f"{where}: {n} neighbours is outside 0..{MAX_SEL}")
+    if not isinstance(sel, int) and sum(sel) == 0:
+        raise ValueError(f"{key}: all entries are 0 (no neighbours at all)")
+
+
+def _check_widths(neuron, key: str) -> None:
+    for i, n in enumerate(neuron):
+        if n <= 0 or n > MAX_WIDTH:
+            raise ValueError(f"{key}[{i}]: a layer of {n} neurons (give 1..{MAX_WIDTH})")
 
 
 class FittingConfig(Strict):
@@ -260,6 +299,7 @@ class FittingConfig(Strict):
     def _check(self):
         if self.numb_fparam or self.numb_aparam:
             raise ValueError("frame/atomic parameters (numb_fparam, numb_aparam) are not supported by lamflow")
+        _check_widths(self.neuron, "neuron")
         return self
 
 
@@ -280,6 +320,14 @@ class ModelConfig(Strict):
             raise ValueError(f"type_map must be a non-empty list of distinct elements, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _sel_per_type(self):
+        d = self.descriptor
+        if isinstance(d, SeE2AConfig) and isinstance(d.sel, list) and len(d.sel) != len(self.type_map):
+            raise ValueError(f"descriptor.sel: {len(d.sel)} entries {d.sel} for {len(self.type_map)} elements in "
+                             f"type_map {self.type_map} (se_e2_a needs one neighbour count per element)")
+        return self
+
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.descriptor.precision)
@@ -295,12 +343,19 @@ class LearningRateConfig(Strict):
 
 class LossConfig(Strict):
     type: Literal["ener"] = "ener"
-    start_pref_e: float = 0.02
-    limit_pref_e: float = 1.0
-    start_pref_f: float = 1000.0
-    limit_pref_f: float = 1.0
-    start_pref_v: float = 0.0
-    limit_pref_v: float = 0.0
+    start_pref_e: float = Field(0.02, ge=0)
+    limit_pref_e: float = Field(1.0, ge=0)
+    start_pref_f: float = Field(1000.0, ge=0)
+    limit_pref_f: float = Field(1.0, ge=0)
+    start_pref_v: float = Field(0.0, ge=0)
+    limit_pref_v: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _something_to_fit(self):
+        if not any((self.start_pref_e, self.limit_pref_e, self.start_pref_f, self.limit_pref_f, self.start_pref_v,
+                    self.limit_pref_v)):
+            raise ValueError("every prefactor (start_pref_e/f/v, limit_pref_e/f/v) is 0: the loss fits nothing")
+        return self
 
 
 class DataConfig(Strict):
@@ -308,6 +363,18 @@ class DataConfig(Strict):
     batch_size: Union[int, str] = "auto"  # int, "auto" (>= 32 atoms per batch) or "auto:N"
     numb_btch: int = Field(1, gt=0)  # validation batches per display step
     fmt: str = "auto"  # dpdata format; "auto" detects deepmd/npy and deepmd/raw
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v):
+        if isinstance(v, int):
+            if not 1 <= v <= MAX_BATCH:
+                raise ValueError(f"batch_size {v}: give 1..{MAX_BATCH} frames, 'auto' or 'auto:N'")
+        elif v != "auto":
+            n = v[5:] if v.startswith("auto:") else None
+            if n is None or not n.isdigit() or not 1 <= int(n) <= 10**7:
+                raise ValueError(f"batch_size {v!r}: give an int, 'auto' or 'auto:N' with N atoms per batch (N >= 1)")
+        return v
 
     @property
     def system_list(self) -> list[str]:
@@ -317,7 +384,7 @@ class DataConfig(Strict):
 class TrainingLoopConfig(Strict):
     """The training-loop keys shared by single-task, multi-task and distillation-student training."""
 
-    numb_steps: int = Field(1000, ge=0)
+    numb_steps: int = Field(1000, ge=0, le=MAX_STEPS)
     seed: int | None = None
     disp_freq: int = Field(100, gt=0)
     save_freq: int = Field(1000, gt=0)
@@ -362,17 +429,11 @@ def format_validation_error(source: str, err: ValidationError) -> str:
 
 
 def read_yaml(path: Path) -> Any:
-    """Read YAML (or JSON, a YAML subset) with safe_load; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        text = path.read_text()
-        return yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise ConfigError(f"{path}: malformed {'JSON' if path.suffix == '.json' else 'YAML'}{line}: {getattr(e, 'problem', e)}") from None
+    """Read YAML (or JSON) with safe_load semantics, duplicate keys refused; errors name the file
+    (lamflow.model.yamlio, the one YAML reader)."""
+    from .yamlio import read_yaml as read
+
+    return read(path)
 
 
 def parse_config(cls: type[BaseModel], raw: Any, source: str):

@@ -26,6 +26,7 @@ from . import distributed
 from .checkpoint import atomic_save, atomic_write_text, model_payload, read_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DataSet, System, load_systems, max_neighbor_counts
+from .data_warnings import warn_suspicious
 from .errors import ConfigError, DataError, TrainingError
 from .loss import EnergyLoss, ExpDecayLR
 from .network import DTYPES
@@ -314,6 +315,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
     rng = seed_everything(cfg.training.seed)
     train_sys, valid_sys = load_data(cfg)  # DataError before any expensive work
     check_labels(train_sys, cfg, "training")
+    warn_suspicious(train_sys, "training", log)  # duplicates, huge forces, energy outliers: one line, then go on
 
     if restart == "auto":
         restart = out / "model.ckpt" if (out / "model.ckpt").is_file() else None

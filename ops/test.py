@@ -21,7 +21,6 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     metrics.json, parity.png (and zero_shot/...) into out_dir; return the summary."""
     from lamflow.model.checkpoint import load_model
     from lamflow.model.data import load_systems
-    from lamflow.model.evaluate import evaluate_systems
 
     out = Path(out_dir)
     root = pick_root(system, data, cleaned)
@@ -31,7 +30,7 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
         paths = split_paths(root, system, "train")
     net = load_model(_ckpt(model))
     systems = load_systems(paths, list(net.type_map), fmt)
-    res = evaluate_systems(net, systems, out, label=f"{system}: model")
+    res = _evaluate_finite(net, systems, out, f"test {system}", f"{system}: model")
     summary = {"system": system, "model": _headline(res["overall"]), "nframes": res["overall"]["nframes"]}
     if pretrained is not None:
         summary["zero_shot"] = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, log)
@@ -68,13 +67,28 @@ def _cell(key: str, v) -> str:
 
 def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, log) -> dict:
     from lamflow.model.data import load_systems
-    from lamflow.model.evaluate import evaluate_systems
     from lamflow.model.finetune import zero_shot
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
     net = zero_shot(_ckpt(pretrained), train, branch=branch)
-    res = evaluate_systems(net, systems, out, label=f"{system}: zero-shot")
+    res = _evaluate_finite(net, systems, out, f"test {system} (zero-shot)", f"{system}: zero-shot")
     return _headline(res["overall"])
+
+
+def _evaluate_finite(net, systems, out: Path, source: str, label: str) -> dict:
+    """evaluate_systems, but NaN/inf errors are refused (naming system and frame) before anything
+    is written; suspicious labels get one warning line."""
+    from lamflow.model.data_warnings import refuse_non_finite, warn_suspicious
+    from lamflow.model.evaluate import collect, parity_plot, predict_systems
+
+    warn_suspicious(systems, source)
+    per = predict_systems(net, systems)
+    res = collect(per)
+    refuse_non_finite(res, per, source)
+    out.mkdir(parents=True, exist_ok=True)  # as evaluate_systems writes them
+    write_json(out / "metrics.json", res)
+    parity_plot(per, out / "parity.png", label)
+    return res
 
 
 def _type_map(ckpt: Path) -> list[str]:

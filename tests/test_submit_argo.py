@@ -199,17 +199,20 @@ def test_retry_on_argo_memoizes_succeeded_steps_and_reruns_the_failed_one(tmp_pa
     assert main(["submit", str(pipe)]) == 0
     wid = submitted_id(capsys.readouterr().out)
     wf = argo.workflows[wid]
-    by_task = {}
+    by_task, key = {}, {}  # step keys hold a hash of the step's inputs: pretrain-h..., test-{{item}}-h...
     for t in wf["spec"]["templates"]:
         for task in t.get("dag", {}).get("tasks", []):
             by_task[task["name"]] = task["template"]
+            pars = {p["name"]: p.get("value") for p in (task.get("arguments") or {}).get("parameters", [])}
+            key[task["name"]] = pars.get("dflow_key")
+    pre_key, test_key = key["pretrain"], lambda i: key["test"].replace("{{item}}", str(i))  # noqa: E731
     summary = {"name": "summary", "value": json.dumps({"kind": "single-task", "heads": {}})}
     wf["status"] = {"phase": "Failed", "nodes": {n["id"]: n for n in [
-        node(wf, by_task["pretrain"], "pretrain", "Succeeded",
+        node(wf, by_task["pretrain"], pre_key, "Succeeded",
              {"parameters": [summary], "artifacts": [{"name": "model", "s3": {"key": f"{wid}/pretrain/model"}}]}),
-        node(wf, by_task["test"], "test-0", "Succeeded",
+        node(wf, by_task["test"], test_key(0), "Succeeded",
              {"parameters": [summary], "artifacts": [{"name": "report", "s3": {"key": f"{wid}/test-0/report"}}]}),
-        node(wf, by_task["test"], "test-1", "Failed"),
+        node(wf, by_task["test"], test_key(1), "Failed"),
     ]}}
     assert main(["status", wid]) == 0
     st = capsys.readouterr().out
@@ -222,7 +225,7 @@ def test_retry_on_argo_memoizes_succeeded_steps_and_reruns_the_failed_one(tmp_pa
     manifest = argo.posts("/api/v1/workflows/")[-1]["body"]["workflow"]
     assert manifest["metadata"]["name"] == new  # dflow names a memoized workflow itself
     cms = {c["metadata"]["name"]: c for c in argo.configmaps}
-    assert set(cms) == {f"dflow-{new}-pretrain", f"dflow-{new}-test-0"}  # one cache entry per reused step, none for test-1
+    assert set(cms) == {f"dflow-{new}-{pre_key}", f"dflow-{new}-{test_key(0)}"}  # one per reused step, none for test-1
     assert all(c["metadata"]["labels"]["workflows.argoproj.io/configmap-type"] == "Cache" for c in cms.values())
     steps = [t for t in manifest["spec"]["templates"] if "script" in t and not t["name"].endswith("init-artifact")]
     for t in steps:

@@ -20,6 +20,8 @@ def run(args) -> int:
     from .engine import render_manifest
     from .spec import SpecError, check_spec, image_problems, load_spec
 
+    if args.output is not None and not args.output.parent.is_dir():  # before any work, so nothing is left behind
+        raise SpecError(f"-o {args.output}: folder {args.output.parent} does not exist")
     spec = load_spec(args.pipeline)
     problems = check_spec(spec, data=False, models=False) + image_problems(spec)  # `lamflow validate` checks the rest
     if problems:

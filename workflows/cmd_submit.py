@@ -35,7 +35,10 @@ def report_debug(rid: str, status: str, workdir: Path) -> int:
 
     print()
     print_status(find_run(rid, workdir))
+    run = find_run(rid, workdir)
     print(f"\nrun {rid}: {status}; outputs in {workdir / rid}")
+    for key, f in ((run.meta or {}).get("failures") or {}).items():
+        print(f"  {key} failed: {f['error']}\n    full log: {f['log']}")
     if status != "Succeeded":
         print(f"  lamflow logs {rid} STAGE --workdir {workdir}    # what went wrong")
         print(f"  lamflow retry {rid} --workdir {workdir}         # rerun the failed stages, reuse the rest")

@@ -1,7 +1,11 @@
 """PipelineSpec -> dflow DAG. The whole graph is built in `build_dag`, in pipeline order; each
 edge is an output a later task consumes. `template()` is the only place that knows images,
-resources, GPUs, retries and timeouts. Step keys are the stage names (`finetune-0`, `test-1` for
-the per-system fan-out), which `lamflow retry` uses to reuse what succeeded.
+resources, GPUs, retries and timeouts. Step keys are the stage name, the index of the system for
+the per-system fan-out, and a hash of everything the step's result depends on (its settings, the
+digests of the data it reads, and the hashes of the steps it consumes): `pretrain-h1f2e3d4c`,
+`test-1-h0a9b8c7d`. `lamflow retry` reuses a succeeded step only when its key is unchanged, so a
+changed setting reruns its step and every step downstream, and nothing else. Users see the keys
+without the hash (`test-1`, `display_key`).
 
     clean ──► pretrain ──► finetune[i] ──► test[i] ──┐
       │          │              └──► distill ──► compress ──► report
@@ -10,7 +14,10 @@ the per-system fan-out), which `lamflow retry` uses to reuse what succeeded.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,12 +45,79 @@ class BuildOptions:
     resume_root: str | None = None  # debug: checkpoints that survive a failed step (one folder per step)
     python: str = sys.executable  # debug: the interpreter that runs each step
     default_image: str = "lamflow:local"  # debug: dflow wants an image name; it is not used
+    digests: dict[str, str] = field(default_factory=dict)  # dataset name (and "pretrained") -> content digest
+
+
+HASH_RE = re.compile(r"-h[0-9a-f]{8}$")
+
+
+def display_key(key: str) -> str:
+    """Step key without its input hash (`test-1-h0a9b8c7d` -> `test-1`)."""
+    return HASH_RE.sub("", key)
 
 
 def stage_of(key: str) -> str:
-    """Step key -> stage name (`finetune-2` -> `finetune`)."""
+    """Step key -> stage name (`finetune-2-h0a9b8c7d` -> `finetune`)."""
+    key = display_key(key)
     base = key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
     return base
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def input_hashes(spec: PipelineSpec, opts: BuildOptions) -> dict[str, str]:
+    """stage -> hash of what its steps' results depend on: own settings, data digests, type map,
+    and the hashes of the stages whose outputs it reads (so a change propagates downstream).
+    Resources are left out: where a step runs does not change what it computes."""
+    st, d = spec.stages, opts.digests
+    data = lambda names: {n: d.get(n, n) for n in names}  # noqa: E731
+    h: dict[str, str] = {}
+    up = lambda *names: {n: h[n] for n in names if n in h}  # noqa: E731
+    if st.clean.enabled:
+        h["clean"] = _digest("clean", dict(st.clean.config), data(spec.clean_datasets), opts.type_map, d.get("pretrained"))
+    if st.pretrain.enabled:
+        h["pretrain"] = _digest("pretrain", model_settings(st.pretrain), data(st.pretrain.datasets), opts.type_map,
+                                up("clean"))
+    if spec.finetune_systems:
+        h["finetune"] = _digest("finetune", finetune_settings(spec), data(spec.finetune_systems), opts.type_map,
+                                st.finetune.branch, st.finetune.freeze_descriptor, up("clean", "pretrain"),
+                                None if st.pretrain.enabled else d.get("pretrained"))
+    if st.test.enabled:
+        h["test"] = _digest("test", st.test.zero_shot, spec.test_systems, data(spec.test_systems), zero_shot_branch(spec),
+                            up("clean", "pretrain", "finetune"), None if st.pretrain.enabled else d.get("pretrained"))
+    if st.distill.enabled:
+        h["distill"] = _digest("distill", dict(st.distill.config), spec.distill_dataset, spec.distill_teacher,
+                               data([spec.distill_dataset]), up("clean", "finetune"))
+    if st.compress.enabled:
+        h["compress"] = _digest("compress", dict(st.compress.config), spec.compress_dataset,
+                                data([spec.compress_dataset]), up("clean", "distill"))
+    h[REPORT] = _digest(REPORT, spec.name, {k: v for k, v in h.items()})
+    return h
+
+
+SLICED = ("finetune", "test")  # one step per system
+
+
+def step_key(stage: str, h: dict[str, str], item: str | int | None = None) -> str:
+    """The dflow key of a stage's step (`item`: "{{item}}" in the template, or the index)."""
+    return f"{stage}-{item}-h{h[stage]}" if item is not None else f"{stage}-h{h[stage]}"
+
+
+def step_keys(spec: PipelineSpec, opts: BuildOptions) -> list[str]:
+    """Every step key of the workflow, the fan-out expanded, in pipeline order."""
+    h = input_hashes(spec, opts)
+    out = []
+    for stage in ORDER:
+        if stage not in h:
+            continue
+        if stage in SLICED:
+            n = len(spec.finetune_systems if stage == "finetune" else spec.test_systems)
+            out += [step_key(stage, h, i) for i in range(n)]
+        else:
+            out.append(step_key(stage, h))
+    return out
 
 
 def keys_from(spec: PipelineSpec, stage: str) -> set[str]:
@@ -113,23 +187,24 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     common = {"data": inputs.data}
     resume = (lambda key: f"{opts.resume_root}/{key}") if opts.resume_root else (lambda key: "")
     tasks: dict[str, Any] = {}
+    h = input_hashes(spec, opts)
 
     def add(task):
         dag.add(task)
-        tasks[task.key if "{{" not in task.key else task.key.split("-{{")[0]] = task
+        tasks[stage_of(task.key) if "{{" not in task.key else task.key.split("-{{")[0]] = task
         return task
 
     if st.clean.enabled:
-        clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key="clean",
+        clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key=step_key("clean", h),
                          parameters={"datasets": spec.clean_datasets, "config": dict(st.clean.config),
                                      "type_map": opts.type_map},
                          artifacts={**common, **({"pretrained": inputs.pretrained} if inputs.pretrained else {})}))
         common["cleaned"] = clean.outputs.artifacts["cleaned"]
 
     if st.pretrain.enabled:
-        pre = add(Task("pretrain", template(ops.Pretrain, res("pretrain"), opts), key="pretrain",
+        pre = add(Task("pretrain", template(ops.Pretrain, res("pretrain"), opts), key=step_key("pretrain", h),
                        parameters={"config": model_settings(st.pretrain), "datasets": list(st.pretrain.datasets),
-                                   "type_map": opts.type_map, "resume_dir": resume("pretrain")},
+                                   "type_map": opts.type_map, "resume_dir": resume(step_key("pretrain", h))},
                        artifacts={**common}))
         pretrained = pre.outputs.artifacts["model"]
     else:
@@ -140,8 +215,8 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
         n = len(systems)
         ft = add(Task("finetune", template(ops.Finetune, res("finetune"), opts, slices=Slices(
             "{{item}}", input_parameter=["system", "resume_dir"], output_artifact=["model"], output_parameter=["summary"])),
-            key="finetune-{{item}}", with_param=argo_range(n),
-            parameters={"system": systems, "resume_dir": [resume(f"finetune-{i}") for i in range(n)],
+            key=step_key("finetune", h, "{{item}}"), with_param=argo_range(n),
+            parameters={"system": systems, "resume_dir": [resume(step_key("finetune", h, i)) for i in range(n)],
                         "config": finetune_settings(spec), "type_map": opts.type_map, "branch": st.finetune.branch or "",
                         "freeze_descriptor": st.finetune.freeze_descriptor},
             artifacts={**common, "pretrained": pretrained}))
@@ -156,24 +231,24 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], input_artifact=["model"], output_artifact=["report"],
                 output_parameter=["summary"])),
-                key="test-{{item}}", with_param=argo_range(len(systems)),
+                key=step_key("test", h, "{{item}}"), with_param=argo_range(len(systems)),
                 parameters={"system": systems, "branch": zs_branch}, artifacts=arts))
         else:  # no fine-tuning: test the pretrained model on each system
             tsys = spec.test_systems
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], output_artifact=["report"], output_parameter=["summary"])),
-                key="test-{{item}}", with_param=argo_range(len(tsys)),
+                key=step_key("test", h, "{{item}}"), with_param=argo_range(len(tsys)),
                 parameters={"system": tsys, "branch": zs_branch}, artifacts={**common, "model": pretrained}))
 
     if st.distill.enabled:
         teacher = systems.index(spec.distill_teacher)
-        dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key="distill",
+        dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key=step_key("distill", h),
                        parameters={"config": dict(st.distill.config), "dataset": spec.distill_dataset,
                                    "teacher_index": teacher},
                        artifacts={**common, "teachers": ft.outputs.artifacts["model"]}))
 
     if st.compress.enabled:
-        add(Task("compress", template(ops.Compress, res("compress"), opts), key="compress",
+        add(Task("compress", template(ops.Compress, res("compress"), opts), key=step_key("compress", h),
                  parameters={"config": dict(st.compress.config), "dataset": spec.compress_dataset},
                  artifacts={**common, "model": dis.outputs.artifacts["model"]}))
 
@@ -183,7 +258,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
         if name in tasks:
             arts["tests" if name == "test" else name] = tasks[name].outputs.artifacts[out]
     add(Task(REPORT, template(ops.Report, spec.resources_of("test") if st.test.enabled else spec.resources, opts),
-             key=REPORT, parameters={"title": f"lamflow run report: {spec.name}"}, artifacts=arts))
+             key=step_key(REPORT, h), parameters={"title": f"lamflow run report: {spec.name}"}, artifacts=arts))
     return dag
 
 

@@ -16,10 +16,13 @@ the namespace's artifact repository.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from lamflow.model.errors import LamflowError
 
-from .dag import ORDER, BuildOptions, Inputs, build_workflow, keys_from, stage_of
+from .dag import ORDER, BuildOptions, Inputs, build_workflow, display_key, keys_from, stage_of, step_keys
 from .spec import (PipelineSpec, SpecError, as_list, check_spec, image_problems, is_s3, resolved_type_map,
                    spec_from_summary, spec_summary)
 
@@ -117,6 +120,44 @@ def scrubbed():
     finally:
         config.update(saved[0])
         s3_config.update(saved[1])
+
+
+# dflow acts on these when it is imported or a Workflow is made: with DFLOW_S3_REPO_KEY set, `import
+# dflow` reads the artifact-repositories ConfigMap from Kubernetes (a traceback when no cluster answers)
+CLUSTER_ENV = ("DFLOW_S3_REPO_KEY",)
+
+
+def import_dflow_offline():
+    """Import dflow without letting it reach a cluster at import time (render must work offline
+    whatever the environment holds). The variables are put back for everything else."""
+    import sys
+
+    if "dflow" in sys.modules:
+        return sys.modules["dflow"]
+    saved = {k: os.environ.pop(k) for k in CLUSTER_ENV if k in os.environ}
+    try:
+        import dflow
+    finally:
+        os.environ.update(saved)
+    return dflow
+
+
+@contextmanager
+def offline():
+    """Build dflow Workflow objects without reaching any cluster, whatever the environment holds:
+    DFLOW_S3_REPO_KEY makes dflow read the artifact-repositories ConfigMap from Kubernetes when a
+    Workflow is created, DFLOW_REGISTER_TASKS registers it with a lineage server. lamflow sets
+    artifactRepositoryRef on the manifest itself (engine.artifact_repo_key)."""
+    import_dflow_offline()
+    from dflow import config, s3_config
+
+    saved = (config.get("register_tasks"), s3_config.get("repo_key"))
+    config["register_tasks"] = False
+    s3_config["repo_key"] = None
+    try:
+        yield
+    finally:
+        config["register_tasks"], s3_config["repo_key"] = saved
 
 
 def configure_debug(workdir: Path, pool_workers: int) -> None:
@@ -225,6 +266,28 @@ def data_digest(spec: PipelineSpec, extra: list[Path] = ()) -> str:
     return h.hexdigest()[:16]
 
 
+def dataset_digests(spec: PipelineSpec) -> dict[str, str]:
+    """Per used dataset (and a given pretrained checkpoint): a digest of its paths, file sizes and
+    modification times. Step keys include them, so changed data reruns the steps that read it."""
+    out = {}
+    for name in spec.used_datasets():
+        ds = spec.datasets[name]
+        h = hashlib.sha256(f"{name}|{ds.fmt}".encode())
+        for sp in ("train", "valid", "test"):
+            for i, p in enumerate(as_list(getattr(ds, sp))):
+                h.update(f"|{sp}{i}:{p}".encode())
+                if not is_s3(p):
+                    _hash_tree(h, Path(p))
+        out[name] = h.hexdigest()[:16]
+    pre = spec.stages.finetune.pretrained
+    if pre and not spec.stages.pretrain.enabled:
+        h = hashlib.sha256(pre.encode())
+        if not is_s3(pre):
+            _hash_tree(h, Path(pre))
+        out["pretrained"] = h.hexdigest()[:16]
+    return out
+
+
 def _hash_tree(h, p: Path) -> None:
     if not p.exists():
         h.update(b"missing")
@@ -261,6 +324,7 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
 
     apiVersion/kind/metadata.namespace are added (dflow omits them), the ServiceAccount is the
     spec's, and the resolved spec is stored as an annotation (for `lamflow retry`)."""
+    import_dflow_offline()
     from dflow import config
 
     ns = namespace or os.environ.get("LAMFLOW_NAMESPACE") or spec.engine.namespace
@@ -269,7 +333,8 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
     saved_mode = config["mode"]
     config["mode"] = "default"
     try:
-        wf = workflow.convert_to_argo(reuse_step=reuse_step)
+        with offline():
+            wf = workflow.convert_to_argo(reuse_step=reuse_step)
     finally:
         config["mode"] = saved_mode
     m = workflow.api_instance.api_client.sanitize_for_serialization(wf)
@@ -310,8 +375,9 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
     if env is not None:
         kw.update(host=env.host, token=env.token)
     try:
-        with scrubbed():
-            return build_workflow(spec, s3_inputs(keys), BuildOptions(mode="argo", type_map=type_map),
+        with scrubbed(), offline():
+            return build_workflow(spec, s3_inputs(keys), BuildOptions(mode="argo", type_map=type_map,
+                                                                      digests=dataset_digests(spec)),
                                   labels=labels, annotations=annotations, seed=json.dumps(summary, sort_keys=True), **kw)
     finally:
         config["mode"], config["util_image"] = saved
@@ -419,10 +485,17 @@ def new_run_id(name: str, workdir: Path) -> str:
 
 
 def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data: bool = True, reuse=None,
-                 parent: dict | None = None, progress=print) -> tuple[str, str]:
+                 parent: dict | None = None, restage: bool = False, progress=print) -> tuple[str, str]:
     """Run the pipeline locally; return (run id, final status). `reuse`: dflow steps of an earlier
-    run to reuse (retry); `parent`: that run's record, whose staged inputs and checkpoint folders
-    this run shares."""
+    run to reuse (retry; only those whose key, input hash included, is a step of this run);
+    `parent`: that run's record, whose staged inputs (unless `restage`: the spec's data changed)
+    and checkpoint folders this run shares.
+
+    Steps' output (and dflow's tracebacks) go to the log files, not the console: each step's to
+    <workdir>/<run id>/<step>/log.txt, dflow's to <workdir>/.lamflow/logs/<run id>.log; the console
+    gets the phase changes, and a failing step's one-line error (`failures`)."""
+    if progress is print:  # bound now: while steps run, sys.stdout is the log file
+        progress = functools.partial(print, file=sys.stdout, flush=True)
     if parent is None:
         problems = check_spec(spec, data=False)
         if problems:
@@ -435,7 +508,7 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     workdir.mkdir(parents=True, exist_ok=True)
     configure_debug(workdir, spec.debug.pool_workers)
     rid = new_run_id(spec.name, workdir)
-    if parent is None:
+    if parent is None or restage:
         group = rid
         type_map = resolved_type_map(spec)
         gdir = workdir / META / group
@@ -444,14 +517,20 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
         inputs = {"data": str(gdir / "data"), "pretrained": str(pre) if pre else None}
     else:
         group, type_map, inputs = parent["group"], parent["type_map"], parent["inputs"]
+    resume_root = (parent or {}).get("resume_root") or str(workdir / META / (parent or {}).get("group", group) / "resume")
     from dflow import upload_artifact
 
     arts = Inputs(data=upload_artifact(inputs["data"]),
                   pretrained=upload_artifact(inputs["pretrained"]) if inputs.get("pretrained") else None)
+    opts = BuildOptions(mode="debug", type_map=type_map, resume_root=resume_root, digests=dataset_digests(spec))
+    keys = step_keys(spec, opts)
+    if reuse is not None:
+        reuse = [st for st in reuse if st.key in keys]  # a changed step's old key is no step of this run
+        progress(f"reusing {len(reuse)} succeeded step(s): {', '.join(sorted(display_key(st.key) for st in reuse)) or '-'}")
     meta = {"id": rid, "mode": "debug", "group": group, "parent": parent["id"] if parent else None,
-            "created": time.time(), "type_map": type_map, "inputs": inputs, **spec_summary(spec)}
+            "created": time.time(), "type_map": type_map, "inputs": inputs, "resume_root": resume_root,
+            "digests": opts.digests, "step_keys": keys, **spec_summary(spec)}
     write_meta(workdir, meta)
-    opts = BuildOptions(mode="debug", type_map=type_map, resume_root=str(workdir / META / group / "resume"))
     wf = build_workflow(spec, arts, opts, id=rid)
     os.environ["LAMFLOW_THREADS"] = str(spec.debug.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
@@ -461,19 +540,105 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     watcher = threading.Thread(target=_watch_debug, args=(workdir / rid, stop, progress, timings), daemon=True)
     watcher.start()
     t0 = time.time()
+    log = debug_log(workdir, rid)
     try:
-        with _quiet_dflow():
+        with _quiet_dflow(), _output_to(log):
             wf.submit(reuse_step=reuse)
+        _wait_for_steps(workdir / rid)  # a step still finishing when dflow returns belongs in the table
     finally:
         stop.set()
         watcher.join()
     status = (workdir / rid / "status").read_text().strip() if (workdir / rid / "status").is_file() else "Failed"
+    for key in {display_key(k) for k in keys} - set(timings):  # never started (after a failure upstream)
+        timings[key] = {"phase": "Omitted"}
+    for st in reuse or []:
+        timings.setdefault(display_key(st.key), {})["reused"] = True
     meta["finished"] = time.time()
     meta["status"] = status
     meta["wall_s"] = time.time() - t0
     meta["steps"] = timings
+    meta["failures"] = failures(workdir / rid, spec) if status != "Succeeded" else {}
+    meta["log"] = str(log)
     write_meta(workdir, meta)
     return rid, status
+
+
+def debug_log(workdir: Path, rid: str) -> Path:
+    return workdir / META / "logs" / f"{rid}.log"
+
+
+@contextmanager
+def _output_to(path: Path):
+    """sys.stdout and sys.stderr into `path` (dflow's step processes inherit them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = sys.stdout, sys.stderr
+    with open(path, "a", buffering=1) as f:
+        sys.stdout = sys.stderr = f
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+def _wait_for_steps(wfdir: Path, timeout: float = 600.0, poll: float = 0.2) -> None:
+    """Until every started step has a final phase (or its process is gone)."""
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        busy = []
+        for key, phase in _debug_phases(wfdir).items():
+            if phase in FINAL:
+                continue
+            pid = wfdir / key / "pid"
+            try:
+                os.kill(int(pid.read_text()), 0)
+                busy.append(key)
+            except (OSError, ValueError):
+                continue  # no process: nothing to wait for
+        if not busy:
+            return
+        time.sleep(poll)
+
+
+ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\w*): (.+)$")
+STAGED = re.compile(r"\S*?/(data|cleaned)/([A-Za-z0-9][A-Za-z0-9_.-]*)/(train|valid|test)/(\d+)(?![\d])")
+
+
+def failure_line(log_text: str) -> str:
+    """The step's own one-line error: the last exception line of its log (a FatalError's message
+    is lamflow's error as the user would see it from the command)."""
+    lines = [ln.rstrip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = ERROR_LINE.match(ln)
+        if m:
+            cls = m.group(1).rsplit(".", 1)[-1]
+            return m.group(2) if cls in ("FatalError", "TransientError") else f"{cls}: {m.group(2)}"
+    return lines[-1] if lines else "(the step wrote no log)"
+
+
+def user_paths(text: str, spec: PipelineSpec) -> str:
+    """Staged copies of the data (<...>/data/<dataset>/<split>/<i>) named by the user's path."""
+
+    def sub(m):
+        kind, name, split, i = m.group(1), m.group(2), m.group(3), int(m.group(4))
+        ds = spec.datasets.get(name)
+        paths = as_list(getattr(ds, split)) if ds is not None else []
+        if i >= len(paths):
+            return m.group(0)
+        return paths[i] if kind == "data" else f"{paths[i]} (its cleaned copy)"
+
+    return STAGED.sub(sub, text)
+
+
+def failures(wfdir: Path, spec: PipelineSpec) -> dict[str, dict]:
+    """display key -> {"error": one line, "log": path} for each failed step of a debug run."""
+    out = {}
+    for key, phase in _debug_phases(wfdir).items():
+        if phase not in ("Failed", "Error"):
+            continue
+        f = wfdir / key / "log.txt"
+        text = f.read_text(errors="replace") if f.is_file() else ""
+        out[display_key(key)] = {"error": user_paths(failure_line(text), spec), "log": str(f)}
+    return out
 
 
 @contextmanager
@@ -481,13 +646,15 @@ def _quiet_dflow():
     """dflow prints a line per skipped/finished step; lamflow prints its own progress."""
     import logging
 
-    lg = logging.getLogger("dflow")
-    old = lg.level
+    lg, root = logging.getLogger("dflow"), logging.getLogger()
+    old = lg.level, root.level
     lg.setLevel(logging.WARNING)
+    root.setLevel(logging.ERROR)  # dflow warns "step (key: ...) skipped" on the root logger for each reused step
     try:
         yield
     finally:
-        lg.setLevel(old)
+        lg.setLevel(old[0])
+        root.setLevel(old[1])
 
 
 def _watch_debug(wfdir: Path, stop: threading.Event, progress, timings: dict) -> None:
@@ -498,7 +665,8 @@ def _watch_debug(wfdir: Path, stop: threading.Event, progress, timings: dict) ->
     while True:
         done = stop.wait(0.2)
         now = time.time() - t0
-        for key, phase in _debug_phases(wfdir).items():
+        for full, phase in _debug_phases(wfdir).items():
+            key = display_key(full)
             if seen.get(key) != phase:
                 seen[key] = phase
                 progress(f"  [{now:6.1f}s] {key:<14} {phase}")
@@ -562,12 +730,12 @@ def find_run(run_id: str, workdir: str | os.PathLike | None = None) -> Run:
 
 @dataclass
 class StepInfo:
-    key: str
+    key: str  # as users see it, without the input hash: `test-1`
     stage: str
     phase: str
     system: str | None
     summary: dict | None
-    step: object  # the dflow ArgoStep
+    step: object  # the dflow ArgoStep (step.key: the full key)
 
 
 def unwrap(v):
@@ -601,7 +769,9 @@ def steps_of(run: Run) -> list[StepInfo]:
                 summary = unwrap(pars["summary"].value)
             except AttributeError:
                 summary = None
-        out.append(StepInfo(key, stage_of(key), s.phase, _system_of(key, spec), summary if isinstance(summary, dict) else None, s))
+        short = display_key(key)
+        out.append(StepInfo(short, stage_of(key), s.phase, _system_of(short, spec),
+                            summary if isinstance(summary, dict) else None, s))
     out.sort(key=lambda i: (ORDER.index(i.stage), int(i.key.rsplit("-", 1)[1]) if i.key[-1].isdigit() else 0))
     return out
 
@@ -630,25 +800,73 @@ def reusable_steps(run: Run, from_stage: str | None) -> list:
     return [i.step for i in steps_of(run) if i.phase == "Succeeded" and i.stage not in rerun]
 
 
-def retry(run: Run, from_stage: str | None = None, progress=print) -> tuple[str, str | None]:
-    """A new run of the same spec and inputs that reuses every succeeded step (dflow reuse_step).
-    Debug: runs it now and returns (id, status). Argo: submits it and returns (id, None)."""
+def retry(run: Run, from_stage: str | None = None, progress=print, spec: PipelineSpec | None = None,
+          check_data: bool = True) -> tuple[str | None, str | None]:
+    """A new run that reuses every succeeded step whose inputs did not change (dflow reuse_step;
+    step keys hold a hash of the step's inputs). `spec`: a fixed pipeline (`--spec`), validated
+    like a new submit; by default the run's own. `from_stage`: that stage and every later one
+    rerun from scratch (their checkpoint folders are emptied first).
+    Debug: runs it now and returns (id, status); Argo: submits it and returns (id, None);
+    (None, None) when there is nothing to retry (every step succeeded with these inputs)."""
     if run.meta is None:
         raise EngineError(f"{run.id}: not a lamflow run (no stored spec)")
     if from_stage is not None and from_stage not in ORDER:
         raise EngineError(f"--from {from_stage}: not a stage ({', '.join(ORDER)})")
-    reuse = reusable_steps(run, from_stage)
-    progress(f"reusing {len(reuse)} succeeded step(s): {', '.join(sorted(s.key for s in reuse)) or '-'}")
+    if spec is None:
+        spec = run.spec
+    else:
+        problems = check_spec(spec, data=False) + (image_problems(spec) if run.mode == "argo" else [])
+        if problems:
+            raise SpecError(problems)
+        spec = localize(spec)
+        problems = check_spec(spec, data=check_data)
+        if problems:
+            raise SpecError(problems)
+    if from_stage is not None and not any(stage_of(k) in keys_from(spec, from_stage) for k in run_keys(run, spec)):
+        raise EngineError(f"--from {from_stage}: the pipeline has no {from_stage} step "
+                          f"(stages: {', '.join(spec.stages.enabled())}, report)")
+    rerun = keys_from(spec, from_stage) if from_stage else set()
+    keys = run_keys(run, spec)
+    reuse = [i.step for i in steps_of(run) if i.phase == "Succeeded" and i.stage not in rerun and i.step.key in keys]
+    if not rerun and set(keys) <= {st.key for st in reuse}:
+        progress(f"{run.id}: nothing to retry: every step succeeded with these inputs "
+                 "(change the pipeline and pass --spec, or rerun stages with --from STAGE)")
+        return None, None
     if run.mode == "debug":
-        return submit_debug(run.spec, workdir=run.workdir, reuse=reuse, parent=run.meta, progress=progress)
+        root = Path(_resume_root(run))
+        for k in keys:
+            if stage_of(k) in rerun and (root / k).exists():
+                shutil.rmtree(root / k)  # --from: train from scratch, not from the old final checkpoint
+        restage = dataset_digests(spec) != run.meta.get("digests", dataset_digests(run.spec))
+        return submit_debug(spec, workdir=run.workdir, reuse=reuse, parent={**run.meta, "resume_root": str(root)},
+                            restage=restage, progress=progress)
+    progress(f"reusing {len(reuse)} succeeded step(s): {', '.join(sorted(display_key(st.key) for st in reuse)) or '-'}")
     env = run.env
-    configure_argo(ArgoEnv.from_env(run.spec))
-    wf = argo_workflow(run.spec, type_map=run.meta["type_map"], keys=run.meta["keys"], env=env, parent=run.id)
+    configure_argo(ArgoEnv.from_env(spec))
+    keys3 = run.meta["keys"] if spec is run.spec or dataset_digests(spec) == dataset_digests(run.spec) else input_keys(spec)
+    if keys3 is not run.meta["keys"]:
+        upload_inputs(spec, keys3)
+    wf = argo_workflow(spec, type_map=run.meta["type_map"] if keys3 is run.meta["keys"] else None, keys=keys3, env=env,
+                       parent=run.id)
     _configmaps_through_core_api(wf)
-    manifest = render_manifest(run.spec, namespace=env.namespace, workflow=wf, reuse_step=reuse)
-    assert_no_secrets(manifest, ArgoEnv.from_env(run.spec))
+    manifest = render_manifest(spec, namespace=env.namespace, workflow=wf, reuse_step=reuse)
+    assert_no_secrets(manifest, ArgoEnv.from_env(spec))
     res = post_manifest(manifest, env)
     return res["metadata"]["name"], None
+
+
+def _resume_root(run: Run) -> str:
+    return run.meta.get("resume_root") or str(run.workdir / META / run.meta["group"] / "resume")
+
+
+def run_keys(run: Run, spec: PipelineSpec) -> list[str]:
+    """The step keys `spec` gives in this run's setting (its type map and resume folders)."""
+    type_map = run.meta.get("type_map") or resolved_type_map(spec)
+    if dataset_digests(spec) != run.meta.get("digests", dataset_digests(run.spec)):
+        type_map = resolved_type_map(spec)
+    opts = BuildOptions(mode=run.mode, type_map=type_map, resume_root=_resume_root(run) if run.mode == "debug" else None,
+                        digests=dataset_digests(spec))
+    return step_keys(spec, opts)
 
 
 class _ConfigMapPoster:
@@ -736,7 +954,7 @@ def logs(run: Run, stage: str) -> list[tuple[str, str]]:
     out = []
     for i in steps:
         if run.mode == "debug":
-            f = run.workdir / run.id / i.key / "log.txt"
+            f = run.workdir / run.id / i.step.key / "log.txt"
             out.append((i.key, f.read_text() if f.is_file() else "(no log yet)"))
         else:
             out.append((i.key, _argo_log(run, i.step)))

@@ -177,8 +177,8 @@ class Debug(Strict):
     """Local runs (`lamflow submit --debug`): dflow's debug mode, one process per step."""
 
     workdir: str = "lamflow-runs"  # relative to the current directory
-    pool_workers: int = Field(1, ge=1)  # sliced steps (one per system) run this many at once
-    threads: int = Field(1, ge=1)  # torch threads per step
+    pool_workers: int = Field(1, ge=1, le=256)  # sliced steps (one per system) run this many at once
+    threads: int = Field(1, ge=1, le=1024)  # torch threads per step
 
 
 class PipelineSpec(Strict):
@@ -623,6 +623,8 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
     data=True also reads every local dataset: paths exist, elements are in the type map, no
     NaN/inf labels, at least one frame. models=True also validates the clean/distill settings with
     the model modules' own classes (which import torch; `lamflow render` skips them)."""
+    from . import stage_configs
+
     if data:
         from lamflow.model.data import elements_in, load_systems
 
@@ -661,11 +663,24 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
                         continue
                     where = f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(getattr(ds, split), list) else "")
                     try:
-                        load_systems([p], type_map, ds.fmt)
+                        loaded = load_systems([p], type_map, ds.fmt)
                     except LamflowError as e:
                         problems.append(f"{source}: {where}: {e}")
-    problems += stage_config_problems(spec, type_map or ["X"], models=models)
+                        continue
+                    problems += stage_configs.sel_problems(spec, name, where, loaded, type_map)
+    problems += stage_config_problems(spec, type_map or placeholder_type_map(spec), models=models)
     return problems
+
+
+def placeholder_type_map(spec: PipelineSpec) -> list[str]:
+    """When the data are not read, a stand-in type map: as many elements as a per-element `sel`
+    list names (so only the data check, not this stand-in, judges its length)."""
+    n = 1
+    for st in (spec.stages.pretrain, spec.stages.finetune):
+        sel = (st.model.get("descriptor") or {}).get("sel") if isinstance(st.model, dict) else None
+        if isinstance(sel, list) and sel:
+            n = len(sel)
+    return [f"X{i}" for i in range(n)]
 
 
 def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool = True) -> list[str]:
@@ -674,7 +689,11 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool 
     out: list[str] = []
     st = spec.stages
     dummy = ["data"]
-    if st.pretrain.enabled:
+    from . import stage_configs
+
+    if st.pretrain.enabled and models and len(st.pretrain.datasets) > 1 and stage_configs.multitask_available():
+        out += stage_configs.multitask_problems(spec, type_map)  # the multi-task trainer's own config model
+    elif st.pretrain.enabled:
         out += model_config_problems(source, "stages.pretrain", train_config_dict(st.pretrain, type_map, dummy, dummy))
     if st.finetune.enabled:
         try:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Annotated, Optional
 
 from pydantic import BaseModel, ValidationError
+
+from lamflow.model.errors import LamflowError
 
 if TYPE_CHECKING:
     from .spec import PipelineSpec
@@ -84,7 +87,108 @@ def problems(spec: "PipelineSpec", load: bool = True) -> list[str]:
         if unknown:
             out.append(f"{source}: stages.compress.config: unknown key(s) {', '.join(unknown)} "
                        f"(known: {', '.join(sorted(COMPRESS_KEYS))})")
+        elif load and available("compress"):
+            out += validate_config(compress_settings(), dict(st.compress.config), source, "stages.compress.config")[1]
     return out
 
 
 COMPRESS_KEYS = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
+
+
+def compress_settings() -> type[BaseModel]:
+    """The compress stage's settings as a pydantic model whose fields are those of the compressed
+    checkpoint's own config (lamflow.model.compress.CompressedModelConfig): the same bounds the
+    stage applies (stride > 0, extrapolate >= 1, min_nbor_dist > 0), not a second rule set."""
+    from pydantic import ConfigDict, create_model
+
+    fields = module("compress").CompressedModelConfig.model_fields
+    spec = {k: (f.annotation, f) for k, f in fields.items() if k in COMPRESS_KEYS and k != "min_nbor_dist"}
+    mnd = fields["min_nbor_dist"]
+    spec["min_nbor_dist"] = (Optional[Annotated[float, *mnd.metadata]], None)  # optional here: else from the data
+    return create_model("CompressSettings", __config__=ConfigDict(extra="forbid", frozen=True), **spec)
+
+
+def sel_problems(spec: "PipelineSpec", dataset: str, where: str, systems: list, type_map: list[str]) -> list[str]:
+    """Frames of `dataset` (one split, loaded) whose neighbours exceed the fixed `sel` of a
+    training stage that reads it, from a bounded sample (lamflow.model.data_warnings.sel_overflow)."""
+    from lamflow.model.data_warnings import sel_overflow
+
+    from .spec import finetune_settings, model_settings, spec_source
+
+    st = spec.stages
+    stages = []
+    if st.pretrain.enabled and dataset in st.pretrain.datasets:
+        stages.append(("pretrain", lambda: model_settings(st.pretrain)))
+    if dataset in spec.finetune_systems:
+        stages.append(("finetune", lambda: finetune_settings(spec)))
+    out = []
+    for name, settings in stages:
+        try:
+            desc = settings()["model"].get("descriptor") or {}
+            if name == "finetune" and st.pretrain.enabled and isinstance(desc, dict):
+                desc = pretrained_descriptor(spec, desc, type_map) or desc
+        except LamflowError:  # a broken pretrained checkpoint or config is reported by stage_config_problems
+            continue
+        msg = sel_overflow(systems, desc, type_map) if isinstance(desc, dict) else None
+        if msg:
+            out.append(f"{spec_source(spec)}: {where}: stages.{name} descriptor: {msg}")
+    return out
+
+
+_RESOLVED: dict[str, dict | None] = {}
+
+
+def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str]) -> dict | None:
+    """Fine-tuning keeps the pretrained model's sel; with `sel: auto` pretraining computes it from
+    its training data. Compute it the same way when those data are small enough to read whole
+    (lamflow.model.data_warnings.resolved_descriptor), so validate can check the fine-tune data
+    against it; None when that is not possible offline."""
+    import json
+
+    from lamflow.model.data import load_systems
+    from lamflow.model.data_warnings import resolved_descriptor
+
+    from .spec import as_list, is_s3
+
+    paths = [(p, spec.datasets[d].fmt) for d in spec.stages.pretrain.datasets for p in as_list(spec.datasets[d].train)]
+    if any(is_s3(p) for p, _ in paths):
+        return None
+    cache = json.dumps([desc, type_map, paths], sort_keys=True, default=str)
+    if cache not in _RESOLVED:
+        systems = [s for p, fmt in paths for s in load_systems([p], type_map, fmt)]
+        try:
+            _RESOLVED[cache] = resolved_descriptor(desc, type_map, systems)
+        except (LamflowError, ValidationError):
+            _RESOLVED[cache] = None
+    return _RESOLVED[cache]
+
+
+# the multi-task layout's paths -> the pipeline's (`stages.pretrain.<these>`)
+MULTITASK_PATHS = [(re.compile(r"\bmodel\.model_dict\.[^.:]+\."), "model."), (re.compile(r"\bmodel\.shared_dict\."), "model."),
+                   (re.compile(r"\bloss_dict\.[^.:]+([.:])"), r"loss\1"),
+                   (re.compile(r"\btraining\.data_dict\.[^.:]+\."), "training.")]
+
+
+def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
+    """A multi-task pretraining stage's settings checked by the multi-task trainer's own config
+    (lamflow.model.multitask.parse_multitask_config on what the pretrain OP builds), with the
+    errors' paths put back into the pipeline's layout (one line per problem, not per head)."""
+    from lamflow.model.multitask import parse_multitask_config
+    from lamflow.ops.pretrain import multitask_config_dict
+
+    from .spec import model_settings, spec_source
+
+    st = spec.stages.pretrain
+    heads = {n: {"train": ["data"], "valid": ["data"], "fmt": "auto"} for n in st.datasets}
+    try:
+        parse_multitask_config(multitask_config_dict(model_settings(st), heads, type_map), "@")
+    except LamflowError as e:
+        out = []
+        for line in str(e).splitlines():
+            line = line.replace("@: ", f"{spec_source(spec)}: stages.pretrain.", 1)
+            for pat, rep in MULTITASK_PATHS:
+                line = pat.sub(rep, line)
+            if line not in out and ".systems" not in line:
+                out.append(line)
+        return out
+    return []
