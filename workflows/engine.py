@@ -289,8 +289,10 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
 
 
 def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys: dict[str, str] | None = None,
-                  env: ArgoEnv | None = None, parent: str | None = None):
-    """The dflow Workflow for Argo, templates built with blank secrets and seeded names."""
+                  env: ArgoEnv | None = None, parent: str | None = None, checkpoint_run: str | None = None):
+    """The dflow Workflow for Argo, templates built with blank secrets and seeded names.
+    `checkpoint_run`: the run whose checkpoint keys training steps resume from (a retry passes
+    its first run's id; default: this workflow's own name)."""
     from dflow import config
 
     if type_map is None:
@@ -302,7 +304,10 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
     if util:
         config["util_image"] = util
     summary = spec_summary(spec)
-    annotations = {ANNOTATION: json.dumps({**summary, "type_map": type_map, "keys": keys, "parent": parent})}
+    meta = {**summary, "type_map": type_map, "keys": keys, "parent": parent}
+    if checkpoint_run:
+        meta["checkpoint_run"] = checkpoint_run
+    annotations = {ANNOTATION: json.dumps(meta)}
     labels = {LABEL: spec.name, "app.kubernetes.io/managed-by": "lamflow"}
     kw = dict(namespace=env.namespace if env else (os.environ.get("LAMFLOW_NAMESPACE") or spec.engine.namespace),
               parallelism=spec.engine.parallelism,
@@ -311,7 +316,9 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
         kw.update(host=env.host, token=env.token)
     try:
         with scrubbed():
-            return build_workflow(spec, s3_inputs(keys), BuildOptions(mode="argo", type_map=type_map),
+            opts = BuildOptions(mode="argo", type_map=type_map, inputs_key=keys["data"].rsplit("/", 1)[0],
+                                checkpoint_run=checkpoint_run or "{{workflow.name}}")
+            return build_workflow(spec, s3_inputs(keys), opts,
                                   labels=labels, annotations=annotations, seed=json.dumps(summary, sort_keys=True), **kw)
     finally:
         config["mode"], config["util_image"] = saved
@@ -335,6 +342,29 @@ def upload_inputs(spec: PipelineSpec, keys: dict[str, str], force: bool = False)
                 continue
             print(f"{what}: uploading to s3 key {keys[what]}")
             upload_artifact(str(path), key=keys[what])
+        upload_system_data(spec, keys, root, force)
+
+
+def upload_system_data(spec: PipelineSpec, keys: dict[str, str], root: Path, force: bool = False) -> None:
+    """One artifact per fan-out item (fine-tune / test system i) under <inputs>/systems/<fanout>/<i>,
+    holding only that dataset: each fan-out pod downloads its own system (dag.system_data)."""
+    from dflow import upload_artifact
+
+    from lamflow.ops.common import stage_dataset
+
+    base = keys["data"].rsplit("/", 1)[0] + "/systems"
+    fanouts = {"finetune": spec.finetune_systems}
+    if not spec.finetune_systems:
+        fanouts["test"] = spec.test_systems
+    for fanout, systems in fanouts.items():
+        for i, name in enumerate(systems):
+            key = f"{base}/{fanout}/{i}"
+            if not force and _s3_exists(key):
+                continue
+            ds = spec.datasets[name]
+            d = root / "systems" / fanout / str(i)
+            stage_dataset(d, name, {s: as_list(getattr(ds, s)) for s in ("train", "valid", "test")}, ds.fmt)
+            upload_artifact(str(d), key=key)
 
 
 def _s3_exists(key: str) -> bool:
@@ -451,7 +481,8 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     meta = {"id": rid, "mode": "debug", "group": group, "parent": parent["id"] if parent else None,
             "created": time.time(), "type_map": type_map, "inputs": inputs, **spec_summary(spec)}
     write_meta(workdir, meta)
-    opts = BuildOptions(mode="debug", type_map=type_map, resume_root=str(workdir / META / group / "resume"))
+    opts = BuildOptions(mode="debug", type_map=type_map, resume_root=str(workdir / META / group / "resume"),
+                        threads=spec.debug.threads)
     wf = build_workflow(spec, arts, opts, id=rid)
     os.environ["LAMFLOW_THREADS"] = str(spec.debug.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
@@ -643,7 +674,8 @@ def retry(run: Run, from_stage: str | None = None, progress=print) -> tuple[str,
         return submit_debug(run.spec, workdir=run.workdir, reuse=reuse, parent=run.meta, progress=progress)
     env = run.env
     configure_argo(ArgoEnv.from_env(run.spec))
-    wf = argo_workflow(run.spec, type_map=run.meta["type_map"], keys=run.meta["keys"], env=env, parent=run.id)
+    wf = argo_workflow(run.spec, type_map=run.meta["type_map"], keys=run.meta["keys"], env=env, parent=run.id,
+                       checkpoint_run=run.meta.get("checkpoint_run") or run.id)  # training resumes from the first run's checkpoints
     _configmaps_through_core_api(wf)
     manifest = render_manifest(run.spec, namespace=env.namespace, workflow=wf, reuse_step=reuse)
     assert_no_secrets(manifest, ArgoEnv.from_env(run.spec))
