@@ -160,7 +160,9 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
     if launcher is not None:
         from .torchrun import launch, write_job
 
-        nproc = next((int(a.split("=")[1]) for a in launcher if a.startswith("--nproc_per_node=")), 1)
+        nproc = next((int(a.split("=")[1]) for a in launcher if a.startswith("--nproc_per_node=")),
+                     int(os.environ.get("PET_NPROC_PER_NODE", "1")) if os.environ.get("PET_NPROC_PER_NODE", "1").isdigit()
+                     else 1)  # a TrainJob node: the runtime's value
         job = write_job(work / "job.json", kind, per_rank_threads(config, nproc), work, store=store, finetune=finetune)
         return launch(job, launcher, log=log)
     if kind == "multitask":

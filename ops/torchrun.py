@@ -65,7 +65,8 @@ def launch(job: Path, launcher_args: list[str], log=print, timeout: float | None
     if rc != 0:
         raise TrainingError(f"torchrun exited with status {rc}: " + " | ".join(tail[-5:]))
     out = Path(json.loads(Path(job).read_text())["out"])
-    return json.loads((out / "train.json").read_text())
+    metrics = out / "train.json"  # written by global rank 0: on the other nodes of a TrainJob there is none
+    return json.loads(metrics.read_text()) if metrics.is_file() else {}
 
 
 def run_worker(job: dict) -> None:

@@ -47,12 +47,14 @@ TRAINING = ("pretrain", "finetune")  # stages whose steps sync checkpoints and r
 PREEMPTED = 'lastRetry.status == "Error" || (lastRetry.status == "Failed" && asInt(lastRetry.exitCode) == 1)'
 
 
-def preemption_retry(limit: int) -> dict:
+def preemption_retry(limit: int, expression: str | None = PREEMPTED) -> dict:
     """Argo retryStrategy of a training step: retry when the pod errored (node preempted, pod
     evicted or deleted) or exited with dflow's TransientError (1), never on a FatalError (2); the
     retried pod resumes from the synced checkpoint (ops/checkpoint_store.py)."""
-    return {"limit": limit, "retryPolicy": "Always", "expression": PREEMPTED,
-            "backoff": {"duration": "1m", "factor": 2, "maxDuration": "1h"}}
+    out = {"limit": limit, "retryPolicy": "Always", "backoff": {"duration": "1m", "factor": 2, "maxDuration": "1h"}}
+    if expression:
+        out["expression"] = expression
+    return out
 
 
 def threads_of(res: Resources, opts: BuildOptions) -> int:
