@@ -215,3 +215,55 @@ def test_a_trainjob_node_trains_from_published_inputs_and_hands_the_model_to_col
         assert json.loads((got / "summary.json").read_text())["steps"] == TINY["training"]["numb_steps"]
     finally:
         server.stop()
+
+
+def test_production_template_pretrains_on_two_nodes_of_eight_gpus_and_fine_tunes_on_one_each(monkeypatch):
+    from test_render import REPO
+
+    from lamflow.workflows.engine import ArgoEnv, configure_argo
+
+    secrets = {"LAMFLOW_ARGO_TOKEN": "tok-prod-8e1f2a", "LAMFLOW_S3_ACCESS_KEY": "AKIAPRODEXAMPLE7",
+               "LAMFLOW_S3_SECRET_KEY": "prod-s3cr3t-1a2b3c4d"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LAMFLOW_ARGO_HOST", "https://127.0.0.1:9")
+    monkeypatch.setenv("LAMFLOW_S3_ENDPOINT", "127.0.0.1:9")
+    monkeypatch.setenv("LAMFLOW_S3_BUCKET", "lamflow-artifacts")
+    spec = load_spec(REPO / "templates" / "dpa2-production.yaml")
+    from dflow import config, s3_config
+
+    saved = dict(config), dict(s3_config)
+    try:
+        configure_argo(ArgoEnv.from_env(spec), spec)  # as `lamflow submit` does: dflow holds the real keys now
+        m = render_manifest(spec)
+    finally:
+        config.update(saved[0])
+        s3_config.update(saved[1])
+    text = json.dumps(m)
+    for k, v in secrets.items():
+        assert v not in text, f"{k} leaked into the manifest"
+    assert schema_errors(m) == []
+
+    t, job = trainjob_of(m)
+    assert trainjob_errors(job) == []
+    tr = job["spec"]["trainer"]
+    assert tr["numNodes"] == 2 and tr["numProcPerNode"] == 8
+    assert tr["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert pod["template"]["spec"]["template"]["spec"] == {
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, "tolerations": [TOLERATION]}
+    assert all("value" not in e for e in tr["env"] if e["name"].startswith("LAMFLOW_S3_"))  # Secret references only
+    assert t["retryStrategy"]["limit"] == 5  # engine.preemption_retries
+
+    by_name = {x["name"]: x for x in m["spec"]["templates"]}
+    tasks = tasks_of(m)
+    ft = by_name[tasks["finetune"]["template"]]
+    assert ft["script"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    params = {p["name"]: p.get("value") for p in tasks["finetune"]["arguments"]["parameters"]}
+    assert params["nproc"] == "1"  # one GPU per system: no torchrun
+    assert ft["retryStrategy"]["limit"] == 5 and ft["retryStrategy"]["retryPolicy"] == "Always"
+    env = {e["name"]: e for e in ft["script"]["env"]}
+    assert env["LAMFLOW_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "lamflow-s3-credentials", "key": "secretkey"}
+    assert json.loads(params["checkpoint_store"])["endpoint"] == "minio.lamflow-minio.svc:9000"
+    for name in ("test", "compress", "report", "clean", "pretrain-inputs", "pretrain"):
+        assert "retryPolicy" not in json.dumps(by_name[tasks[name]["template"]].get("retryStrategy", {})), name
