@@ -230,7 +230,14 @@ def test_retry_on_argo_memoizes_succeeded_steps_and_reruns_the_failed_one(tmp_pa
         assert t["memoize"]["key"] == f"{new}-{{{{inputs.parameters.dflow_key}}}}"
         assert t["memoize"]["cache"]["configMap"]["name"] == f"dflow-{new}-{{{{inputs.parameters.dflow_key}}}}"
     meta = json.loads(manifest["metadata"]["annotations"]["lamflow.io/spec"])
-    assert meta["parent"] == wid
+    assert meta["parent"] == wid and meta["checkpoint_run"] == wid
+    # a rerun training step resumes from the checkpoints the first run synced, not from its own (empty) keys
+    pre = next(task for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
+               if task["name"] == "pretrain")
+    store = json.loads(next(p["value"] for p in pre["arguments"]["parameters"] if p["name"] == "checkpoint_store"))
+    assert store["key"] == f"lamflow/checkpoints/{wid}/pretrain"
+    first = next(task for t in wf["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"] if task["name"] == "pretrain")
+    assert "lamflow/checkpoints/{{workflow.name}}/pretrain" in json.dumps(first["arguments"])
     text = json.dumps(manifest) + json.dumps(argo.configmaps)
     for k, v in SECRETS.items():
         assert v not in text, f"{k} leaked"
