@@ -136,6 +136,13 @@ def test_multinode_pretrain_renders_a_trainjob_valid_against_the_trainer_crd(tmp
     assert "nvidia.com/gpu" not in json.dumps([x for x in m["spec"]["templates"] if "resource" not in x])  # helpers on CPU
 
 
+def test_the_helper_steps_of_a_multinode_stage_belong_to_it_for_status_and_retry():
+    from lamflow.workflows.dag import stage_of
+
+    assert [stage_of(k) for k in ("pretrain-inputs", "pretrain-trainjob", "pretrain", "finetune-12", "test-0")] == [
+        "pretrain", "pretrain", "pretrain", "finetune", "test"]
+
+
 def test_trainjob_schema_check_catches_a_misspelled_key_and_a_wrong_type(tmp_path):
     _, job = trainjob_of(render_manifest(load_spec(write(tmp_path, doc()))))
     bad = copy.deepcopy(job)

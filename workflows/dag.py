@@ -88,9 +88,15 @@ def store_param(spec: PipelineSpec, opts: BuildOptions, stage: str) -> dict:
             "key": f"{c.prefix.strip('/')}/{opts.checkpoint_run}/{stage}"}
 
 
+HELPER_SUFFIXES = ("-inputs", "-trainjob")  # the extra steps of a multi-node stage (workflows/trainjob.py)
+
+
 def stage_of(key: str) -> str:
-    """Step key -> stage name (`finetune-2` -> `finetune`)."""
+    """Step key -> stage name (`finetune-2` -> `finetune`, `pretrain-trainjob` -> `pretrain`)."""
     base = key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
+    for suffix in HELPER_SUFFIXES:
+        if base.endswith(suffix) and base[: -len(suffix)] in STAGES:
+            return base[: -len(suffix)]  # reused with their stage by `lamflow retry`
     return base
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lamflow.model.errors import LamflowError
 
-from .dag import ORDER, BuildOptions, Inputs, build_workflow, keys_from, stage_of
+from .dag import HELPER_SUFFIXES, ORDER, BuildOptions, Inputs, build_workflow, keys_from, stage_of
 from .spec import (PipelineSpec, SpecError, as_list, check_spec, image_problems, is_s3, resolved_type_map,
                    spec_from_summary, spec_summary)
 
@@ -719,7 +719,8 @@ def download(run: Run, out_dir: Path, stage: str | None = None) -> list[Path]:
     stage = stage or "report"
     if stage not in OUTPUT_OF:
         raise EngineError(f"--stage {stage}: not a stage ({', '.join(OUTPUT_OF)})")
-    steps = [i for i in steps_of(run) if i.stage == stage and i.phase == "Succeeded"]
+    steps = [i for i in steps_of(run) if i.stage == stage and i.phase == "Succeeded"
+             and not i.key.endswith(HELPER_SUFFIXES)]  # a multi-node stage's inputs/TrainJob steps have no outputs
     if not steps:
         raise EngineError(f"{run.id}: stage {stage} has no succeeded step (yet)")
     out_dir.mkdir(parents=True, exist_ok=True)
