@@ -52,7 +52,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from .checkpoint import build_from_payload, read_checkpoint, resolve_device, save_model
+from .checkpoint import read_checkpoint, save_model, build_from_payload, resolve_device
 from .config import ModelConfig, SeE2AConfig, Strict, dtype_name
 from .descriptor.base import DescriptorOutput, EnvMatBlock
 from .env_mat import switch

@@ -484,7 +484,6 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     opts = BuildOptions(mode="debug", type_map=type_map, resume_root=str(workdir / META / group / "resume"),
                         threads=spec.debug.threads)
     wf = build_workflow(spec, arts, opts, id=rid)
-    os.environ["LAMFLOW_THREADS"] = str(spec.debug.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
     progress(f"run {rid}: {workdir / rid}")
     stop = threading.Event()
