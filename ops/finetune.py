@@ -60,6 +60,12 @@ def run_finetune(config: dict, data: Path, system: str, pretrained: Path, out_di
     return summary
 
 
+def system_store(param: dict, system: str) -> StoreConfig | None:
+    """The fan-out item's own checkpoint place: <prefix>/<run>/finetune/<system>."""
+    store = StoreConfig.from_param(param)
+    return store.child(system) if store is not None else None
+
+
 class Finetune(OP):
     @classmethod
     def get_input_sign(cls):
@@ -94,6 +100,6 @@ class Finetune(OP):
             summary = run_finetune(ip["config"], ip["data"], ip["system"], ip["pretrained"], out,
                                    type_map=list(ip["type_map"]), cleaned=ip["cleaned"], branch=ip["branch"] or None,
                                    freeze_descriptor=ip["freeze_descriptor"], resume_dir=ip["resume_dir"] or None,
-                                   store=StoreConfig.from_param(ip["checkpoint_store"]),
+                                   store=system_store(ip["checkpoint_store"], ip["system"]),
                                    launcher=launcher_for(ip["nproc"]), threads=ip["threads"])
         return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})

@@ -38,3 +38,12 @@ def test_dag_gives_each_step_its_threads_and_training_steps_their_ranks():
     argo = BuildOptions(mode="argo")
     assert threads_of(Resources(cpu=8), argo) == 8 and threads_of(Resources(cpu="1500m"), argo) == 1
     assert threads_of(Resources(), argo) == 0 and threads_of(Resources(cpu=8), BuildOptions(threads=2)) == 2
+
+
+def test_each_fine_tuned_system_syncs_to_its_own_checkpoint_key():
+    from lamflow.ops.finetune import system_store
+
+    param = {"endpoint": "minio:9000", "bucket": "b", "key": "lamflow/checkpoints/wf-1/finetune", "secure": False}
+    assert system_store(param, "ch4").key == "lamflow/checkpoints/wf-1/finetune/ch4"
+    assert system_store(param, "water").key != system_store(param, "ch4").key
+    assert system_store({}, "ch4") is None  # debug mode: local resume folders only

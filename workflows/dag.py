@@ -43,7 +43,6 @@ class BuildOptions:
     inputs_key: str | None = None  # argo: S3 prefix of the workflow's inputs (per-system data under <prefix>/systems)
 
 
-TRAINING = ("pretrain", "finetune")  # stages whose steps sync checkpoints and retry on preemption
 PREEMPTED = 'lastRetry.status == "Error" || (lastRetry.status == "Failed" && asInt(lastRetry.exitCode) == 1)'
 
 
