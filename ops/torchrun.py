@@ -49,9 +49,9 @@ def write_job(path: Path, kind: str, config: dict, out: Path, *, store: StoreCon
 
 
 def launch(job: Path, launcher_args: list[str], log=print, timeout: float | None = None) -> dict:
-    """Run the job under torchrun; stream its output; return rank 0's train.json metrics."""
-    from lamflow.model.errors import TrainingError
-
+    """Run the job under torchrun; stream its output; return rank 0's train.json metrics. A rank
+    that dies (lost peer, NCCL error, OOM) is a RuntimeError, i.e. a transient failure Argo may
+    retry (the config was checked before launching)."""
     cmd = torchrun_command(job, launcher_args)
     log("launch: " + " ".join(cmd[1:]))
     env = dict(os.environ)
@@ -63,7 +63,7 @@ def launch(job: Path, launcher_args: list[str], log=print, timeout: float | None
         tail = (tail + [line.rstrip()])[-30:]
     rc = proc.wait(timeout=timeout)
     if rc != 0:
-        raise TrainingError(f"torchrun exited with status {rc}: " + " | ".join(tail[-5:]))
+        raise RuntimeError(f"torchrun exited with status {rc}: " + " | ".join(tail[-5:]))
     out = Path(json.loads(Path(job).read_text())["out"])
     metrics = out / "train.json"  # written by global rank 0: on the other nodes of a TrainJob there is none
     return json.loads(metrics.read_text()) if metrics.is_file() else {}
