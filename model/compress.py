@@ -52,7 +52,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from .checkpoint import read_checkpoint, save_model, build_from_payload
+from .checkpoint import read_checkpoint, save_model, build_from_payload, resolve_device
 from .config import ModelConfig, SeE2AConfig, Strict, dtype_name
 from .descriptor.base import DescriptorOutput, EnvMatBlock
 from .env_mat import switch
@@ -501,8 +501,9 @@ def _load_training_data(spec: list[str] | str, type_map: list[str], fmt: str):
 
 def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stride: float = 0.01, extrapolate: float = 5.0,
              check_frequency: int = -1, training_data: list[str] | str | None = None, min_nbor_dist: float | None = None,
-             fmt: str = "auto", log: Callable = print) -> CompressResult:
-    """`lamflow compress`: tabulate the se_e2_a model in model_path and save a "compressed" checkpoint."""
+             fmt: str = "auto", device: str = "cpu", log: Callable = print) -> CompressResult:
+    """`lamflow compress`: tabulate the se_e2_a model in model_path and save a "compressed" checkpoint.
+    `device`: where the tables are built and checked ("auto": a GPU when there is one)."""
     t0 = time.time()
     payload = read_checkpoint(model_path)
     if payload.get("kind", "energy") != "energy":
@@ -514,7 +515,7 @@ def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stri
         raise ConfigError(f"stride must be > 0 and extrapolate >= 1 (got {stride}, {extrapolate})")
     d, systems = resolve_min_nbor_dist(payload, float(desc.get("rcut", 6.0)), payload["type_map"], training_data,
                                        min_nbor_dist, fmt, log)
-    model = build_from_payload(payload, str(model_path)).eval()
+    model = build_from_payload(payload, str(model_path)).to(resolve_device(device)).eval()
     cm = compress_model(model, d, stride, extrapolate, check_frequency)
     check = {}
     if systems:
@@ -525,7 +526,7 @@ def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stri
     # the embedding nets themselves plus the settings for `dp compress`; coverage of the model it was made from
     parent = {k: v for k, v in payload.items() if k != "train_state"}
     kept = {k: payload[k] for k in ("trained_elements",) if k in payload}
-    path = save_model(cm, out_path, extra={"min_nbor_dist": d, "parent": parent, **kept})
+    path = save_model(cm.cpu(), out_path, extra={"min_nbor_dist": d, "parent": parent, **kept})
     rows = cm.descriptor.coef.shape[1]
     log(f"compressed {len(cm.cfg.tables)} embedding nets into {rows} rows (stride {stride}, extrapolate {extrapolate}, "
         f"min_nbor_dist {d:.4f} A) -> {path}")

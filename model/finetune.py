@@ -112,7 +112,7 @@ def check_elements(cfg: TrainConfig, type_map: list[str], source: str) -> None:
 
 def finetune(cfg: TrainConfig, pretrained: str | os.PathLike, out_dir: str | os.PathLike, *, branch: str | None = None,
              freeze_descriptor: bool = False, restart: str | os.PathLike | None = None,
-             log: Callable = print) -> TrainResult:
+             log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Fine-tune `pretrained` (a lamflow checkpoint: energy or multitask) on cfg's data; see the
     module docstring. `branch`: a multi-task head, or "RANDOM" for a new one. `restart`: continue an
     interrupted fine-tuning from its checkpoint (as train.train)."""
@@ -144,7 +144,8 @@ def finetune(cfg: TrainConfig, pretrained: str | os.PathLike, out_dir: str | os.
         frames = bias_frames(train_sys, cfg.model.data_stat_nbatch, cfg.training.training_data.batch_size)
         change_bias(model, frames, keep, log)
 
-    return train(cfg.model_copy(update={"model": mcfg}), out_dir, restart=restart, init=init, log=log)
+    return train(cfg.model_copy(update={"model": mcfg}), out_dir, restart=restart, init=init, log=log,
+                 on_checkpoint=on_checkpoint)
 
 
 def energy_model(pretrained, branch: str | None = None) -> EnergyModel:

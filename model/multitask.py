@@ -562,9 +562,9 @@ def branch_probabilities(cfg: MultiTaskTrainConfig, train: dict[str, list[System
 
 
 def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, restart: str | os.PathLike | None = None,
-                    log: Callable = print) -> TrainResult:
+                    log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Multi-task (pre-)training; the checkpoint (kind "multitask") holds every branch.
-    `restart`: as for `train.train` (a checkpoint with train_state, or "auto")."""
+    `restart`, `on_checkpoint`: as for `train.train`."""
     from .evaluate import dataset_metrics
 
     out = Path(out_dir)
@@ -609,7 +609,8 @@ def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, re
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model: {model.cfg.descriptor.type} shared by {len(tasks)} branches "
         f"({', '.join(f'{t.name} p={t.prob:.3f}' for t in tasks)}), {nparam} parameters, {model.cfg.dtype_name}, device {device}")
-    trainer = Trainer(model, tasks, cfg, out, kind="multitask", rng=rng, log=log, rank=rank, world=world)
+    trainer = Trainer(model, tasks, cfg, out, kind="multitask", rng=rng, log=log, rank=rank, world=world,
+                      on_checkpoint=on_checkpoint)
     if payload is not None:
         trainer.load_state(payload["train_state"])
         log(f"restarting from {restart} at step {trainer.step}")

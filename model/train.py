@@ -90,8 +90,9 @@ def set_threads(n: int | None) -> None:
 class Trainer:
     def __init__(self, root: nn.Module, tasks: list[Task], cfg: TrainConfig, out_dir: Path, kind: str | None = None,
                  rng: np.random.Generator | None = None, log: Callable = print, rank: int = 0, world: int = 1,
-                 extra_payload: dict | None = None):
+                 extra_payload: dict | None = None, on_checkpoint: Callable[[Path, int], None] | None = None):
         self.root, self.tasks, self.cfg, self.out = root, tasks, cfg, Path(out_dir)
+        self.on_checkpoint = on_checkpoint  # called on rank 0 with (checkpoint path, step) after each save
         self.kind, self.log, self.rank, self.world = kind, log, rank, world
         self.extra_payload = extra_payload or {}
         if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (coverage.py)
@@ -206,6 +207,8 @@ class Trainer:
                 self.save(self.out / "model.ckpt")
                 if not last:
                     self._keep_numbered()
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(self.out / "model.ckpt", self.step)
         return self.history
 
     def _display(self, step, task, loss, metrics, lr, t0, step0, lcurve):
@@ -303,10 +306,12 @@ def check_labels(systems: list[System], cfg: TrainConfig, what: str) -> None:
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.PathLike | None = None,
-          init: Callable[[EnergyModel, list[System]], None] | None = None, log: Callable = print) -> TrainResult:
+          init: Callable[[EnergyModel, list[System]], None] | None = None, log: Callable = print,
+          on_checkpoint: Callable[[Path, int], None] | None = None) -> TrainResult:
     """Train one energy model. `restart`: a checkpoint with train_state to continue from
     ("auto": out_dir/model.ckpt if it exists). `init(model, train_systems)`: called instead of the
-    statistics fit (fine-tuning loads weights and re-fits the bias there)."""
+    statistics fit (fine-tuning loads weights and re-fits the bias there). `on_checkpoint(path,
+    step)`: called on rank 0 after each checkpoint save (e.g. to copy it to an object store)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.training.num_threads)
@@ -343,7 +348,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model: {model.cfg.descriptor.type}, {nparam} parameters, {model.cfg.dtype_name}, device {device}")
     task = Task("default", model, EnergyLoss(cfg.loss), train_ds, valid_ds, 1.0, vd.numb_btch if vd else 1)
-    trainer = Trainer(model, [task], cfg, out, rng=rng, log=log, rank=rank, world=world)
+    trainer = Trainer(model, [task], cfg, out, rng=rng, log=log, rank=rank, world=world, on_checkpoint=on_checkpoint)
     if payload is not None:
         trainer.load_state(payload["train_state"])
         log(f"restarting from {restart} at step {trainer.step}")

@@ -7,6 +7,7 @@
     Distill   teacher + structures   -> small student model                      (ops/distill.py)
     Compress  student                -> tabulated (compressed) model, speed-up   (ops/compress.py)
     Report    every stage's outputs  -> report.md + PNGs + summary.json          (ops/report.py)
+    PublishInputs / CollectModel: around a multi-node TrainJob                  (ops/trainjob.py)
 
 Each module also has a plain function (`run_pretrain`, `run_test`, ...) that `execute` calls,
 so a stage can be run and tested without dflow. OP classes are imported on first use (dflow
@@ -16,7 +17,8 @@ takes about a second to import).
 import importlib
 
 _MODULES = {"Clean": "clean", "Pretrain": "pretrain", "Finetune": "finetune", "Test": "test",
-            "Distill": "distill", "Compress": "compress", "Report": "report"}
+            "Distill": "distill", "Compress": "compress", "Report": "report",
+            "PublishInputs": "trainjob", "CollectModel": "trainjob"}
 
 
 def __getattr__(name):

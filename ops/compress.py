@@ -33,9 +33,10 @@ def speedup(model, compressed, systems, frames: int = 32, repeats: int = 3) -> d
 
 
 def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: Path, *, cleaned: Path | None = None,
-                 log=print) -> dict:
+                 device: str = "auto", log=print) -> dict:
     """Compress `model` (checkpoint or folder with model.ckpt) into out_dir/model.ckpt; summary.json
-    holds the largest energy/force deviation and the measured speed-up."""
+    holds the largest energy/force deviation and the measured speed-up (both measured on `device`:
+    "auto" is the pod's GPU when it has one)."""
     from lamflow.model.checkpoint import load_model
     from lamflow.model.compress import compress
     from lamflow.model.data import load_systems
@@ -53,8 +54,8 @@ def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: P
     root = pick_root(dataset, data, cleaned)
     fmt = dataset_fmt(root, dataset)
     paths = split_paths(root, dataset, "train")
-    res = compress(src, out / "model.ckpt", training_data=paths, fmt=fmt, log=log, **cfg)
-    net, comp = load_model(src), load_model(res.checkpoint)
+    res = compress(src, out / "model.ckpt", training_data=paths, fmt=fmt, device=device, log=log, **cfg)
+    net, comp = load_model(src, device), load_model(res.checkpoint, device)
     check = split_paths(root, dataset, "valid") or paths
     timing = speedup(net, comp, load_systems(check, list(net.type_map), fmt, labeled=False))
     summary = {"dataset": dataset, "min_nbor_dist": res.min_nbor_dist, "tables": res.tables, "rows": res.rows,
@@ -70,6 +71,8 @@ class Compress(OP):
         return OPIOSign({
             "config": Parameter(dict),                      # stride, extrapolate, check_frequency, min_nbor_dist
             "dataset": Parameter(str),                      # frames for min_nbor_dist, the check and the timing
+            "device": Parameter(str, default="auto"),       # check and timing: the pod's GPU when it has one
+            "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
             "data": Artifact(Path),                         # staged datasets
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "model": Artifact(Path),                        # folder with the student's model.ckpt
@@ -85,8 +88,9 @@ class Compress(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("compress")
-        set_threads()
+        set_threads(ip["threads"])
         out = Path("compress")
         with user_errors_are_fatal():
-            summary = run_compress(ip["config"], ip["model"], ip["data"], ip["dataset"], out, cleaned=ip["cleaned"])
+            summary = run_compress(ip["config"], ip["model"], ip["data"], ip["dataset"], out, cleaned=ip["cleaned"],
+                                   device=ip["device"])
         return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})

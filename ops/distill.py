@@ -16,7 +16,7 @@ from .common import copy_outputs, pick_root, set_threads, split_paths, trace, us
 
 
 def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: Path, *, cleaned: Path | None = None,
-                log=print) -> dict:
+                device: str = "auto", log=print) -> dict:
     """Distill `teacher` (a checkpoint, or a folder with model.ckpt) on `dataset`; write the
     student (model.ckpt), distill.json, the report plots and summary.json into out_dir."""
     from lamflow.model.config import parse_config
@@ -29,7 +29,7 @@ def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: 
     ckpt = teacher / "model.ckpt" if teacher.is_dir() else teacher
     train, valid = split_paths(root, dataset, "train"), split_paths(root, dataset, "valid")
     work = out / "work"
-    res = distill(ckpt, train, cfg, work, dft_valid=valid or None, log=log)
+    res = distill(ckpt, train, cfg, work, dft_valid=valid or None, device=device, log=log)  # teacher MD + labels on `device`
     copy_outputs(res.student_checkpoint.parent, out, ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"])
     copy_outputs(work, out, ["distill.json"])
     rep = work / "report"
@@ -55,6 +55,8 @@ class Distill(OP):
             "config": Parameter(dict),                      # lamflow.model.distill.DistillConfig keys
             "dataset": Parameter(str),                      # start structures (train) and DFT check (valid)
             "teacher_index": Parameter(int),                # which of `teachers` teaches
+            "device": Parameter(str, default="auto"),       # teacher MD/labelling: the pod's GPU when it has one
+            "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
             "data": Artifact(Path),                         # staged datasets
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "teachers": Artifact(List[Path]),               # fine-tuned model folders, one per system
@@ -70,9 +72,10 @@ class Distill(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("distill")
-        set_threads()
+        set_threads(ip["threads"])
         out = Path("distill")
         with user_errors_are_fatal():
             teacher = list(ip["teachers"])[ip["teacher_index"]]  # in slice order = stages.finetune.systems order
-            summary = run_distill(ip["config"], teacher, ip["data"], ip["dataset"], out, cleaned=ip["cleaned"])
+            summary = run_distill(ip["config"], teacher, ip["data"], ip["dataset"], out, cleaned=ip["cleaned"],
+                                  device=ip["device"])
         return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})

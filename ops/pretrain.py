@@ -3,47 +3,51 @@
 Several datasets train one multi-task model (one fitting head per dataset, shared descriptor)
 when lamflow.model.multitask is available; a single dataset trains one energy model with
 lamflow.model.train.train. Either way the run continues from its last checkpoint when the step
-is rerun (`restart="auto"` in `resume_dir`, or in the step's own output folder).
+is rerun (`restart="auto"` in `resume_dir`, or in the step's own output folder), and on Argo
+from the checkpoint synced to the store (`checkpoint_store`, ops/checkpoint_store.py) when the
+pod is gone. `nproc > 1` trains data-parallel under torchrun in the pod (ops/torchrun.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
-from .common import (copy_outputs, dataset_fmt, pick_root, set_threads, split_paths, trace, train_config,
-                     training_dir, user_errors_are_fatal, write_json)
+from .checkpoint_store import StoreConfig
+from .common import (copy_outputs, dataset_fmt, launcher_for, pick_root, run_training, set_threads, split_paths, trace,
+                     train_config_dict, training_dir, user_errors_are_fatal, write_json)
 
 OUTPUT_FILES = ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"]
 
 
 def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *, type_map: list[str],
-                 cleaned: Path | None = None, resume_dir: str | None = None, log=print) -> dict:
+                 cleaned: Path | None = None, resume_dir: str | None = None, store: StoreConfig | None = None,
+                 launcher: list[str] | None = None, threads: int = 0, log=print) -> dict:
     """Train on `datasets` (staged data); write model.ckpt, lcurve.csv/png, train.json and
-    summary.json into out_dir. Returns the summary (headline numbers of the stage)."""
+    summary.json into out_dir. Returns the summary (headline numbers of the stage). `store`:
+    sync checkpoints to (and resume from) the artifact store; `launcher`: torchrun arguments for
+    data-parallel training (None: this process)."""
     out = Path(out_dir)
     work = training_dir(out, resume_dir)
     if len(datasets) > 1:
-        return _run_multitask(config, data, datasets, out, work, type_map=type_map, cleaned=cleaned, log=log)
-    from lamflow.model.train import train
-
+        return _run_multitask(config, data, datasets, out, work, type_map=type_map, cleaned=cleaned, store=store,
+                              launcher=launcher, threads=threads, log=log)
     name = datasets[0]
     root = pick_root(name, data, cleaned)
-    cfg = train_config(config, type_map, split_paths(root, name, "train"), split_paths(root, name, "valid"),
-                       dataset_fmt(root, name), source=f"stages.pretrain ({name})")
-    res = train(cfg, work, restart="auto", log=log)
+    cfg = train_config_dict(config, type_map, split_paths(root, name, "train"), split_paths(root, name, "valid"),
+                            dataset_fmt(root, name), threads)
+    metrics = run_training("single", cfg, work, source=f"stages.pretrain ({name})", store=store, launcher=launcher, log=log)
     copy_outputs(work, out, OUTPUT_FILES)
-    summary = {"kind": "single-task", "heads": {name: _headline(res.metrics)}, "steps": res.metrics.get("steps"),
-               "train_wall_s": res.metrics.get("train_wall_s")}
+    summary = {"kind": "single-task", "heads": {name: _headline(metrics)}, "steps": metrics.get("steps"),
+               "train_wall_s": metrics.get("train_wall_s")}
     write_json(out / "summary.json", summary)
     return summary
 
 
-def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[str]) -> dict:
+def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[str], threads: int = 0) -> dict:
     """The stage's single-model settings -> deepmd-kit's multi-task layout: one shared descriptor
     (`model.descriptor`), one energy branch per dataset with `model.fitting_net`, the same loss
     for every branch, and `training` with a data_dict. `model.model_prob` is not a key here:
@@ -58,7 +62,6 @@ def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[s
         if h["valid"]:
             d["validation_data"] = {**vd, "systems": h["valid"], "fmt": h["fmt"]}
         data_dict[name] = d
-    threads = os.environ.get("LAMFLOW_THREADS")
     if threads and "num_threads" not in tr:
         tr["num_threads"] = int(threads)
     extra = {k: model[k] for k in ("data_stat_nbatch", "data_stat_protect") if k in model}
@@ -73,19 +76,18 @@ def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[s
     }
 
 
-def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, work: Path, *, type_map, cleaned, log) -> dict:
-    from lamflow.model.multitask import parse_multitask_config, train_multitask
-
+def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, work: Path, *, type_map, cleaned, store,
+                   launcher, threads, log) -> dict:
     heads = {}
     for name in datasets:
         root = pick_root(name, data, cleaned)
         heads[name] = {"train": split_paths(root, name, "train"), "valid": split_paths(root, name, "valid"),
                        "fmt": dataset_fmt(root, name)}
-    cfg = parse_multitask_config(multitask_config_dict(config, heads, type_map), "stages.pretrain")
-    res = train_multitask(cfg, work, restart="auto", log=log)
+    cfg = multitask_config_dict(config, heads, type_map, threads)
+    metrics = run_training("multitask", cfg, work, source="stages.pretrain", store=store, launcher=launcher, log=log)
     copy_outputs(work, out, OUTPUT_FILES)
-    summary = {"kind": "multi-task", "heads": {h: _headline(m) for h, m in res.metrics.get("branches", {}).items()},
-               "steps": res.metrics.get("steps"), "train_wall_s": res.metrics.get("train_wall_s")}
+    summary = {"kind": "multi-task", "heads": {h: _headline(m) for h, m in metrics.get("branches", {}).items()},
+               "steps": metrics.get("steps"), "train_wall_s": metrics.get("train_wall_s")}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -103,6 +105,9 @@ class Pretrain(OP):
             "datasets": Parameter(List[str]),               # pretraining datasets: one head each
             "type_map": Parameter(List[str]),               # the pipeline's elements
             "resume_dir": Parameter(str, default=""),       # checkpoint folder that survives a failed step
+            "checkpoint_store": Parameter(dict, default={}),  # S3 place the checkpoint is synced to ({}: none)
+            "nproc": Parameter(int, default=1),             # processes (GPUs) of the pod: > 1 runs torchrun
+            "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
             "data": Artifact(Path),                         # staged datasets (ops.common layout)
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
         })
@@ -117,9 +122,11 @@ class Pretrain(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("pretrain")
-        set_threads()
+        set_threads(ip["threads"])
         out = Path("pretrain")
         with user_errors_are_fatal():
             summary = run_pretrain(ip["config"], ip["data"], list(ip["datasets"]), out, type_map=list(ip["type_map"]),
-                                   cleaned=ip["cleaned"], resume_dir=ip["resume_dir"] or None)
+                                   cleaned=ip["cleaned"], resume_dir=ip["resume_dir"] or None,
+                                   store=StoreConfig.from_param(ip["checkpoint_store"]),
+                                   launcher=launcher_for(ip["nproc"]), threads=ip["threads"])
         return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})

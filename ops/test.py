@@ -16,9 +16,10 @@ from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, use
 
 
 def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Path | None = None,
-             pretrained: Path | None = None, branch: str | None = None, log=print) -> dict:
+             pretrained: Path | None = None, branch: str | None = None, device: str = "auto", log=print) -> dict:
     """Evaluate `model` (a checkpoint file or a folder holding model.ckpt) on the system; write
-    metrics.json, parity.png (and zero_shot/...) into out_dir; return the summary."""
+    metrics.json, parity.png (and zero_shot/...) into out_dir; return the summary. `device`:
+    "auto" evaluates on the pod's GPU when it has one."""
     from lamflow.model.checkpoint import load_model
     from lamflow.model.data import load_systems
 
@@ -28,12 +29,12 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     paths = split_paths(root, system, "valid") + split_paths(root, system, "test")
     if not paths:
         paths = split_paths(root, system, "train")
-    net = load_model(_ckpt(model))
+    net = load_model(_ckpt(model), device)
     systems = load_systems(paths, list(net.type_map), fmt)
     res = _evaluate_finite(net, systems, out, f"test {system}", f"{system}: model")
     summary = {"system": system, "model": _headline(res["overall"]), "nframes": res["overall"]["nframes"]}
     if pretrained is not None:
-        summary["zero_shot"] = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, log)
+        summary["zero_shot"] = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, device, log)
     write_json(out / "summary.json", summary)
     for line in summary_table(summary):
         log(line)
@@ -65,12 +66,13 @@ def _cell(key: str, v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, log) -> dict:
+def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, device, log) -> dict:
+    from lamflow.model.checkpoint import resolve_device
     from lamflow.model.data import load_systems
     from lamflow.model.finetune import zero_shot
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
-    net = zero_shot(_ckpt(pretrained), train, branch=branch)
+    net = zero_shot(_ckpt(pretrained), train, branch=branch).to(resolve_device(device))
     res = _evaluate_finite(net, systems, out, f"test {system} (zero-shot)", f"{system}: zero-shot")
     return _headline(res["overall"])
 
@@ -113,6 +115,8 @@ class Test(OP):
         return OPIOSign({
             "system": Parameter(str),                       # the dataset to test on
             "branch": Parameter(str, default=""),           # pretrained head for the zero-shot test
+            "device": Parameter(str, default="auto"),       # auto: the pod's GPU when it has one, else CPU
+            "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
             "data": Artifact(Path),                         # staged datasets
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "model": Artifact(Path),                        # folder with model.ckpt (fine-tuned, or pretrained)
@@ -129,9 +133,9 @@ class Test(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("test", ip["system"])
-        set_threads()
+        set_threads(ip["threads"])
         out = Path(f"test-{ip['system']}")
         with user_errors_are_fatal():
             summary = run_test(ip["data"], ip["system"], ip["model"], out, cleaned=ip["cleaned"],
-                               pretrained=ip["pretrained"], branch=ip["branch"] or None)
+                               pretrained=ip["pretrained"], branch=ip["branch"] or None, device=ip["device"])
         return OPIO({"report": out, "summary": json.loads(json.dumps(summary))})

@@ -30,6 +30,7 @@ SCRIPT = ROOT / ".ci" / "deploy-checks.sh"
 BASE = DEPLOY / "argo" / "base"
 OVERLAYS = DEPLOY / "argo" / "overlays"
 IMAGES = DEPLOY / "images"
+TRAINER = DEPLOY / "trainer"
 
 PLACEHOLDER = re.compile(r"^(REPLACE_ME[A-Z0-9_]*)?$")
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
@@ -127,7 +128,8 @@ def test_all_deploy_checks_pass_on_the_real_tree(real_tree_result):
 
 def test_every_overlay_is_rendered_and_validated_offline(real_tree_result):
     text = output(real_tree_result)
-    for name in ("argo_base", "argo_overlays_install", "argo_overlays_minio", "argo_overlays_s3"):
+    for name in ("argo_base", "argo_overlays_install", "argo_overlays_minio", "argo_overlays_s3",
+                 "trainer_overlays_install", "trainer_rbac"):
         assert f"{name}: valid for k8s" in text, text
 
 
@@ -313,6 +315,47 @@ def test_install_overlay_pins_the_argo_v4_release():
     assert remote == ["https://github.com/argoproj/argo-workflows/releases/download/v4.1.2/install.yaml"]
     assert kust["namespace"] == "argo"
     assert "../../components/argo-config" in kust["components"]
+
+
+def test_trainer_overlay_pins_the_kubeflow_trainer_v2_3_0_release():
+    kust = yaml.safe_load((TRAINER / "overlays" / "install" / "kustomization.yaml").read_text())
+    assert kust["resources"] == ["https://github.com/kubeflow/trainer.git/manifests/overlays/manager?ref=v2.3.0"]
+    text = (TRAINER / "overlays" / "install" / "kustomization.yaml").read_text()
+    assert "manifests/overlays/runtimes?ref=v2.3.0" in text  # the runtimes step, same tag
+
+
+def test_policy_fails_on_an_unpinned_trainer_release(deploy_copy):
+    kfile = deploy_copy / "trainer" / "overlays" / "install" / "kustomization.yaml"
+    kfile.write_text(kfile.read_text().replace("manager?ref=v2.3.0", "manager?ref=master"))
+    result = run_checks(deploy_copy, "policy")
+    assert_fails(result, "policy", "not pinned", "kubeflow/trainer")
+
+
+def test_policy_fails_on_a_cluster_wide_trainjob_grant(deploy_copy):
+    rbac = deploy_copy / "trainer" / "rbac" / "trainjob-rbac.yaml"
+    rbac.write_text(rbac.read_text().replace("kind: Role\n", "kind: ClusterRole\n", 1)
+                    .replace("  namespace: lamflow\nrules:", "rules:", 1).replace("  kind: Role\n", "  kind: ClusterRole\n"))
+    result = run_checks(deploy_copy, "policy")
+    assert_fails(result, "policy", "ClusterRole lamflow-trainjobs")
+
+
+def test_workflow_pods_may_create_get_watch_delete_trainjobs_in_their_namespace_only():
+    docs = all_docs(TRAINER / "rbac" / "trainjob-rbac.yaml")
+    role = find(docs, "Role", "lamflow-trainjobs")
+    assert role["metadata"]["namespace"] == "lamflow"
+    assert role["rules"] == [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+                              "verbs": ["create", "get", "watch", "delete"]}]
+    binding = find(docs, "RoleBinding", "lamflow-trainjobs")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lamflow-trainjobs"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "argo", "namespace": "lamflow"}]
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def test_readme_documents_multinode_training_and_gang_scheduling():
+    readme = (DEPLOY / "README.md").read_text()
+    for needle in ("kubectl apply --server-side -k deploy/trainer/overlays/install", "deploy/trainer/rbac",
+                   "podGroupPolicy", "Volcano", "coscheduling", "torch-distributed", "trainer_runtime"):
+        assert needle in readme, f"deploy/README.md does not mention {needle}"
 
 
 # ------------------------------------------------------------------- RBAC --

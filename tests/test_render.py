@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -19,7 +20,20 @@ from lamflow.workflows.engine import render_manifest
 from lamflow.workflows.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
-CRD = REPO.parent / "shared" / "schemas" / "argo" / "argoproj.io_workflows.crd.yaml"
+
+
+def _schemas() -> Path:
+    """../shared/schemas beside the checkout (or beside a folder of worktrees); LAMFLOW_SCHEMAS overrides."""
+    if os.environ.get("LAMFLOW_SCHEMAS"):
+        return Path(os.environ["LAMFLOW_SCHEMAS"])
+    for up in REPO.parents:
+        if (up / "shared" / "schemas").is_dir():
+            return up / "shared" / "schemas"
+    return REPO.parent / "shared" / "schemas"
+
+
+SCHEMAS = _schemas()
+CRD = SCHEMAS / "argo" / "argoproj.io_workflows.crd.yaml"
 GPU_SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 IMAGE_CPU = "registry.example.com/ml/lamflow:0.1.0-3f2c1ab9e0d4-cpu"
@@ -128,7 +142,12 @@ def test_gpu_fields_appear_on_gpu_stages_only(manifest):
     assert pre["script"]["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
     assert pre["nodeSelector"] == GPU_SELECTOR
     assert pre["tolerations"] == [GPU_TOLERATION]
-    assert pre["timeout"] == "86400s" and pre["retryStrategy"]["limit"] == 2
+    assert pre["timeout"] == "86400s"
+    # a training step retries preemption/eviction (pod Error) and transient failures (exit 1), not fatal ones (2)
+    rs = pre["retryStrategy"]
+    assert rs["limit"] == 3 and rs["retryPolicy"] == "Always"  # max(retries 2, engine.preemption_retries 3)
+    assert rs["expression"] == 'lastRetry.status == "Error" || (lastRetry.status == "Failed" && asInt(lastRetry.exitCode) == 1)'
+    assert "retryStrategy" not in stages["clean"]  # other stages: only their own `retries` (none here)
     assert pre["script"]["image"] == IMAGE_GPU
     for name, t in stages.items():
         if name == "pretrain":
@@ -183,9 +202,12 @@ def test_render_is_deterministic_and_offline(tmp_path):
     spec = load_spec(gpu_doc(tmp_path))
     a, b = render_manifest(spec), render_manifest(spec)
     assert a == b
-    keys = {a["s3"]["key"] for t in a["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
-            for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
-    assert len(keys) == 1 and next(iter(keys)).startswith("lamflow/inputs/gpu-demo-")
+    keys = {task["name"]: {x["s3"]["key"] for x in task.get("arguments", {}).get("artifacts", []) if "s3" in x}
+            for t in a["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]}
+    (data,) = keys["clean"]
+    assert data.startswith("lamflow/inputs/gpu-demo-") and data.endswith("/data.tgz")
+    # each test pod fetches only its own system: the item-th per-system object, not data.tgz
+    assert keys["test"] == {data.rsplit("/", 1)[0] + "/systems/test/{{item}}"}
 
 
 def test_render_cli_writes_the_manifest(tmp_path, capsys):
@@ -212,9 +234,12 @@ def test_templates_render_to_valid_manifests_with_gpu_fields_only_on_gpu_stages(
     m = render_manifest(spec)
     assert schema_errors(m) == []
     stages = stage_templates(m)
-    assert set(stages) == set(spec.stages.enabled()) | {"report"}
+    multinode = spec.stages.pretrain.enabled and spec.resources_of("pretrain").nodes > 1
+    # a multi-node pretrain is a TrainJob (tests/test_trainjob.py) between two CPU helper pods
+    helpers = {"pretrain-inputs", "pretrain"} if multinode else set()
+    assert set(stages) == set(spec.stages.enabled()) | {"report"} | helpers
     for stage, t in stages.items():
-        res = spec.resources_of(stage) if stage != "report" else spec.resources
+        res = spec.resources if stage in ("report", *helpers) else spec.resources_of(stage)
         limits = t["script"].get("resources", {}).get("limits", {})
         if res.gpus:
             assert limits["nvidia.com/gpu"] == str(res.gpus), stage
@@ -225,7 +250,7 @@ def test_templates_render_to_valid_manifests_with_gpu_fields_only_on_gpu_stages(
     images = [t["script"]["image"] for t in m["spec"]["templates"] if "script" in t]
     assert all(":" in i.rsplit("/", 1)[-1] and not i.endswith(":latest") for i in images), images
     if name == "dpa2-production":
-        assert {s for s, t in stages.items() if "nvidia.com/gpu" in json.dumps(t)} == {"pretrain", "finetune", "distill"}
+        assert {s for s, t in stages.items() if "nvidia.com/gpu" in json.dumps(t)} == {"finetune", "distill"}
 
 
 def test_production_template_passes_validate_for_argo(capsys):
@@ -253,7 +278,7 @@ def test_finetune_from_a_given_checkpoint_gets_it_as_an_input_artifact(tmp_path)
     assert schema_errors(m) == []
     keys = {a["name"]: a["s3"]["key"] for t in m["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
             for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
-    assert keys["pretrained"].endswith("/pretrained.tgz") and keys["data"].endswith("/data.tgz")
+    assert keys["pretrained"].endswith("/pretrained.tgz") and keys["data"].endswith("/systems/finetune/{{item}}")
     ft = next(task for t in m["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"] if task["name"] == "finetune")
     config = json.loads(next(a["value"] for a in ft["arguments"]["parameters"] if a["name"] == "config"))
     assert config["model"]["descriptor"]["type"] == "se_e2_a"  # taken from the checkpoint

@@ -167,7 +167,8 @@ def test_submit_uploads_inputs_to_s3_and_posts_the_rendered_manifest(tmp_path, a
     # the data artifact the manifest points to is in the bucket, with the staged layout inside
     keys = {a["s3"]["key"] for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
             for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
-    (key,) = keys
+    (key,) = {k for k in keys if k.endswith("/data.tgz")}
+    assert keys - {key} == {key.replace("data.tgz", "systems/test/{{item}}")}  # the test fan-out's per-system data
     blob = client.get_object(BUCKET, key).read()
     names = tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz").getnames()
     assert any(n.endswith("ch4/dataset.json") for n in names)
@@ -232,7 +233,14 @@ def test_retry_on_argo_memoizes_succeeded_steps_and_reruns_the_failed_one(tmp_pa
         assert t["memoize"]["key"] == f"{new}-{{{{inputs.parameters.dflow_key}}}}"
         assert t["memoize"]["cache"]["configMap"]["name"] == f"dflow-{new}-{{{{inputs.parameters.dflow_key}}}}"
     meta = json.loads(manifest["metadata"]["annotations"]["lamflow.io/spec"])
-    assert meta["parent"] == wid
+    assert meta["parent"] == wid and meta["checkpoint_run"] == wid
+    # a rerun training step resumes from the checkpoints the first run synced, not from its own (empty) keys
+    pre = next(task for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
+               if task["name"] == "pretrain")
+    store = json.loads(next(p["value"] for p in pre["arguments"]["parameters"] if p["name"] == "checkpoint_store"))
+    assert store["key"] == f"lamflow/checkpoints/{wid}/pretrain"
+    first = next(task for t in wf["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"] if task["name"] == "pretrain")
+    assert "lamflow/checkpoints/{{workflow.name}}/pretrain" in json.dumps(first["arguments"])
     text = json.dumps(manifest) + json.dumps(argo.configmaps)
     for k, v in SECRETS.items():
         assert v not in text, f"{k} leaked"
@@ -259,7 +267,7 @@ def test_s3_datasets_are_fetched_checked_and_staged(tmp_path, argo, s3, monkeypa
     assert (tmp_path / "cache" / "s3" / BUCKET / "datasets" / "ch4" / "train" / "set.000" / "force.npy").is_file()
     manifest = argo.posts("/api/v1/workflows/")[-1]["body"]["workflow"]
     (key,) = {a["s3"]["key"] for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
-              for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
+              for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a and a["s3"]["key"].endswith("/data.tgz")}
     names = tarfile.open(fileobj=io.BytesIO(client.get_object(BUCKET, key).read()), mode="r:gz").getnames()
     assert any(n.endswith("ch4/valid/0/set.000/energy.npy") for n in names)
 
@@ -302,3 +310,32 @@ def test_status_list_logs_and_download_of_an_argo_run(tmp_path, argo, s3, capsys
     assert "podName=" in log_req["path"] and log_req["headers"]["Authorization"] == f"Bearer {SECRETS['LAMFLOW_ARGO_TOKEN']}"
     assert main(["download", wid, "-o", str(tmp_path / "res")]) == 0
     assert (tmp_path / "res" / "report.md").read_text() == "# report\n"
+
+
+def test_each_fan_out_step_fetches_only_its_own_system(tmp_path, argo, s3, capsys):
+    """Bytes per step: the test fan-out's pods get the item-th per-system artifact (one dataset),
+    not the whole data upload that the pretrain step reads."""
+    _, client = s3
+    ch4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_pbe", "valid"))}
+    water = {"train": str(data_path("water_h2o", "train")), "valid": str(data_path("water_h2o", "valid"))}
+    doc = {"name": "bytes-demo", "datasets": {"ch4": ch4, "water": water}, "resources": {"image": IMAGE},
+           "stages": {"pretrain": {"datasets": ["ch4"], **TINY}, "test": {"systems": ["ch4", "water"]}}}
+    p = tmp_path / "bytes.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    assert main(["submit", str(p)]) == 0
+    manifest = argo.posts("/api/v1/workflows/")[-1]["body"]["workflow"]
+    refs = {task["name"]: {a["name"]: a["s3"]["key"] for a in task.get("arguments", {}).get("artifacts", []) if "s3" in a}
+            for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]}
+    size = lambda key: client.stat_object(BUCKET, key).size  # noqa: E731
+    fetched = {"pretrain": size(refs["pretrain"]["data"])}
+    for i, name in enumerate(["ch4", "water"]):
+        key = refs["test"]["data"].replace("{{item}}", str(i))  # what Argo fetches for item i
+        fetched[f"test-{i}"] = size(key)
+        names = tarfile.open(fileobj=io.BytesIO(client.get_object(BUCKET, key).read()), mode="r:gz").getnames()
+        datasets = {n.split("/")[-2] for n in names if n.endswith("/dataset.json")}
+        assert datasets == {name}, (i, datasets)  # only its own dataset
+        assert any(f"{name}/train/0/" in n and n.endswith("/coord.npy") for n in names)  # the frames themselves
+    print(fetched)
+    whole = fetched["pretrain"]
+    assert fetched["test-0"] < 0.2 * whole  # ch4 (116 kB of 2 MB) alone
+    assert fetched["test-1"] < whole and fetched["test-0"] + fetched["test-1"] <= 1.05 * whole

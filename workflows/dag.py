@@ -46,6 +46,56 @@ class BuildOptions:
     python: str = sys.executable  # debug: the interpreter that runs each step
     default_image: str = "lamflow:local"  # debug: dflow wants an image name; it is not used
     digests: dict[str, str] = field(default_factory=dict)  # dataset name (and "pretrained") -> content digest
+    threads: int = 0  # torch threads per step in debug mode (0: torch's default)
+    checkpoint_run: str = "{{workflow.name}}"  # argo: names the checkpoint keys; a retry passes its root run's id
+    inputs_key: str | None = None  # argo: S3 prefix of the workflow's inputs (per-system data under <prefix>/systems)
+
+
+PREEMPTED = 'lastRetry.status == "Error" || (lastRetry.status == "Failed" && asInt(lastRetry.exitCode) == 1)'
+
+
+def preemption_retry(limit: int, expression: str | None = PREEMPTED) -> dict:
+    """Argo retryStrategy of a training step: retry when the pod errored (node preempted, pod
+    evicted or deleted) or exited with dflow's TransientError (1), never on a FatalError (2); the
+    retried pod resumes from the synced checkpoint (ops/checkpoint_store.py)."""
+    out = {"limit": limit, "retryPolicy": "Always", "backoff": {"duration": "1m", "factor": 2, "maxDuration": "1h"}}
+    if expression:
+        out["expression"] = expression
+    return out
+
+
+def threads_of(res: Resources, opts: BuildOptions) -> int:
+    """torch threads of a step: debug.threads locally; on Argo the pod's CPU request (whole CPUs)."""
+    if opts.mode == "debug":
+        return opts.threads
+    cpu = res.cpu
+    if cpu is None:
+        return 0
+    if isinstance(cpu, str) and cpu.endswith("m"):
+        return max(1, int(cpu[:-1]) // 1000)
+    return max(1, int(float(cpu)))
+
+
+def secret_envs(spec: PipelineSpec) -> dict:
+    """The checkpoint store's key pair, from the artifact repository's Secret (never a value)."""
+    from dflow.op_template import Secret  # a reference to an existing Secret (no value: nothing is created)
+
+    name = spec.engine.checkpoints.credentials_secret
+    return {env: Secret(name=name, key=key)
+            for env, key in (("LAMFLOW_S3_ACCESS_KEY", "accesskey"), ("LAMFLOW_S3_SECRET_KEY", "secretkey"))}
+
+
+def store_param(spec: PipelineSpec, opts: BuildOptions, stage: str) -> dict:
+    """Where a training step syncs its checkpoints: <prefix>/<run>/<stage> ({} in debug mode,
+    which keeps its local resume folders, or when engine.checkpoints is disabled)."""
+    c = spec.engine.checkpoints
+    if opts.mode != "argo" or not c.enabled:
+        return {}
+    return {"endpoint": c.endpoint, "bucket": c.bucket, "secure": c.secure,
+            "key": f"{c.prefix.strip('/')}/{opts.checkpoint_run}/{stage}"}
+
+
+HELPER_SUFFIXES = ("-inputs", "-trainjob")  # the extra steps of a multi-node stage (workflows/trainjob.py)
 
 
 HASH_RE = re.compile(r"-h[0-9a-f]{8}$")
@@ -57,9 +107,12 @@ def display_key(key: str) -> str:
 
 
 def stage_of(key: str) -> str:
-    """Step key -> stage name (`finetune-2-h0a9b8c7d` -> `finetune`)."""
+    """Step key -> stage name (`finetune-2-h0a9b8c7d` -> `finetune`, `pretrain-trainjob` -> `pretrain`)."""
     key = display_key(key)
     base = key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
+    for suffix in HELPER_SUFFIXES:
+        if base.endswith(suffix) and base[: -len(suffix)] in STAGES:
+            return base[: -len(suffix)]  # reused with their stage by `lamflow retry`
     return base
 
 
@@ -133,8 +186,10 @@ def cpu_quantity(v) -> str:
     return str(v)
 
 
-def template(op_cls, res: Resources, opts: BuildOptions, slices=None):
-    """One PythonOPTemplate with the stage's image, requests/limits, GPU scheduling and retries."""
+def template(op_cls, res: Resources, opts: BuildOptions, slices=None, retry: dict | None = None, envs: dict | None = None):
+    """One PythonOPTemplate with the stage's image, requests/limits, GPU scheduling and retries.
+    `retry`: an Argo retryStrategy instead of the transient-error one; `envs`: extra variables
+    (values or Secret references)."""
     from dflow.python import PythonOPTemplate
     from kubernetes.client import V1Toleration
 
@@ -156,12 +211,25 @@ def template(op_cls, res: Resources, opts: BuildOptions, slices=None):
         tolerations=[V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in res.tolerations]
         or None,
         timeout=res.timeout,
-        retry_on_transient_error=res.retries or None,
-        envs=dict(res.envs) or None,
+        retry_on_transient_error=(res.retries or None) if retry is None else None,
+        envs={**res.envs, **(envs or {})} or None,
         upload_dflow=False,  # the step images have pydflow installed (deploy/images); render stays offline
         slices=slices,
     )
-    return PythonOPTemplate(op_cls, **kw)
+    t = PythonOPTemplate(op_cls, **kw)
+    if retry is not None and opts.mode == "argo":
+        t.retry_strategy = retry
+    return t
+
+
+def training_template(op_cls, spec: PipelineSpec, stage: str, opts: BuildOptions, slices=None):
+    """A training stage's template: preemption retries and the checkpoint store's credentials on Argo."""
+    res = spec.resources_of(stage)
+    if opts.mode != "argo":
+        return template(op_cls, res, opts, slices)
+    retry = preemption_retry(max(res.retries, spec.engine.preemption_retries))
+    envs = secret_envs(spec) if spec.engine.checkpoints.enabled else None
+    return template(op_cls, res, opts, slices, retry=retry, envs=envs)
 
 
 @contextmanager
@@ -201,10 +269,18 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                          artifacts={**common, **({"pretrained": inputs.pretrained} if inputs.pretrained else {})}))
         common["cleaned"] = clean.outputs.artifacts["cleaned"]
 
-    if st.pretrain.enabled:
-        pre = add(Task("pretrain", template(ops.Pretrain, res("pretrain"), opts), key=step_key("pretrain", h),
+    if st.pretrain.enabled and res("pretrain").nodes > 1 and opts.mode == "argo":
+        from .trainjob import add_trainjob_stage
+
+        pre = add_trainjob_stage(dag, add, spec, opts, common)
+        pretrained = pre.outputs.artifacts["model"]
+    elif st.pretrain.enabled:
+        pre = add(Task("pretrain", training_template(ops.Pretrain, spec, "pretrain", opts), key=step_key("pretrain", h),
                        parameters={"config": model_settings(st.pretrain), "datasets": list(st.pretrain.datasets),
-                                   "type_map": opts.type_map, "resume_dir": resume(step_key("pretrain", h))},
+                                   "type_map": opts.type_map, "resume_dir": resume(step_key("pretrain", h)),
+                                   # keyed by the hashed step key: a changed setting never resumes an old run
+                                   "checkpoint_store": store_param(spec, opts, step_key("pretrain", h)),
+                                   "nproc": max(1, res("pretrain").gpus), "threads": threads_of(res("pretrain"), opts)},
                        artifacts={**common}))
         pretrained = pre.outputs.artifacts["model"]
     else:
@@ -213,43 +289,48 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     systems = spec.finetune_systems
     if systems:
         n = len(systems)
-        ft = add(Task("finetune", template(ops.Finetune, res("finetune"), opts, slices=Slices(
+        ft = add(Task("finetune", training_template(ops.Finetune, spec, "finetune", opts, slices=Slices(
             "{{item}}", input_parameter=["system", "resume_dir"], output_artifact=["model"], output_parameter=["summary"])),
             key=step_key("finetune", h, "{{item}}"), with_param=argo_range(n),
             parameters={"system": systems, "resume_dir": [resume(step_key("finetune", h, i)) for i in range(n)],
                         "config": finetune_settings(spec), "type_map": opts.type_map, "branch": st.finetune.branch or "",
-                        "freeze_descriptor": st.finetune.freeze_descriptor},
-            artifacts={**common, "pretrained": pretrained}))
+                        "freeze_descriptor": st.finetune.freeze_descriptor,
+                        "checkpoint_store": store_param(spec, opts, step_key("finetune", h)),
+                        "nproc": max(1, res("finetune").gpus), "threads": threads_of(res("finetune"), opts)},
+            artifacts={**common, **system_data(opts, "finetune"), "pretrained": pretrained}))
 
     if st.test.enabled:
         zero_shot = st.test.zero_shot and pretrained is not None
         zs_branch = zero_shot_branch(spec)
         if systems:
-            arts = {**common, "model": ft.outputs.artifacts["model"]}
+            arts = {**common, **system_data(opts, "finetune"), "model": ft.outputs.artifacts["model"]}
             if zero_shot:
                 arts["pretrained"] = pretrained
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], input_artifact=["model"], output_artifact=["report"],
                 output_parameter=["summary"])),
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(systems)),
-                parameters={"system": systems, "branch": zs_branch}, artifacts=arts))
+                parameters={"system": systems, "branch": zs_branch, "threads": threads_of(res("test"), opts)},
+                artifacts=arts))
         else:  # no fine-tuning: test the pretrained model on each system
             tsys = spec.test_systems
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], output_artifact=["report"], output_parameter=["summary"])),
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(tsys)),
-                parameters={"system": tsys, "branch": zs_branch}, artifacts={**common, "model": pretrained}))
+                parameters={"system": tsys, "branch": zs_branch, "threads": threads_of(res("test"), opts)},
+                artifacts={**common, **system_data(opts, "test"), "model": pretrained}))
 
     if st.distill.enabled:
         teacher = systems.index(spec.distill_teacher)
         dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key=step_key("distill", h),
                        parameters={"config": dict(st.distill.config), "dataset": spec.distill_dataset,
-                                   "teacher_index": teacher},
+                                   "teacher_index": teacher, "threads": threads_of(res("distill"), opts)},
                        artifacts={**common, "teachers": ft.outputs.artifacts["model"]}))
 
     if st.compress.enabled:
         add(Task("compress", template(ops.Compress, res("compress"), opts), key=step_key("compress", h),
-                 parameters={"config": dict(st.compress.config), "dataset": spec.compress_dataset},
+                 parameters={"config": dict(st.compress.config), "dataset": spec.compress_dataset,
+                             "threads": threads_of(res("compress"), opts)},
                  artifacts={**common, "model": dis.outputs.artifacts["model"]}))
 
     arts = {}
@@ -260,6 +341,16 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     add(Task(REPORT, template(ops.Report, spec.resources_of("test") if st.test.enabled else spec.resources, opts),
              key=step_key(REPORT, h), parameters={"title": f"lamflow run report: {spec.name}"}, artifacts=arts))
     return dag
+
+
+def system_data(opts: BuildOptions, fanout: str) -> dict:
+    """Argo: the `data` artifact of a fan-out step is its own system only: the item-th object under
+    <inputs>/systems/<fanout>/ (uploaded per system by the engine), not the whole data set."""
+    if opts.mode != "argo" or not opts.inputs_key:
+        return {}
+    from dflow import S3Artifact
+
+    return {"data": S3Artifact(key=f"{opts.inputs_key}/systems/{fanout}").sub_path("{{item}}")}
 
 
 def build_workflow(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions, *, labels=None, annotations=None,

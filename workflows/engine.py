@@ -32,7 +32,8 @@ from pathlib import Path
 
 from lamflow.model.errors import LamflowError
 
-from .dag import ORDER, BuildOptions, Inputs, build_workflow, display_key, keys_from, stage_of, step_keys
+from .dag import (HELPER_SUFFIXES, ORDER, BuildOptions, Inputs, build_workflow, display_key, keys_from, stage_of,
+                  step_keys)
 from .spec import (PipelineSpec, SpecError, as_list, check_spec, image_problems, is_s3, resolved_type_map,
                    spec_from_summary, spec_summary)
 
@@ -354,8 +355,10 @@ def render_manifest(spec: PipelineSpec, *, namespace: str | None = None, type_ma
 
 
 def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys: dict[str, str] | None = None,
-                  env: ArgoEnv | None = None, parent: str | None = None):
-    """The dflow Workflow for Argo, templates built with blank secrets and seeded names."""
+                  env: ArgoEnv | None = None, parent: str | None = None, checkpoint_run: str | None = None):
+    """The dflow Workflow for Argo, templates built with blank secrets and seeded names.
+    `checkpoint_run`: the run whose checkpoint keys training steps resume from (a retry passes
+    its first run's id; default: this workflow's own name)."""
     from dflow import config
 
     if type_map is None:
@@ -367,7 +370,10 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
     if util:
         config["util_image"] = util
     summary = spec_summary(spec)
-    annotations = {ANNOTATION: json.dumps({**summary, "type_map": type_map, "keys": keys, "parent": parent})}
+    meta = {**summary, "type_map": type_map, "keys": keys, "parent": parent}
+    if checkpoint_run:
+        meta["checkpoint_run"] = checkpoint_run
+    annotations = {ANNOTATION: json.dumps(meta)}
     labels = {LABEL: spec.name, "app.kubernetes.io/managed-by": "lamflow"}
     kw = dict(namespace=env.namespace if env else (os.environ.get("LAMFLOW_NAMESPACE") or spec.engine.namespace),
               parallelism=spec.engine.parallelism,
@@ -376,8 +382,10 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
         kw.update(host=env.host, token=env.token)
     try:
         with scrubbed(), offline():
-            return build_workflow(spec, s3_inputs(keys), BuildOptions(mode="argo", type_map=type_map,
-                                                                      digests=dataset_digests(spec)),
+            opts = BuildOptions(mode="argo", type_map=type_map, digests=dataset_digests(spec),
+                                inputs_key=keys["data"].rsplit("/", 1)[0],
+                                checkpoint_run=checkpoint_run or "{{workflow.name}}")
+            return build_workflow(spec, s3_inputs(keys), opts,
                                   labels=labels, annotations=annotations, seed=json.dumps(summary, sort_keys=True), **kw)
     finally:
         config["mode"], config["util_image"] = saved
@@ -401,6 +409,29 @@ def upload_inputs(spec: PipelineSpec, keys: dict[str, str], force: bool = False)
                 continue
             print(f"{what}: uploading to s3 key {keys[what]}")
             upload_artifact(str(path), key=keys[what])
+        upload_system_data(spec, keys, root, force)
+
+
+def upload_system_data(spec: PipelineSpec, keys: dict[str, str], root: Path, force: bool = False) -> None:
+    """One artifact per fan-out item (fine-tune / test system i) under <inputs>/systems/<fanout>/<i>,
+    holding only that dataset: each fan-out pod downloads its own system (dag.system_data)."""
+    from dflow import upload_artifact
+
+    from lamflow.ops.common import stage_dataset
+
+    base = keys["data"].rsplit("/", 1)[0] + "/systems"
+    fanouts = {"finetune": spec.finetune_systems}
+    if not spec.finetune_systems:
+        fanouts["test"] = spec.test_systems
+    for fanout, systems in fanouts.items():
+        for i, name in enumerate(systems):
+            key = f"{base}/{fanout}/{i}"
+            if not force and _s3_exists(key):
+                continue
+            ds = spec.datasets[name]
+            d = root / "systems" / fanout / str(i)
+            stage_dataset(d, name, {s: as_list(getattr(ds, s)) for s in ("train", "valid", "test")}, ds.fmt)
+            upload_artifact(str(d), key=key)
 
 
 def _s3_exists(key: str) -> bool:
@@ -522,7 +553,8 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
 
     arts = Inputs(data=upload_artifact(inputs["data"]),
                   pretrained=upload_artifact(inputs["pretrained"]) if inputs.get("pretrained") else None)
-    opts = BuildOptions(mode="debug", type_map=type_map, resume_root=resume_root, digests=dataset_digests(spec))
+    opts = BuildOptions(mode="debug", type_map=type_map, resume_root=resume_root, digests=dataset_digests(spec),
+                        threads=spec.debug.threads)
     keys = step_keys(spec, opts)
     if reuse is not None:
         reuse = [st for st in reuse if st.key in keys]  # a changed step's old key is no step of this run
@@ -532,7 +564,6 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
             "digests": opts.digests, "step_keys": keys, **spec_summary(spec)}
     write_meta(workdir, meta)
     wf = build_workflow(spec, arts, opts, id=rid)
-    os.environ["LAMFLOW_THREADS"] = str(spec.debug.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
     progress(f"run {rid}: {workdir / rid}")
     stop = threading.Event()
@@ -846,8 +877,9 @@ def retry(run: Run, from_stage: str | None = None, progress=print, spec: Pipelin
     keys3 = run.meta["keys"] if spec is run.spec or dataset_digests(spec) == dataset_digests(run.spec) else input_keys(spec)
     if keys3 is not run.meta["keys"]:
         upload_inputs(spec, keys3)
+    # training steps resume from the first run's checkpoints (keyed by their hashed step keys)
     wf = argo_workflow(spec, type_map=run.meta["type_map"] if keys3 is run.meta["keys"] else None, keys=keys3, env=env,
-                       parent=run.id)
+                       parent=run.id, checkpoint_run=run.meta.get("checkpoint_run") or run.id)
     _configmaps_through_core_api(wf)
     manifest = render_manifest(spec, namespace=env.namespace, workflow=wf, reuse_step=reuse)
     assert_no_secrets(manifest, ArgoEnv.from_env(spec))
@@ -905,7 +937,8 @@ def download(run: Run, out_dir: Path, stage: str | None = None) -> list[Path]:
     stage = stage or "report"
     if stage not in OUTPUT_OF:
         raise EngineError(f"--stage {stage}: not a stage ({', '.join(OUTPUT_OF)})")
-    steps = [i for i in steps_of(run) if i.stage == stage and i.phase == "Succeeded"]
+    steps = [i for i in steps_of(run) if i.stage == stage and i.phase == "Succeeded"
+             and not i.key.endswith(HELPER_SUFFIXES)]  # a multi-node stage's inputs/TrainJob steps have no outputs
     if not steps:
         raise EngineError(f"{run.id}: stage {stage} has no succeeded step (yet)")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from lamflow.model.config import TrainConfig, read_yaml, strip_comments
 from lamflow.model.errors import LamflowError
 
 STAGES = ("clean", "pretrain", "finetune", "test", "distill", "compress")
+PARALLEL_STAGES = ("pretrain", "finetune")  # stages whose training runs data-parallel (torchrun / TrainJob)
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")  # usable in Argo names and step keys
 DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -85,7 +86,8 @@ class Resources(Strict):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     cpu: Union[str, float, None] = None  # requests.cpu, e.g. 8 or "500m"
     memory: str | None = None  # requests.memory (and limit), e.g. 32Gi
-    gpus: int = Field(0, ge=0)
+    gpus: int = Field(0, ge=0)  # per pod (per node with nodes > 1); > 1 on a training stage: torchrun, one rank per GPU
+    nodes: int = Field(1, ge=1)  # > 1 (pretrain, finetune): a Kubeflow Trainer TrainJob of `nodes` pods
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
     timeout: int | None = Field(None, gt=0)  # seconds
@@ -161,6 +163,20 @@ class Stages(Strict):
         return [s for s in STAGES if getattr(self, s).enabled]
 
 
+class CheckpointStoreSettings(Strict):
+    """Where Argo training steps sync their latest checkpoint, so a retried pod (preemption,
+    eviction) or `lamflow retry` continues from it (ops/checkpoint_store.py). The endpoint is the
+    S3 service as seen from inside the cluster; the keys reach the pods from `credentials_secret`
+    (keys accesskey/secretkey, deploy/argo/overlays/*). Debug runs keep local resume folders."""
+
+    enabled: bool = True
+    endpoint: str = "minio.lamflow-minio.svc:9000"  # deploy/argo/overlays/minio; s3.<region>.amazonaws.com for AWS
+    bucket: str = "lamflow-artifacts"
+    secure: bool = False
+    prefix: str = "lamflow/checkpoints"
+    credentials_secret: str = "lamflow-s3-credentials"
+
+
 class Engine(Strict):
     """Argo settings (no secrets: the token and S3 keys come from the environment)."""
 
@@ -171,6 +187,9 @@ class Engine(Strict):
     util_image: str | None = None  # image of dflow's helper pods; default: the default stage image
     parallelism: int | None = Field(None, gt=0)  # max pods at once
     pod_gc_strategy: Literal["OnPodCompletion", "OnPodSuccess", "OnWorkflowCompletion", "OnWorkflowSuccess"] | None = None
+    checkpoints: CheckpointStoreSettings = CheckpointStoreSettings()
+    preemption_retries: int = Field(3, ge=0)  # training steps: pod retries on node preemption/eviction (Argo retryStrategy)
+    trainer_runtime: str = "torch-distributed"  # Kubeflow Trainer ClusterTrainingRuntime of multi-node stages
 
 
 class Debug(Strict):
@@ -338,9 +357,18 @@ def resource_problems(spec: PipelineSpec, stage: str) -> list[str]:
     r = spec.resources_of(stage)
     where = f"stages.{stage}.resources"
     out = []
-    if r.gpus > 1 and getattr(spec.stages, stage).enabled:
-        out.append(f"{where}.gpus: {r.gpus}: a step uses one GPU (multi-GPU data-parallel training is not wired "
-                   "into the pipeline); use gpus: 1")
+    enabled = getattr(spec.stages, stage).enabled
+    if r.gpus > 1 and enabled and stage not in PARALLEL_STAGES:
+        out.append(f"{where}.gpus: {r.gpus}: stage {stage} does not train data-parallel (only "
+                   f"{', '.join(PARALLEL_STAGES)} run under torchrun); use gpus: 1")
+    if r.nodes > 1 and enabled and stage != "pretrain":
+        out.append(f"{where}.nodes: {r.nodes}: only pretrain runs on several nodes (a TrainJob); "
+                   f"{stage} runs in one pod (use gpus for several GPUs)")
+    if r.nodes > 1 and enabled and stage == "pretrain" and not spec.engine.checkpoints.enabled:
+        out.append(f"{where}.nodes: {r.nodes}: a multi-node stage hands its model over through the checkpoint store; "
+                   "set engine.checkpoints.enabled: true")
+    if r.nodes > 1 and enabled and stage == "pretrain" and r.gpus == 0:
+        out.append(f"{where}.nodes: {r.nodes}: a multi-node stage needs gpus (per node)")
     if r.gpus == 0:
         for k in r.node_selector:
             if k.startswith("nvidia.com/"):

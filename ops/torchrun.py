@@ -1,0 +1,114 @@
+"""Training stages on several processes: the same training call, under `torchrun`.
+
+A training OP with `nproc > 1` (resources.gpus: N) writes a job file and runs
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m lamflow.ops.torchrun worker job.json
+
+in its pod: N ranks (NCCL on GPUs, gloo on CPUs; lamflow.model.distributed joins the group)
+train one model data-parallel; rank 0 writes the checkpoint and syncs it to the checkpoint
+store. On several nodes (a Kubeflow TrainJob, resources.nodes: M) every node runs
+
+    python -m lamflow.ops.torchrun node job.json
+
+which fetches the step's inputs from the checkpoint store, restores the latest synced
+checkpoint, and launches torchrun with no rendezvous flags: the Trainer's torch-distributed
+runtime sets PET_NNODES / PET_NODE_RANK / PET_MASTER_ADDR / PET_MASTER_PORT / PET_NPROC_PER_NODE,
+which torchrun reads as its defaults.
+
+job.json: {"kind": "single" | "multitask" | "finetune", "config": {...}, "out": DIR,
+           "finetune": {"pretrained", "branch", "freeze_descriptor"}, "store": StoreConfig param}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .checkpoint_store import CheckpointStore, StoreConfig
+
+
+def torchrun_command(job: Path, launcher_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "lamflow.ops.torchrun", "worker", str(job)]
+
+
+def standalone(nproc: int) -> list[str]:
+    """One node, `nproc` processes (GPUs of the pod, or CPU processes)."""
+    return ["--standalone", f"--nproc_per_node={nproc}"]
+
+
+def write_job(path: Path, kind: str, config: dict, out: Path, *, store: StoreConfig | None = None,
+              finetune: dict | None = None) -> Path:
+    from .common import write_json
+
+    job = {"kind": kind, "config": config, "out": str(Path(out).resolve()), "finetune": finetune or {},
+           "store": store.to_param() if store else {}}
+    return write_json(Path(path), job)
+
+
+def launch(job: Path, launcher_args: list[str], log=print, timeout: float | None = None) -> dict:
+    """Run the job under torchrun; stream its output; return rank 0's train.json metrics. A rank
+    that dies (lost peer, NCCL error, OOM) is a RuntimeError, i.e. a transient failure Argo may
+    retry (the config was checked before launching)."""
+    cmd = torchrun_command(job, launcher_args)
+    log("launch: " + " ".join(cmd[1:]))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default; the config's num_threads sets torch's
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+    for line in proc.stdout:
+        log(line.rstrip())
+        tail = (tail + [line.rstrip()])[-30:]
+    rc = proc.wait(timeout=timeout)
+    if rc != 0:
+        raise RuntimeError(f"torchrun exited with status {rc}: " + " | ".join(tail[-5:]))
+    out = Path(json.loads(Path(job).read_text())["out"])
+    metrics = out / "train.json"  # written by global rank 0: on the other nodes of a TrainJob there is none
+    return json.loads(metrics.read_text()) if metrics.is_file() else {}
+
+
+def run_worker(job: dict) -> None:
+    """One rank: the same call the one-process OP makes, plus the store hook on rank 0."""
+    from lamflow.model.distributed import world_from_env
+
+    rank = world_from_env()[0]
+    store = StoreConfig.from_param(job.get("store"))
+    hook = CheckpointStore(store).hook() if store is not None and rank == 0 else None
+    out, cfg, kind = Path(job["out"]), job["config"], job["kind"]
+    if kind == "multitask":
+        from lamflow.model.multitask import parse_multitask_config, train_multitask
+
+        train_multitask(parse_multitask_config(cfg, "job"), out, restart="auto", on_checkpoint=hook)
+        return
+    from lamflow.model.config import TrainConfig, parse_config
+
+    tc = parse_config(TrainConfig, cfg, "job")
+    if kind == "finetune":
+        from lamflow.model.finetune import finetune
+
+        ft = job["finetune"]
+        finetune(tc, ft["pretrained"], out, branch=ft.get("branch") or None, freeze_descriptor=bool(ft.get("freeze_descriptor")),
+                 restart="auto", on_checkpoint=hook)
+    else:
+        from lamflow.model.train import train
+
+        train(tc, out, restart="auto", on_checkpoint=hook)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] not in ("worker", "node"):
+        print("usage: python -m lamflow.ops.torchrun {worker|node} JOB.json", file=sys.stderr)
+        return 2
+    if argv[0] == "node":
+        from .trainjob import run_node
+
+        return run_node(Path(argv[1]))
+    run_worker(json.loads(Path(argv[1]).read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
