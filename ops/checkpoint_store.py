@@ -130,12 +130,13 @@ class CheckpointStore:
         return {v["key"].rsplit("/", 2)[-2] for v in m.get("files", {}).values()}
 
     def _prune(self, keep: set[str]) -> None:
-        """Delete generations no manifest names (and temporary objects left by a killed upload)."""
+        """Delete generations no manifest names, and temporary objects left by a killed upload
+        (a step has one writer, rank 0, whose own temporary objects are gone by now)."""
         prefix = self._k("")
         for obj in self.client.list_objects(self.cfg.bucket, prefix=prefix, recursive=True):
             rel = obj.object_name[len(prefix):]
             top = rel.split("/", 1)[0]
-            if top.startswith("step-") and top not in keep:
+            if (top.startswith("step-") and top not in keep) or top == "tmp":
                 self.client.remove_object(self.cfg.bucket, obj.object_name)
 
     # -- reading

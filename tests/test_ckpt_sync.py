@@ -172,6 +172,13 @@ def test_corrupted_or_partial_uploads_are_never_picked_up(tmp_path, s3):
     client.put_object(BUCKET, cs._k("manifest.json"), io.BytesIO(b"{not json"), 9)
     assert cs.latest() is None and cs.restore(tmp_path / "r4") is None
 
+    # the next sync clears what the killed uploads left behind
+    fake_checkpoint(tmp_path / "w", 10)
+    cs.save(tmp_path / "w", 10)
+    names = {o.object_name for o in client.list_objects(BUCKET, prefix=cs._k(""), recursive=True)}
+    assert not [n for n in names if "/tmp/" in n or "step-000000000006" in n], names
+    assert cs.restore(tmp_path / "r5") == 10
+
     # a local checkpoint (debug resume folder, same pod) wins over the store
     fake_checkpoint(tmp_path / "local", 9)
     assert cs.restore(tmp_path / "local") is None and b"step 9" in (tmp_path / "local" / "model.ckpt").read_bytes()
