@@ -238,9 +238,9 @@ def test_retry_on_argo_memoizes_succeeded_steps_and_reruns_the_failed_one(tmp_pa
     pre = next(task for t in manifest["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"]
                if task["name"] == "pretrain")
     store = json.loads(next(p["value"] for p in pre["arguments"]["parameters"] if p["name"] == "checkpoint_store"))
-    assert store["key"] == f"lamflow/checkpoints/{wid}/pretrain"
+    assert store["key"] == f"lamflow/checkpoints/{wid}/{pre_key}"  # the hashed step key: changed settings start afresh
     first = next(task for t in wf["spec"]["templates"] if "dag" in t for task in t["dag"]["tasks"] if task["name"] == "pretrain")
-    assert "lamflow/checkpoints/{{workflow.name}}/pretrain" in json.dumps(first["arguments"])
+    assert f"lamflow/checkpoints/{{{{workflow.name}}}}/{pre_key}" in json.dumps(first["arguments"])
     text = json.dumps(manifest) + json.dumps(argo.configmaps)
     for k, v in SECRETS.items():
         assert v not in text, f"{k} leaked"
@@ -312,6 +312,10 @@ def test_status_list_logs_and_download_of_an_argo_run(tmp_path, argo, s3, capsys
     assert (tmp_path / "res" / "report.md").read_text() == "# report\n"
 
 
+# water brings O into the type map: one neighbour count per element (H, C, O)
+TINY3 = {**TINY, "model": {**TINY["model"], "descriptor": {**TINY["model"]["descriptor"], "sel": [8, 4, 4]}}}
+
+
 def test_each_fan_out_step_fetches_only_its_own_system(tmp_path, argo, s3, capsys):
     """Bytes per step: the test fan-out's pods get the item-th per-system artifact (one dataset),
     not the whole data upload that the pretrain step reads."""
@@ -319,7 +323,7 @@ def test_each_fan_out_step_fetches_only_its_own_system(tmp_path, argo, s3, capsy
     ch4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_pbe", "valid"))}
     water = {"train": str(data_path("water_h2o", "train")), "valid": str(data_path("water_h2o", "valid"))}
     doc = {"name": "bytes-demo", "datasets": {"ch4": ch4, "water": water}, "resources": {"image": IMAGE},
-           "stages": {"pretrain": {"datasets": ["ch4"], **TINY}, "test": {"systems": ["ch4", "water"]}}}
+           "stages": {"pretrain": {"datasets": ["ch4"], **TINY3}, "test": {"systems": ["ch4", "water"]}}}
     p = tmp_path / "bytes.yaml"
     p.write_text(yaml.safe_dump(doc))
     assert main(["submit", str(p)]) == 0
