@@ -119,11 +119,14 @@ class RepFlowEnv(nn.Module):
         return R, diff * mask[..., None], r.squeeze(-1), sw.squeeze(-1)
 
     def forward(self, coord_ext: Tensor, atype: Tensor, nlist: Tensor):
-        c, na = self.cfg, self.cfg.a_sel
+        c, nnei = self.cfg, nlist.shape[2]
         R, diff, r, sw = self.raw(coord_ext, nlist)
         t = atype.clamp(min=0)
-        R = (R - self.mean[t]) / self.stddev[t]  # [nf, nloc, N_e, 4]
-        a_mask = (nlist[..., :na] >= 0) & (r[..., :na] < c.a_rcut)  # [nf, nloc, N_a]
+        R = (R - self.mean[t][:, :, :nnei]) / self.stddev[t][:, :, :nnei]  # [nf, nloc, N_e, 4]
+        a_mask = (nlist[..., : c.a_sel] >= 0) & (r[..., : c.a_sel] < c.a_rcut)  # [nf, nloc, N_a]
+        if c.use_dynamic_sel:  # the angle slots that hold a neighbour in some centre's list are a prefix
+            a_mask = a_mask[..., : max(1, int(a_mask.flatten(0, 1).any(0).sum()))]
+        na = a_mask.shape[-1]
         a_sw = self.sw(r[..., :na], c.a_rcut_smth, c.a_rcut) * a_mask
         u = diff[..., :na, :] / (r[..., :na, None] + ANGLE_EPS) * a_mask[..., None]  # [nf, nloc, N_a, 3]
         cos = (u @ u.transpose(-1, -2)) * (1.0 - ANGLE_EPS)  # [nf, nloc, N_a, N_a]
@@ -198,7 +201,7 @@ class RepFlowLayer(nn.Module):
             n, e = self.a_compress_n_linear(n), self.a_compress_e_linear(e)
         elif c.a_compress_rate:
             n, e = n[..., : self.n_a], e[..., : self.e_a]
-        return n, e[:, :, : c.a_sel] * a_mask[..., None]  # [nf, nloc, n~], [nf, nloc, N_a, e~]
+        return n, e[:, :, : a_mask.shape[-1]] * a_mask[..., None]  # [nf, nloc, n~], [nf, nloc, N_a, e~]
 
     # -- the updates
     def node_updates(self, n: Tensor, nei: Tensor, e: Tensor, h: Tensor, sw: Tensor) -> list[Tensor]:
@@ -214,9 +217,9 @@ class RepFlowLayer(nn.Module):
         c = self.cfg
         u = self.act(self.angle_linear(self.edge_angle_linear1, a, n_a, e_a))  # [nf, nloc, N_a, N_a, e_dim]
         m = (u * (a_sw[..., :, None] * a_sw[..., None, :])[..., None]).sum(3) / self.a_norm**0.5  # [nf, nloc, N_a, e_dim]
-        m = F.pad(m, (0, 0, 0, e.shape[2] - c.a_sel))  # [nf, nloc, N_e, e_dim]
+        m = F.pad(m, (0, 0, 0, e.shape[2] - m.shape[2]))  # [nf, nloc, N_e, e_dim]
         if not c.smooth_edge_update:
-            on_list = F.pad(a_mask, (0, e.shape[2] - c.a_sel))
+            on_list = F.pad(a_mask, (0, e.shape[2] - a_mask.shape[2]))
             m = torch.where(on_list[..., None], m, e)
         return self.act(self.edge_angle_linear2(m))
 
@@ -266,6 +269,10 @@ class Repflows(nn.Module):
 
     def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlist: Tensor, n: Tensor, mapping: Tensor | None):
         """n [nf, nloc, n_dim]: type embedding of the local atoms. Returns n, e of the last layer, r_ij, sw."""
+        if self.cfg.use_dynamic_sel:
+            # deepmd-kit computes on flat arrays of the real edges and angles only; dense here, the
+            # same function with the empty tail of the (nearest-first) list dropped
+            nlist = nlist[..., : max(1, int((nlist >= 0).sum(-1).max()))]
         nf, nloc, nnei = nlist.shape
         R, diff, dist, sw, a_mask, a_sw, cos = self.env(coord_ext, atype_ext[:, :nloc], nlist)
         h = R[..., 1:]  # [nf, nloc, N_e, 3]
@@ -280,7 +287,7 @@ class Repflows(nn.Module):
         nei = idx if mapping is None else torch.gather(mapping, 1, idx.reshape(nf, -1)).reshape(nf, nloc, nnei)
         for k, layer in enumerate(self.layers):
             n, e, a = layer(n, e, a, h, nei, sw, a_mask, a_sw, last=k == len(self.layers) - 1)
-        return n, e, diff, sw
+        return n, e, diff, sw, nlist
 
 
 # deepmd-kit 3.2.0 DescrptDPA3 state_dict prefixes -> ours; every other key is the same
@@ -338,7 +345,7 @@ class DPA3(nn.Module):
         if mapping is None and coord_ext.shape[1] != nloc:
             raise ValueError("dpa3 needs `mapping` (extended -> local atom) when there are ghost atoms")
         tebd = self.type_embedding(atype_ext[:, :nloc])  # [nf, nloc, n_dim]
-        n, e, diff, sw = self.repflows(coord_ext, atype_ext, nlist, tebd, mapping)
+        n, e, diff, sw, nlist = self.repflows(coord_ext, atype_ext, nlist, tebd, mapping)
         if self.cfg.concat_output_tebd:
             n = torch.cat([n, tebd], dim=-1)
         return DescriptorOutput(n, e, diff, sw, nlist)
