@@ -225,9 +225,43 @@ def test_finetune_onto_new_elements_beats_scratch(water_si, tmp_path):
 
 
 def test_se_e2_a_finetune_onto_new_elements_fails_naming_them(pre, tmp_path):
-    """The se_e2_a multi-task model (one net per type pair) cannot add elements: one line naming them."""
-    mapbi3 = (write_subset(data_path("mapbi3_scan", "valid"), tmp_path / "m", 2), data_path("mapbi3_scan", "valid"))
-    cfg = mapbi3_config(tmp_path, mapbi3)
-    with pytest.raises(ConfigError, match=r"^model.type_map: element\(s\) C, N not in the type map of .*se_e2_a .*cannot add elements$"):
-        finetune(cfg.model_copy(update={"model": cfg.model.model_copy(update={"type_map": ["I", "Pb", "C", "N", "H"]})}),
-                 pre, tmp_path / "o", branch="mapbi3", log=QUIET)
+    """The se_e2_a multi-task model (one net per type pair) cannot add elements: one line naming
+    them (MAPbI3 with Pb renamed Sn, which the pretrained type map lacks)."""
+    sn = write_subset(data_path("mapbi3_scan", "valid"), tmp_path / "sn", 2, rename={"Pb": "Sn"})
+    cfg = mapbi3_config(tmp_path, (sn, sn))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"type_map": ["I", "Sn", "C", "N", "H"]})})
+    with pytest.raises(ConfigError, match=r"^model.type_map: element\(s\) Sn not in the type map of .*se_e2_a .*cannot add elements$"):
+        finetune(cfg, pre, tmp_path / "o", branch="mapbi3", log=QUIET)
+    assert not (tmp_path / "o" / "model.ckpt").exists()
+
+
+def test_show_and_change_bias_commands_on_a_multitask_dpa3_checkpoint(water_si, tmp_path, capsys):
+    """`lamflow show --json`: type map, branches with their observed types, cutoffs; `lamflow
+    change-bias`: -s re-fits one branch's bias (no mean residual left), -b sets it, nothing else moves."""
+    ckpt, water_valid, _ = water_si
+    assert main(["show", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "multitask" and info["type_map"] == ["O", "H", "Si"]
+    assert info["descriptor"]["type"] == "dpa3" and info["descriptor"]["inner_rcuts"] == {"e_rcut": 4.0, "a_rcut": 3.0}
+    assert {n: b["observed_types"] for n, b in info["branches"].items()} == {"water": ["O", "H"], "si": ["Si"]}
+    assert main(["show", str(ckpt)]) == 0 and "branch water (ener)" in capsys.readouterr().out
+
+    out = tmp_path / "cb.ckpt"
+    assert main(["change-bias", str(ckpt), "-s", str(water_valid), "--branch", "water", "-o", str(out)]) == 0
+    before, after = read_checkpoint_state(ckpt), read_checkpoint_state(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"heads.water.out_bias"}
+    water = load_systems(str(water_valid), ["O", "H", "Si"])
+    e = evaluate_system(load_branch(out, "water"), water[0], forces=False, virial=False)["energy"]
+    assert abs(np.mean(e - water[0].energy)) < 1e-8
+    assert main(["change-bias", str(ckpt), "-b", "1", "2", "3", "--branch", "si", "-o", str(out)]) == 0
+    assert read_checkpoint_state(out)["heads.si.out_bias"].tolist() == [1.0, 2.0, 3.0]
+    capsys.readouterr()
+    assert main(["change-bias", str(ckpt), "-b", "1", "2", "-o", str(out)]) == 1
+    assert "choose a branch" in capsys.readouterr().err
+
+
+def read_checkpoint_state(path):
+    from lamflow.model.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)["state_dict"]

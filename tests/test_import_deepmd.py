@@ -294,3 +294,19 @@ def test_reading_runs_no_code_from_the_file(tmp_path):
     assert "not a deepmd-kit checkpoint" in import_error(tmp_path / "other.pt")
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "frozen.pth")
     assert "frozen TorchScript model" in import_error(tmp_path / "frozen.pth")
+
+
+def test_show_and_change_bias_read_deepmd_checkpoints(trained, frames, reference, tmp_path, capsys):
+    """Both model tools take a deepmd-kit .pt directly; change-bias writes a lamflow checkpoint."""
+    import json
+
+    assert main(["show", str(trained["multitask_dpa3"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["imported_from"] == str(trained["multitask_dpa3"]) and sorted(info["branches"]) == sorted(BRANCHES)
+    assert info["descriptor"]["type"] == "dpa3" and info["descriptor"]["rcut"] == 4.0
+    out = tmp_path / "b.ckpt"
+    assert main(["change-bias", str(trained["dpa3"]), "-b", "-1", "-2", "-3", "-o", str(out)]) == 0
+    model = load_model(out)
+    assert model.out_bias.tolist() == [-1.0, -2.0, -3.0]
+    model.out_bias.copy_(load_model(trained["dpa3"]).out_bias)  # everything else is the imported model
+    assert_matches(model, "dpa3", None, frames, reference)
