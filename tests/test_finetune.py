@@ -265,3 +265,24 @@ def read_checkpoint_state(path):
     from lamflow.model.checkpoint import read_checkpoint
 
     return read_checkpoint(path)["state_dict"]
+
+
+def test_validate_reports_new_elements_as_added_or_refused_by_descriptor(water_si, pre, tmp_path, capsys):
+    """`lamflow validate` of a pipeline fine-tuning a given checkpoint on MAPbI3: with the DPA-3
+    (type embedding) checkpoint the new elements are a note, "new, will be added"; with the se_e2_a
+    one (MAPbI3 with Pb renamed Sn) they are a problem naming them."""
+    ckpt, _, mapbi3 = water_si
+    sn = write_subset(data_path("mapbi3_scan", "valid"), tmp_path / "sn", 2, rename={"Pb": "Sn"})
+    for name, model, data, ok in (("dpa3", ckpt, mapbi3[1], True), ("se", pre, sn, False)):
+        doc = {"name": "t", "datasets": {"m": {"train": str(data), "valid": str(data)}},
+               "stages": {"finetune": {"systems": ["m"], "pretrained": str(model), "branch": "si" if ok else "mapbi3",
+                                       "training": {"numb_steps": 2}}}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        assert main(["validate", str(path)]) == (0 if ok else 1)
+        out = capsys.readouterr()
+        if ok:
+            assert "stages.finetune.systems: m: element(s) I, Pb, C, N not in the type map ['O', 'H', 'Si']" in out.out
+            assert "new, will be added" in out.out
+        else:
+            assert "element(s) Sn not in the type map" in out.err and "cannot add elements" in out.err
