@@ -206,8 +206,9 @@ def change_type_map(base: EnergyModel, fresh: EnergyModel, systems: list[System]
     new_map, old_map = list(fresh.type_map), list(base.type_map)
     out = copy.deepcopy(fresh)
     idx = [old_map.index(e) if e in old_map else -1 for e in new_map]
-    known = torch.tensor([i >= 0 for i in idx])
-    src = torch.tensor([max(i, 0) for i in idx])
+    dev = out.out_bias.device  # the fresh model may already sit on the training device, `base` on the CPU
+    known = torch.tensor([i >= 0 for i in idx], device=dev)
+    src = torch.tensor([max(i, 0) for i in idx], device=dev)
     if not known.all():  # statistics of the new elements from the new data, as training from scratch would
         nbatch = cfg.model.data_stat_nbatch if cfg else 10
         ds = DataSet(systems, out.nlist_requests(), cfg.training.training_data.batch_size if cfg else "auto", out.dtype)
@@ -217,17 +218,17 @@ def change_type_map(base: EnergyModel, fresh: EnergyModel, systems: list[System]
     new_state = {}
     for key, value in ours.items():
         if type_rows(key):
-            rows = state[key][src].to(value)
-            mask = known.view(-1, *([1] * (value.dim() - 1))).to(value.device)
+            rows = state[key].to(value)[src]
+            mask = known.view(-1, *([1] * (value.dim() - 1)))
             new_state[key] = torch.where(mask, rows, value)
         elif key.endswith(TYPE_EMBEDDING_MATRIX):
             prefix = key[: -len(TYPE_EMBEDDING_MATRIX)]
-            old_table = base.get_submodule(prefix + "type_embedding").table()[:-1]  # [n_old, tebd]
+            old_table = base.get_submodule(prefix + "type_embedding").table()[:-1].to(value)  # [n_old, tebd]
             new_emb = out.get_submodule(prefix + "type_embedding")
             table = torch.where(known[:, None], old_table[src], new_emb.table()[:-1])  # kept rows, fresh rows
             layer = new_emb.net.layers[0]
             bias_key = key[: -len("matrix")] + "bias"
-            bias = state[bias_key] if bias_key in state else 0.0
+            bias = state[bias_key].to(value) if bias_key in state else 0.0
             residual = new_emb.table()[:-1] - layer.matrix - (layer.bias if layer.bias is not None else 0.0)
             new_state[key] = table - bias - residual  # so that the new layer reproduces `table`
         else:
