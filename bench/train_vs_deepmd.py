@@ -2,7 +2,7 @@
 """Side-by-side training benchmark: lamflow vs deepmd-kit 3.2.0 (PyTorch backend), same data,
 same model/loss/lr config, same steps, same threads, in one run.
 
-    python bench/train_vs_deepmd.py [--cases water_se_e2_a ch4_se_e2_a ch4_se_atten] [--threads 2]
+    python bench/train_vs_deepmd.py [--cases water_se_e2_a ch4_se_e2_a ch4_se_atten ch4_dpa2 ch4_dpa3] [--threads 2]
                                     [--steps N] [--repeat R] [--dp-python PATH]
 
 For each case it writes one deepmd-kit input.json and makes ONE random initialisation with
@@ -78,12 +78,19 @@ DPA2_CH4 = {"type": "dpa2", "precision": "float64", "smooth": True, "concat_outp
                           "update_g2_has_attn": True, "update_h2": False, "update_style": "res_residual",
                           "update_residual": 0.01, "update_residual_init": "norm"}}
 SE_ATTEN_WATER = dict(SE_ATTEN_CH4, sel=120, neuron=[25, 50, 100], axis_neuron=16, attn=128, attn_layer=2)
+# the small DPA-3 of templates/dpa3-small.yaml with explicit sel (deepmd-kit needs them)
+DPA3_CH4 = {"type": "dpa3", "precision": "float64", "concat_output_tebd": False, "activation_function": "silu", "seed": 1,
+            "repflow": {"n_dim": 16, "e_dim": 8, "a_dim": 4, "nlayers": 2, "e_rcut": 6.0, "e_rcut_smth": 0.5, "e_sel": 12,
+                        "a_rcut": 4.0, "a_rcut_smth": 3.5, "a_sel": 8, "axis_neuron": 4, "update_angle": True,
+                        "update_style": "res_residual", "update_residual": 0.1, "update_residual_init": "const",
+                        "smooth_edge_update": True, "fix_stat_std": 0.3}}
 
 CASES = {
     "water_se_e2_a": lambda n: water(SE_E2A_WATER, n or 200),
     "ch4_se_e2_a": lambda n: ch4(SE_E2A_CH4, n or 300),
     "ch4_se_atten": lambda n: ch4(SE_ATTEN_CH4, n or 300),
     "ch4_dpa2": lambda n: ch4(DPA2_CH4, n or 200),
+    "ch4_dpa3": lambda n: ch4(DPA3_CH4, n or 200),
     "water_se_atten": lambda n: water(SE_ATTEN_WATER, n or 40),
 }
 

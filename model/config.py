@@ -243,6 +243,123 @@ class DPA2Config(Strict):
         return max(self.repinit.rcut, self.repformer.rcut, three)
 
 
+def _check_dpa3_activation(name: str) -> str:
+    """The activations of network.py, plus deepmd-kit's `silut[:T]` / `custom_silu[:T]` (T = 3 by default)."""
+    base, _, threshold = name.partition(":")
+    if base in ("silut", "custom_silu"):
+        try:
+            float(threshold or 3.0)
+        except ValueError:
+            raise ValueError(f"activation_function {name!r}: the threshold after ':' must be a number") from None
+        return name
+    if name not in Activation.__args__:
+        raise ValueError(f"activation_function {name!r} is not one of {list(Activation.__args__) + ['silut:T', 'custom_silu:T']}")
+    return name
+
+
+class RepFlowConfig(Strict):
+    """DPA-3 `repflow` block; keys and defaults as deepmd-kit 3.2.0 argcheck (dpa3_repflow_args),
+    except that e_sel / a_sel default to "auto" (deepmd-kit: required)."""
+
+    n_dim: int = Field(128, gt=0)  # node channel
+    e_dim: int = Field(64, gt=0)  # edge channel
+    a_dim: int = Field(64, gt=0)  # angle channel
+    nlayers: int = Field(6, ge=1)
+    e_rcut: float = Field(gt=0)  # Angstrom
+    e_rcut_smth: float = Field(ge=0)  # Angstrom, < e_rcut
+    e_sel: Union[int, str] = "auto"  # edge slots (mixed list), or "auto" / "auto:1.1"
+    a_rcut: float = Field(gt=0)  # Angstrom, <= e_rcut
+    a_rcut_smth: float = Field(ge=0)  # Angstrom, < a_rcut
+    a_sel: Union[int, str] = "auto"  # angle slots: the first a_sel edge slots within a_rcut
+    a_compress_rate: int = Field(0, ge=0)
+    a_compress_e_rate: int = Field(1, gt=0)
+    a_compress_use_split: bool = False
+    n_multi_edge_message: int = Field(1, ge=1)
+    axis_neuron: int = Field(4, gt=0)
+    fix_stat_std: float = Field(0.3, ge=0)  # constant std of the env matrix; 0: from data
+    skip_stat: bool = False  # deprecated in deepmd-kit: forces fix_stat_std 0.3
+    update_angle: bool = True
+    update_style: Literal["res_avg", "res_incr", "res_residual"] = "res_residual"
+    update_residual: float = 0.1
+    update_residual_init: Literal["norm", "const"] = "const"
+    optim_update: bool = True  # the same function either way (split matrices); kept for deepmd-kit inputs
+    smooth_edge_update: bool = False
+    edge_init_use_dist: bool = Field(False, validation_alias=AliasChoices("edge_init_use_dist", "edge_use_dist"))
+    use_exp_switch: bool = Field(False, validation_alias=AliasChoices("use_exp_switch", "use_env_envelope"))
+    use_dynamic_sel: bool = False  # computed densely: only the normalisation uses e_sel / sel_reduce_factor
+    sel_reduce_factor: float = Field(10.0, gt=0)
+    sequential_update: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.e_rcut_smth >= self.e_rcut:
+            raise ValueError(f"e_rcut_smth {self.e_rcut_smth} must be < e_rcut {self.e_rcut}")
+        if self.a_rcut_smth >= self.a_rcut:
+            raise ValueError(f"a_rcut_smth {self.a_rcut_smth} must be < a_rcut {self.a_rcut}")
+        if self.a_rcut > self.e_rcut:
+            raise ValueError(f"a_rcut {self.a_rcut} must be <= e_rcut {self.e_rcut}")
+        _check_auto(self.e_sel, "e_sel")
+        _check_auto(self.a_sel, "a_sel")
+        if isinstance(self.e_sel, int) and isinstance(self.a_sel, int) and self.a_sel > self.e_sel:
+            raise ValueError(f"a_sel {self.a_sel} must be <= e_sel {self.e_sel}")
+        if self.axis_neuron > min(self.n_dim, self.e_dim):
+            raise ValueError(f"axis_neuron {self.axis_neuron} > min(n_dim, e_dim) = {min(self.n_dim, self.e_dim)}")
+        if self.a_compress_rate and (self.a_dim * self.a_compress_e_rate) % (2 * self.a_compress_rate):
+            raise ValueError(f"a_dim * a_compress_e_rate = {self.a_dim * self.a_compress_e_rate} must be divisible by "
+                             f"2 * a_compress_rate = {2 * self.a_compress_rate}")
+        if self.a_compress_rate and self.a_compress_use_split:
+            n_a = self.a_dim // self.a_compress_rate
+            e_a = self.a_dim // (2 * self.a_compress_rate) * self.a_compress_e_rate
+            if n_a > self.n_dim or e_a > self.e_dim:
+                raise ValueError(f"a_compress_use_split keeps the first {n_a} node and {e_a} edge columns, "
+                                 f"more than n_dim {self.n_dim} or e_dim {self.e_dim}")
+        if self.use_dynamic_sel and not self.smooth_edge_update:
+            raise ValueError("use_dynamic_sel needs smooth_edge_update: true (as in deepmd-kit)")
+        if self.sequential_update and (self.update_style != "res_residual" or not self.update_angle):
+            raise ValueError("sequential_update needs update_style: res_residual and update_angle: true (as in deepmd-kit)")
+        return self
+
+    @property
+    def std(self) -> float:
+        """The constant env-matrix std, 0 when it comes from data."""
+        return 0.3 if self.skip_stat else self.fix_stat_std
+
+
+class DPA3Config(Strict):
+    """DPA-3 (`type: dpa3`); keys and defaults as deepmd-kit 3.2.0 argcheck (descrpt_dpa3_args).
+    Not supported (rejected): exclude_types, use_econf_tebd, add_chg_spin_ebd (needs a per-frame
+    charge/spin input). use_loc_mapping is accepted either way (the same function)."""
+
+    type: Literal["dpa3"] = "dpa3"
+    repflow: RepFlowConfig
+    concat_output_tebd: bool = False
+    activation_function: str = "silu"
+    precision: Precision = "default"
+    exclude_types: list[list[int]] = []
+    env_protection: float = 0.0
+    trainable: bool = True
+    seed: int | None = None
+    use_econf_tebd: bool = False
+    use_tebd_bias: bool = False
+    use_loc_mapping: bool = True
+    add_chg_spin_ebd: bool = False
+    default_chg_spin: list[float] | None = None
+    type_map: list[str] | None = None  # informational (deepmd-kit passes the model's); checked against it
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_dpa3_activation(self.activation_function)
+        for key in ("exclude_types", "use_econf_tebd", "add_chg_spin_ebd"):
+            if getattr(self, key):
+                raise ValueError(f"{key} is not supported by lamflow's dpa3")
+        return self
+
+    @property
+    def rcut(self) -> float:
+        """The edge cutoff (the angle list is cut from the edge list)."""
+        return self.repflow.e_rcut
+
+
 def _check_common(cfg) -> None:
     if cfg.rcut_smth >= cfg.rcut:
         raise ValueError(f"rcut_smth {cfg.rcut_smth} must be < rcut {cfg.rcut}")
@@ -303,7 +420,7 @@ class FittingConfig(Strict):
         return self
 
 
-DescriptorConfig = Annotated[Union[SeE2AConfig, SeAttenConfig, DPA2Config], Field(discriminator="type")]
+DescriptorConfig = Annotated[Union[SeE2AConfig, SeAttenConfig, DPA2Config, DPA3Config], Field(discriminator="type")]
 
 
 class ModelConfig(Strict):
@@ -418,7 +535,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("se_e2_a", "se_atten", "dpa1", "se_a", "se_atten_v2", "dpa2")))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("se_e2_a", "se_atten", "dpa1", "se_a", "se_atten_v2", "dpa2", "dpa3")))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -21,6 +21,8 @@ containers only, nothing executed), then
         attention_layer.{in,out}_proj / attn_layer_norm.{matrix,bias}  descriptor.attention.<i>.{in,out}_proj / norm.{weight,bias}
     descriptor.{repinit,repinit_three_body,repformers,g1_shape_tranform,...}  the same names in DPA2, but for
                                                                    the few that dpa2.from_deepmd_key renames
+    descriptor.{type_embedding,repflows}.*                         the same names in DPA3 (dpa3.from_deepmd_key)
+    fitting_net.case_embd [dim_case_embd]                          folded into the first fitting layer's bias
     fitting_net.filter_layers.networks.<k>.layers.<l>              fitting.nets.<k>.hidden.layers.<l> (last: .out)
     fitting_net.bias_atom_e [nt, 1]                                fitting.bias_atom_e [nt]
     out_bias [1, nt, 1]                                            out_bias [nt]
@@ -233,10 +235,25 @@ def _dpa2(o: _Options, dtype: str) -> dict:
     return cfg
 
 
+def _dpa3(o: _Options, dtype: str) -> dict:
+    """DPA3Config spells every option as deepmd-kit does (repflow key by key, unsupported values
+    refused by its validators, naming the key)."""
+    cfg = {"type": "dpa3", "repflow": dict(o.take("repflow")), "precision": _precision(o),
+           "activation_function": str(o.take("activation_function", "silu"))}
+    for key in ("concat_output_tebd", "env_protection", "use_tebd_bias", "exclude_types", "use_econf_tebd",
+                "use_loc_mapping", "add_chg_spin_ebd", "default_chg_spin"):
+        if key in o.raw:
+            cfg[key] = o.take(key)
+    cfg["trainable"] = bool(o.take("trainable", True))
+    o.require("spin", _empty)
+    o.ignore("seed", "type_map")
+    return cfg
+
+
 DESCRIPTORS: dict[str, Callable[[_Options, str], dict]] = {
     "se_e2_a": _se_e2_a, "se_a": _se_e2_a,
     "se_atten": _se_atten, "dpa1": _se_atten, "se_atten_v2": _se_atten,
-    "dpa2": _dpa2,
+    "dpa2": _dpa2, "dpa3": _dpa3,
 }
 
 
@@ -252,7 +269,7 @@ def _fitting(o: _Options) -> dict:
     o.require("numb_fparam", lambda v: not v, 0)
     o.require("numb_aparam", lambda v: not v, 0)
     o.require("default_fparam", _empty)
-    o.require("dim_case_embd", lambda v: not v, 0)
+    o.ignore("dim_case_embd")  # the branch's constant one-hot input: folded into the first layer's bias (fold_case_embd)
     o.require("atom_ener", lambda v: v is None or all(x is None for x in v), [])
     o.require("layer_name", _empty)
     o.ignore("seed", "use_aparam_as_mask")  # the mask option means nothing without aparam
@@ -328,6 +345,17 @@ def _names_dpa2(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
     """dpa2.py keeps deepmd-kit's module names; `from_deepmd_key` renames the few that differ."""
     from .descriptor.dpa2 import from_deepmd_key
 
+    return _names_by_key(from_deepmd_key, theirs)
+
+
+def _names_dpa3(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
+    """dpa3.py keeps deepmd-kit's module names; `from_deepmd_key` renames the few that differ."""
+    from .descriptor.dpa3 import from_deepmd_key
+
+    return _names_by_key(from_deepmd_key, theirs)
+
+
+def _names_by_key(from_deepmd_key, theirs: list[str]) -> list[tuple[str, str]]:
     names = []
     for key in theirs:
         if key.startswith("descriptor.") and (ours := from_deepmd_key(key[len("descriptor."):])) is not None:
@@ -337,7 +365,7 @@ def _names_dpa2(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
 
 NAMES = {"se_e2_a": _names_se_e2_a, "se_a": _names_se_e2_a,
          "se_atten": _names_se_atten, "dpa1": _names_se_atten, "se_atten_v2": _names_se_atten,
-         "dpa2": _names_dpa2}
+         "dpa2": _names_dpa2, "dpa3": _names_dpa3}
 
 
 def _names_fitting(model, cfg) -> list[tuple[str, str]]:
@@ -389,9 +417,40 @@ def _check_padding_semantics(cfg, tensors: dict, prefix: str, source: str) -> No
             "type embedding of atom 0, so its energy depends on the atom order")
 
 
+def fold_case_embd(tensors: dict, prefix: str, cfg: ModelConfig, dim_descrpt: int, source: str) -> dict:
+    """deepmd-kit's dataset encoding (fitting `dim_case_embd`, DPA-3.x multi-task models): each
+    branch feeds its fitting net [D_i, c] with c a constant one-hot (`fitting_net.case_embd`). Then
+    [D, c] W + b = D W_D + (c W_c + b): the first layer keeps W_D and absorbs c W_c into its bias,
+    the same function on the descriptor alone (refused where that would change the layer's residual
+    rule, which depends on its input width)."""
+    case = tensors.get(f"{prefix}fitting_net.case_embd")
+    if case is None:
+        return tensors
+    tensors = dict(tensors)
+    del tensors[f"{prefix}fitting_net.case_embd"]
+    n0 = cfg.fitting_net.neuron[0]
+    if (n0 in (dim_descrpt, 2 * dim_descrpt)) != (n0 in (dim_descrpt + case.numel(), 2 * (dim_descrpt + case.numel()))):
+        raise CheckpointError(f"{source}: fitting_net.dim_case_embd {case.numel()} with neuron[0] {n0}: folding the case "
+                              "embedding would change the first layer's residual connection")
+    k = 0
+    while f"{prefix}fitting_net.filter_layers.networks.{k}.layers.0.matrix" in tensors:
+        layer = f"{prefix}fitting_net.filter_layers.networks.{k}.layers.0."
+        W, b = tensors[layer + "matrix"], tensors[layer + "bias"]
+        if W.shape[0] != dim_descrpt + case.numel():
+            raise CheckpointError(f"{source}: {prefix}fitting_net.case_embd ({case.numel()}) does not fit the fitting "
+                                  f"net's input width {W.shape[0]} (descriptor {dim_descrpt})")
+        for key in (layer, layer.replace(".networks.", "._networks.")):  # and deepmd-kit's alias of it
+            if key + "matrix" in tensors:
+                tensors[key + "matrix"] = W[:dim_descrpt]
+                tensors[key + "bias"] = b + case.to(W.dtype) @ W[dim_descrpt:]
+        k += 1
+    return tensors
+
+
 def load_weights(model, cfg: ModelConfig, sd: dict, prefix: str, source: str) -> None:
     """Copy the deepmd-kit tensors under `prefix` (`model.<branch>.atomic_model.`) into `model`."""
     tensors = {k: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    tensors = fold_case_embd(tensors, prefix, cfg, model.descriptor.dim_out, source)
     names = NAMES[cfg.descriptor.type](model, cfg, [k[len(prefix):] for k in tensors]) + _names_fitting(model, cfg)
     ours = model.state_dict()
     used = set()

@@ -274,7 +274,7 @@ def check(cfg: MultiTaskTrainConfig, source: str) -> None:
         if sum(prob.values()) <= 0:
             raise ConfigError(f"{source}: training.model_prob: weights sum to 0")
     if cfg.masks_types and not REGISTRY[cfg.descriptor.type].mixed_types:
-        raise ConfigError(f"{source}: loss_dict: mask_ratio > 0 needs a mixed-type descriptor (se_atten, dpa2); "
+        raise ConfigError(f"{source}: loss_dict: mask_ratio > 0 needs a mixed-type descriptor (se_atten, dpa2, dpa3); "
                           f"{cfg.descriptor.type} sorts neighbours by element and cannot hide one (set mask_ratio: 0)")
 
 

@@ -141,3 +141,148 @@ def test_cli_finetune_from_a_multitask_branch(pre, ch4, tmp_path, capsys):
     assert "valid: rmse_e_per_atom" in capsys.readouterr().out
     assert main(["train", str(path), "-o", str(tmp_path / "o2"), "--finetune", str(pre), "--branch", "nope"]) == 1
     assert "no branch 'nope'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- new elements (DPA-3)
+
+TINY_DPA3 = {"type": "dpa3", "repflow": {"n_dim": 8, "e_dim": 8, "a_dim": 4, "nlayers": 2, "e_rcut": 4.0, "e_rcut_smth": 0.5,
+                                         "e_sel": "auto", "a_rcut": 3.0, "a_rcut_smth": 2.5, "a_sel": "auto", "axis_neuron": 4,
+                                         "smooth_edge_update": True},
+             "precision": "float64", "seed": 1}
+FT_DESCRIPTOR = TINY_DPA3
+NEW_MAP = ["I", "Pb", "C", "N", "H", "O"]
+LR = 0.005  # the user's order; I, Pb, C, N are new, O only in the pretrained branch
+
+
+@pytest.fixture(scope="module")
+def water_si(tmp_path_factory):
+    """A tiny DPA-3 pretrained on water and Si (two branches, shared descriptor), and MAPbI3 subsets."""
+    from multitask_helpers import write_yaml
+
+    from lamflow.model.multitask import load_multitask_config, train_multitask
+
+    tmp = tmp_path_factory.mktemp("water_si")
+    sets = {"water": "water_h2o", "si": "si_pbe"}
+    data = {b: (write_subset(data_path(n, "train"), tmp / b / "train", 20, 8), write_subset(data_path(n, "valid"), tmp / b / "valid", 4, 10))
+            for b, n in sets.items()}
+    cfg = {"model": {"shared_dict": {"tm": ["O", "H", "Si"], "d": FT_DESCRIPTOR},
+                     "model_dict": {b: {"type_map": "tm", "descriptor": "d", "fitting_net": {"neuron": [16, 16], "seed": 2}} for b in sets}},
+           "learning_rate": {"start_lr": 0.01, "stop_lr": 0.001, "decay_steps": 20},
+           "training": {"data_dict": {b: {"training_data": {"systems": str(tr), "batch_size": 1},
+                                          "validation_data": {"systems": str(va), "batch_size": 4}} for b, (tr, va) in data.items()},
+                        "numb_steps": 150, "seed": 1, "disp_freq": 150, "save_freq": 150, "device": "cpu"}}
+    res = train_multitask(load_multitask_config(write_yaml(cfg, tmp / "pre.yaml")), tmp / "pre", log=QUIET)
+    mapbi3 = (write_subset(data_path("mapbi3_scan", "train"), tmp / "mapbi3" / "train", 30, 15),
+              write_subset(data_path("mapbi3_scan", "valid"), tmp / "mapbi3" / "valid", 10, 12))
+    return res.checkpoint, data["water"][1], mapbi3
+
+
+def mapbi3_config(tmp_path, mapbi3, steps=100, descriptor=None):
+    tr, va = mapbi3
+    cfg = {"model": {"type_map": NEW_MAP, "descriptor": descriptor or FT_DESCRIPTOR, "fitting_net": {"neuron": [16, 16], "seed": 2}},
+           "learning_rate": {"start_lr": LR, "stop_lr": LR / 10, "decay_steps": 10},
+           "training": {"training_data": {"systems": str(tr), "batch_size": 1},
+                        "validation_data": {"systems": str(va), "batch_size": 10},
+                        "numb_steps": steps, "seed": 7, "disp_freq": steps, "save_freq": steps}}
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_train_config(path)
+
+
+def test_change_type_map_keeps_known_elements_and_gives_new_ones_data_statistics(water_si):
+    """Re-indexing alone (no training) onto [I, Pb, C, N, H, O]: the water branch predicts water
+    exactly as before; I, Pb, C, N get fresh embeddings, std from the MAPbI3 data and bias 0."""
+    from lamflow.model.finetune import change_type_map
+    from lamflow.model.potential import EnergyModel
+
+    ckpt, water_valid, mapbi3 = water_si
+    base = load_branch(ckpt, "water")
+    fresh = EnergyModel(base.cfg.model_copy(update={"type_map": NEW_MAP}))
+    model = change_type_map(base, fresh, load_systems(str(mapbi3[0]), NEW_MAP))
+    assert model.type_map == NEW_MAP
+    w_old, w_new = load_systems(str(water_valid), base.type_map)[0], load_systems(str(water_valid), NEW_MAP)[0]
+    a, b = evaluate_system(base, w_old), evaluate_system(model, w_new)
+    np.testing.assert_allclose(b["energy"], a["energy"], rtol=1e-12)
+    np.testing.assert_allclose(b["force"], a["force"], atol=1e-10)
+    old_tab, new_tab = base.descriptor.type_embedding.table(), model.descriptor.type_embedding.table()
+    for e in ("O", "H"):
+        assert torch.equal(new_tab[NEW_MAP.index(e)], old_tab[base.type_map.index(e)])
+        assert model.out_bias[NEW_MAP.index(e)] == base.out_bias[base.type_map.index(e)]
+    new = [NEW_MAP.index(e) for e in ("I", "Pb", "C", "N")]
+    assert torch.all(model.out_bias[new] == 0)
+    assert not any(torch.allclose(new_tab[i], old_tab[j]) for i in new for j in range(3))
+
+
+def test_finetune_onto_new_elements_beats_scratch(water_si, tmp_path):
+    """Fine-tuning the water branch onto MAPbI3 (I, Pb, C, N new; type map in the user's order)
+    beats the same steps from scratch on MAPbI3 forces and energies."""
+    ckpt, _, mapbi3 = water_si
+    cfg = mapbi3_config(tmp_path, mapbi3)
+    scratch = train(cfg, tmp_path / "scratch", log=QUIET)
+    tuned = finetune(cfg, ckpt, tmp_path / "ft", branch="water", log=QUIET)
+    assert tuned.metrics["rmse_f"] < 0.9 * scratch.metrics["rmse_f"], (tuned.metrics, scratch.metrics)
+    assert load_model(tuned.checkpoint).type_map == NEW_MAP
+
+
+def test_se_e2_a_finetune_onto_new_elements_fails_naming_them(pre, tmp_path):
+    """The se_e2_a multi-task model (one net per type pair) cannot add elements: one line naming
+    them (MAPbI3 with Pb renamed Sn, which the pretrained type map lacks)."""
+    sn = write_subset(data_path("mapbi3_scan", "valid"), tmp_path / "sn", 2, rename={"Pb": "Sn"})
+    cfg = mapbi3_config(tmp_path, (sn, sn))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"type_map": ["I", "Sn", "C", "N", "H"]})})
+    with pytest.raises(ConfigError, match=r"^model.type_map: element\(s\) Sn not in the type map of .*se_e2_a .*cannot add elements$"):
+        finetune(cfg, pre, tmp_path / "o", branch="mapbi3", log=QUIET)
+    assert not (tmp_path / "o" / "model.ckpt").exists()
+
+
+def test_show_and_change_bias_commands_on_a_multitask_dpa3_checkpoint(water_si, tmp_path, capsys):
+    """`lamflow show --json`: type map, branches with their observed types, cutoffs; `lamflow
+    change-bias`: -s re-fits one branch's bias (no mean residual left), -b sets it, nothing else moves."""
+    ckpt, water_valid, _ = water_si
+    assert main(["show", str(ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "multitask" and info["type_map"] == ["O", "H", "Si"]
+    assert info["descriptor"]["type"] == "dpa3" and info["descriptor"]["inner_rcuts"] == {"e_rcut": 4.0, "a_rcut": 3.0}
+    assert {n: b["observed_types"] for n, b in info["branches"].items()} == {"water": ["O", "H"], "si": ["Si"]}
+    assert main(["show", str(ckpt)]) == 0 and "branch water (ener)" in capsys.readouterr().out
+
+    out = tmp_path / "cb.ckpt"
+    assert main(["change-bias", str(ckpt), "-s", str(water_valid), "--branch", "water", "-o", str(out)]) == 0
+    before, after = read_checkpoint_state(ckpt), read_checkpoint_state(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"heads.water.out_bias"}
+    water = load_systems(str(water_valid), ["O", "H", "Si"])
+    e = evaluate_system(load_branch(out, "water"), water[0], forces=False, virial=False)["energy"]
+    assert abs(np.mean(e - water[0].energy)) < 1e-8
+    assert main(["change-bias", str(ckpt), "-b", "1", "2", "3", "--branch", "si", "-o", str(out)]) == 0
+    assert read_checkpoint_state(out)["heads.si.out_bias"].tolist() == [1.0, 2.0, 3.0]
+    capsys.readouterr()
+    assert main(["change-bias", str(ckpt), "-b", "1", "2", "-o", str(out)]) == 1
+    assert "choose a branch" in capsys.readouterr().err
+
+
+def read_checkpoint_state(path):
+    from lamflow.model.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_validate_reports_new_elements_as_added_or_refused_by_descriptor(water_si, pre, tmp_path, capsys):
+    """`lamflow validate` of a pipeline fine-tuning a given checkpoint on MAPbI3: with the DPA-3
+    (type embedding) checkpoint the new elements are a note, "new, will be added"; with the se_e2_a
+    one (MAPbI3 with Pb renamed Sn) they are a problem naming them."""
+    ckpt, _, mapbi3 = water_si
+    sn = write_subset(data_path("mapbi3_scan", "valid"), tmp_path / "sn", 2, rename={"Pb": "Sn"})
+    for name, model, data, ok in (("dpa3", ckpt, mapbi3[1], True), ("se", pre, sn, False)):
+        doc = {"name": "t", "datasets": {"m": {"train": str(data), "valid": str(data)}},
+               "stages": {"finetune": {"systems": ["m"], "pretrained": str(model), "branch": "si" if ok else "mapbi3",
+                                       "training": {"numb_steps": 2}}}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        assert main(["validate", str(path)]) == (0 if ok else 1)
+        out = capsys.readouterr()
+        if ok:
+            assert "stages.finetune.systems: m: element(s) I, Pb, C, N not in the type map ['O', 'H', 'Si']" in out.out
+            assert "new, will be added" in out.out
+        else:
+            assert "element(s) Sn not in the type map" in out.err and "cannot add elements" in out.err

@@ -1,5 +1,5 @@
 """Importing deepmd-kit 3.x PyTorch checkpoints (se_e2_a, se_atten / DPA-1, se_atten_v2, DPA-2,
-multi-task): tiny models trained by the reference deepmd-kit
+DPA-3, multi-task, the shared fitting with a dataset encoding): tiny models trained by the reference deepmd-kit
 (`dp --pt train` in its own venv, see deepmd_helpers.py) predict, once imported, the energies,
 forces and virials that `deepmd.infer.DeepPot` gives for the same checkpoint, to 1e-8 (float64),
 on periodic (ch4_pbe) and non-periodic (chon_nopbc, two compositions) frames. Unsupported
@@ -50,6 +50,21 @@ SINGLE = {  # name -> descriptor; every variant the importer maps, each trained 
         "repformer": {**REPFORMER, "attn2_has_gate": True, "update_h2": True, "update_style": "res_residual",
                       "update_residual": 0.01},
     },
+    "dpa3": {  # parallel updates, linear angle compression, two edge-message heads, tebd in the output
+        "type": "dpa3", "precision": "float64", "seed": 1, "concat_output_tebd": True, "use_tebd_bias": True,
+        "repflow": {"n_dim": 8, "e_dim": 6, "a_dim": 4, "nlayers": 2, "e_rcut": 4.0, "e_rcut_smth": 0.5, "e_sel": 16,
+                    "a_rcut": 3.0, "a_rcut_smth": 2.5, "a_sel": 8, "axis_neuron": 2, "a_compress_rate": 1,
+                    "n_multi_edge_message": 2, "update_residual_init": "norm", "update_residual": 0.2},
+    },
+}
+# the DPA-3.1 multi-task layout: one descriptor and one fitting net shared by both branches, the
+# fitting told the branch apart by a dataset encoding (dim_case_embd = number of branches)
+DPA3_SHARED = {
+    "type": "dpa3", "precision": "float64", "seed": 1, "activation_function": "custom_silu:3.0",
+    "repflow": {"n_dim": 12, "e_dim": 8, "a_dim": 4, "nlayers": 2, "e_rcut": 4.0, "e_rcut_smth": 3.5, "e_sel": 24,
+                "a_rcut": 3.0, "a_rcut_smth": 2.5, "a_sel": 12, "axis_neuron": 2, "a_compress_rate": 1,
+                "a_compress_e_rate": 2, "a_compress_use_split": True, "edge_init_use_dist": True, "use_exp_switch": True,
+                "smooth_edge_update": True, "use_dynamic_sel": True, "sel_reduce_factor": 4.0},
 }
 # the multi-task descriptor: strip repinit with a non-zero mean, no g1 conv/MLP outputs (and no
 # add_tebd_to_repinit_out: deepmd-kit keeps that layer per branch, so the branches would not share one descriptor)
@@ -61,6 +76,7 @@ DPA2_SHARED = {
                   "g1_out_conv": False, "g1_out_mlp": False, "set_davg_zero": False, "activation_function": "silu"},
 }
 BRANCHES = ("ch4", "chon")
+MULTI = ("multitask", "multitask_dpa3")
 FRAMES = {  # system -> frames compared (periodic CH4; two molecules without PBC)
     ("ch4_pbe", "valid"): [0, 20, 40],
     ("chon_nopbc", "valid", "C1H4O2"): [0, 150],
@@ -68,17 +84,21 @@ FRAMES = {  # system -> frames compared (periodic CH4; two molecules without PBC
 }
 
 
-def multitask_input() -> dict:
-    """Two branches (periodic CH4, CHO molecules) sharing one DPA-2 descriptor."""
-    desc = DPA2_SHARED
+def multitask_input(desc: dict = DPA2_SHARED, shared_fitting: bool = False) -> dict:
+    """Two branches (periodic CH4, CHO molecules) sharing one descriptor (and, with
+    shared_fitting, one fitting net with a dataset encoding)."""
     fit = {"neuron": [8, 8], "resnet_dt": True}
     loss = {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1}
     data = {"ch4": [data_path("ch4_pbe", "train")],
             "chon": [data_path("chon_nopbc", "train", "C1H4O2"), data_path("chon_nopbc", "train", "C3H3O4")]}
     base = train_input(TYPE_MAP, desc, [], steps=6)
+    shared = {"tm": TYPE_MAP, "desc": desc}
+    if shared_fitting:
+        shared["fit"] = {**fit, "seed": 1, "dim_case_embd": len(BRANCHES)}
     return {
-        "model": {"shared_dict": {"tm": TYPE_MAP, "desc": desc},
-                  "model_dict": {b: {"type_map": "tm", "descriptor": "desc", "fitting_net": {**fit, "seed": i + 1}}
+        "model": {"shared_dict": shared,
+                  "model_dict": {b: {"type_map": "tm", "descriptor": "desc",
+                                     "fitting_net": "fit" if shared_fitting else {**fit, "seed": i + 1}}
                                  for i, b in enumerate(BRANCHES)}},
         "learning_rate": base["learning_rate"],
         "loss_dict": {b: loss for b in BRANCHES},
@@ -106,6 +126,8 @@ def trained(deepmd_python, tmp_path_factory) -> dict[str, Path]:
     out = {name: dp_train(deepmd_python, train_input(TYPE_MAP, desc, systems), root / name, cache)
            for name, desc in SINGLE.items()}
     out["multitask"] = dp_train(deepmd_python, multitask_input(), root / "multitask", cache)
+    out["multitask_dpa3"] = dp_train(deepmd_python, multitask_input(DPA3_SHARED, shared_fitting=True),
+                                     root / "multitask_dpa3", cache)
     return out
 
 
@@ -122,7 +144,7 @@ def frames() -> dict[str, tuple]:
 @pytest.fixture(scope="session")
 def reference(deepmd_python, trained, frames, tmp_path_factory) -> dict[tuple, dict]:
     """(model name, head, system) -> DeepPot's energy/force/virial; one subprocess for all."""
-    keys = [(n, None, s) for n in SINGLE for s in frames] + [("multitask", b, s) for b in BRANCHES for s in frames]
+    keys = [(n, None, s) for n in SINGLE for s in frames] + [(m, b, s) for m in MULTI for b in BRANCHES for s in frames]
     jobs = [{"model": trained[n], "head": h, "coord": frames[s][0], "box": frames[s][1], "atype": frames[s][2]}
             for n, h, s in keys]
     return dict(zip(keys, deeppot_eval(deepmd_python, jobs, tmp_path_factory.mktemp("deeppot"))))
@@ -147,16 +169,22 @@ def test_imported_model_matches_deeppot_energy_force_virial(name, trained, frame
     assert_matches(model, name, None, frames, reference)
 
 
-def test_multitask_checkpoint_imports_every_branch(trained, frames, reference, tmp_path):
+@pytest.mark.parametrize("name", MULTI)
+def test_multitask_checkpoint_imports_every_branch(name, trained, frames, reference, tmp_path):
+    """DPA-2 with one fitting net per branch; DPA-3 (the DPA-3.1 options) with one fitting net
+    shared through a dataset encoding (dim_case_embd), folded into each branch's first-layer bias."""
     from lamflow.model.multitask import MultiTaskModel, load_branch
 
-    assert branches(read_deepmd(trained["multitask"])) == list(BRANCHES)
-    out = import_deepmd(trained["multitask"], tmp_path / "mt.pt")
+    assert branches(read_deepmd(trained[name])) == list(BRANCHES)
+    out = import_deepmd(trained[name], tmp_path / "mt.pt")
     payload = read_checkpoint(out)
     assert payload["kind"] == "multitask" and sorted(payload["config"]["branches"]) == sorted(BRANCHES)
     assert isinstance(load_model(out), MultiTaskModel)
     for b in BRANCHES:
-        assert_matches(load_branch(out, b), "multitask", b, frames, reference)
+        assert_matches(load_branch(out, b), name, b, frames, reference)
+    if name == "multitask_dpa3":  # one shared fitting net, told apart by the folded case embedding only
+        w = [read_checkpoint(out)["state_dict"][f"heads.{b}.fitting.nets.0.hidden.layers.0.bias"] for b in BRANCHES]
+        assert not torch.allclose(w[0], w[1])
 
 
 def test_multitask_branch_imports_as_single_task_model(trained, frames, reference, tmp_path):
@@ -266,3 +294,19 @@ def test_reading_runs_no_code_from_the_file(tmp_path):
     assert "not a deepmd-kit checkpoint" in import_error(tmp_path / "other.pt")
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "frozen.pth")
     assert "frozen TorchScript model" in import_error(tmp_path / "frozen.pth")
+
+
+def test_show_and_change_bias_read_deepmd_checkpoints(trained, frames, reference, tmp_path, capsys):
+    """Both model tools take a deepmd-kit .pt directly; change-bias writes a lamflow checkpoint."""
+    import json
+
+    assert main(["show", str(trained["multitask_dpa3"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["imported_from"] == str(trained["multitask_dpa3"]) and sorted(info["branches"]) == sorted(BRANCHES)
+    assert info["descriptor"]["type"] == "dpa3" and info["descriptor"]["rcut"] == 4.0
+    out = tmp_path / "b.ckpt"
+    assert main(["change-bias", str(trained["dpa3"]), "-b", "-1", "-2", "-3", "-o", str(out)]) == 0
+    model = load_model(out)
+    assert model.out_bias.tolist() == [-1.0, -2.0, -3.0]
+    model.out_bias.copy_(load_model(trained["dpa3"]).out_bias)  # everything else is the imported model
+    assert_matches(model, "dpa3", None, frames, reference)

@@ -36,6 +36,11 @@ def run(args) -> int:
                      for p in as_list(getattr(d, sp)) if is_s3(p)})
     if remote and not args.no_data:
         print(f"note: datasets on S3 ({', '.join(remote)}) were not read; lamflow submit fetches and checks them")
+    if not args.no_data:  # fine-tuning onto elements the pretrained checkpoint lacks, where it can add them
+        from .spec import finetune_coverage, spec_elements
+
+        for line in finetune_coverage(spec, spec_elements(spec)):
+            print(f"note: {line}")
     tm = resolved_type_map(spec)
     print(f"{args.pipeline}: ok — stages {', '.join(spec.stages.enabled())}; datasets {', '.join(spec.used_datasets())}; "
           f"type map {tm}")

@@ -697,6 +697,8 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
                         continue
                     problems += stage_configs.sel_problems(spec, name, where, loaded, type_map)
     problems += stage_config_problems(spec, type_map or placeholder_type_map(spec), models=models)
+    if data and not problems:
+        problems += [line for line in finetune_coverage(spec, elements) if not line.endswith("new, will be added")]
     return problems
 
 
@@ -709,6 +711,48 @@ def placeholder_type_map(spec: PipelineSpec) -> list[str]:
         if isinstance(sel, list) and sel:
             n = len(sel)
     return [f"X{i}" for i in range(n)]
+
+
+def spec_elements(spec: PipelineSpec) -> dict[str, list[str]]:
+    """"dataset.split" -> elements of the local paths of every used dataset."""
+    from lamflow.model.data import elements_in
+
+    out: dict[str, list[str]] = {}
+    for name in spec.used_datasets():
+        ds = spec.datasets[name]
+        for split in ("train", "valid", "test"):
+            paths = [p for p in as_list(getattr(ds, split)) if not is_s3(p)]
+            if paths:
+                out[f"{name}.{split}"] = list(dict.fromkeys(elements_in(paths, ds.fmt)))
+    return out
+
+
+def finetune_coverage(spec: PipelineSpec, elements: dict[str, list[str]]) -> list[str]:
+    """Elements of each fine-tuning system that a local `stages.finetune.pretrained` checkpoint lacks:
+    "new, will be added" where its descriptor has a type embedding, else a problem naming them.
+    `elements`: "dataset.split" -> elements, as check_spec collects them."""
+    ft = spec.stages.finetune
+    if not ft.enabled or spec.stages.pretrain.enabled or not ft.pretrained or is_s3(ft.pretrained):
+        return []
+    from lamflow.model.checkpoint import read_checkpoint
+    from lamflow.model.finetune import can_add_elements
+
+    p = Path(ft.pretrained)
+    try:
+        payload = read_checkpoint(p / "model.ckpt" if p.is_dir() else p)
+    except LamflowError as e:
+        return [f"{spec_source(spec)}: stages.finetune.pretrained: {e}"]
+    tm, dtype = list(payload["config"]["type_map"]), payload["config"]["descriptor"]["type"]
+    out = []
+    for name in spec.finetune_systems:
+        new = [e for split in ("train", "valid") for e in elements.get(f"{name}.{split}", []) if e not in tm]
+        new = list(dict.fromkeys(new))
+        if not new:
+            continue
+        where = f"{spec_source(spec)}: stages.finetune.systems: {name}: element(s) {', '.join(new)} not in the type map {tm} of {p}"
+        out.append(f"{where}: new, will be added" if can_add_elements(dtype) else
+                   f"{where}; its {dtype} descriptor (one net per type pair) cannot add elements")
+    return out
 
 
 def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool = True) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import DescriptorOutput, TypeEmbedding
 from .dpa2 import DPA2
+from .dpa3 import DPA3
 from .se_atten import SeAtten
 from .se_e2_a import SeE2A
 
@@ -14,6 +15,7 @@ REGISTRY = {
     "dpa1": SeAtten,
     "se_atten_v2": SeAtten,
     "dpa2": DPA2,
+    "dpa3": DPA3,
 }
 
 
@@ -25,4 +27,4 @@ def build_descriptor(cfg, ntypes: int):
     return cls(cfg, ntypes)
 
 
-__all__ = ["REGISTRY", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A", "DPA2"]
+__all__ = ["REGISTRY", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A", "DPA2", "DPA3"]
