@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_save, build_from_payload, read_checkpoint
-from .config import DPA2Config, ModelConfig, SeAttenConfig, SeE2AConfig
+from .config import DPA2Config, DPA3Config, ModelConfig, SeAttenConfig, SeE2AConfig
 from .deepmd_import import NAMES, _check_padding_semantics, _names_fitting, _their_key
+from .descriptor import dpa2, dpa3
 from .errors import CheckpointError
 
-# DPA-2 modules keep deepmd-kit's names except these (dpa2.DEEPMD_PREFIXES, read backwards)
-from .descriptor.dpa2 import DEEPMD_PREFIXES
+# DPA-2 and DPA-3 modules keep deepmd-kit's names except these (DEEPMD_PREFIXES, read backwards)
+RENAMED = {"dpa2": dpa2.DEEPMD_PREFIXES, "dpa3": dpa3.DEEPMD_PREFIXES}
 
 NO_MIN_NBOR_DIST = -1.0  # deepmd-kit's model.py: "not computed"
 
@@ -71,8 +72,15 @@ def descriptor_params(cfg, source: str) -> dict:
         if d.get("type_map") is None:
             d.pop("type_map", None)
         return d
+    if isinstance(cfg, DPA3Config):
+        for key in ("e_sel", "a_sel"):
+            _resolved(d["repflow"][key], f"descriptor.repflow.{key}", source)
+        for key in ("type_map", "default_chg_spin"):
+            if d.get(key) is None:
+                d.pop(key, None)
+        return d
     raise CheckpointError(f"{source}: descriptor type {getattr(cfg, 'type', type(cfg).__name__)!r} cannot be "
-                          "exported to deepmd-kit (se_e2_a, se_atten, se_atten_v2, dpa2)")
+                          "exported to deepmd-kit (se_e2_a, se_atten, se_atten_v2, dpa2, dpa3)")
 
 
 def _resolved(sel, key: str, source: str) -> None:
@@ -95,9 +103,9 @@ def model_params(cfg: ModelConfig, source: str) -> dict:
 # ----------------------------------------------------------------------------- weights -> state dict
 
 
-def _dpa2_names(model) -> list[tuple[str, str]]:
-    """(ours, theirs) prefix pairs for DPA-2: the renamed prefixes, else the same name."""
-    pairs = [(f"descriptor.{ours}", f"descriptor.{theirs}") for theirs, ours in DEEPMD_PREFIXES]
+def _renamed_names(model, prefixes) -> list[tuple[str, str]]:
+    """(ours, theirs) prefix pairs for DPA-2 / DPA-3: the renamed prefixes, else the same name."""
+    pairs = [(f"descriptor.{ours}", f"descriptor.{theirs}") for theirs, ours in prefixes]
     keys = [k for k in model.state_dict() if k.startswith("descriptor.")]
     for k in keys:
         if _their_key(k, pairs) is None:
@@ -138,7 +146,7 @@ def branch_state(model, source: str) -> dict[str, torch.Tensor]:
     """An EnergyModel's tensors under deepmd-kit's names (without the `model.<branch>.atomic_model.` prefix)."""
     cfg = model.cfg
     kind = cfg.descriptor.type
-    names = (_dpa2_names(model) if kind == "dpa2" else NAMES[kind](model, cfg, [])) + _names_fitting(model, cfg)
+    names = (_renamed_names(model, RENAMED[kind]) if kind in RENAMED else NAMES[kind](model, cfg, [])) + _names_fitting(model, cfg)
     ntypes = len(model.type_map)
     out = {}
     for key, value in model.state_dict().items():

@@ -50,6 +50,11 @@ MODELS = {  # name -> descriptor; each model gets random weights and random stat
                            "axis_neuron": 2, "attn1_hidden": 4, "attn1_nhead": 2, "attn2_hidden": 4,
                            "attn2_nhead": 2, "attn2_has_gate": True, "update_h2": True,
                            "update_style": "res_residual", "update_residual": 0.01}},
+    "dpa3": {"type": "dpa3", "precision": "float64", "seed": 1, "activation_function": "silu",
+             "repflow": {"n_dim": 8, "e_dim": 6, "a_dim": 4, "nlayers": 2, "e_rcut": 5.0, "e_rcut_smth": 0.5, "e_sel": 24,
+                         "a_rcut": 3.5, "a_rcut_smth": 3.0, "a_sel": 12, "axis_neuron": 2, "update_angle": True,
+                         "smooth_edge_update": True, "a_compress_rate": 1, "a_compress_e_rate": 2,
+                         "a_compress_use_split": True, "n_multi_edge_message": 2}},
 }
 FRAMES = {("ch4_pbe", "valid"): [0, 30], ("chon_nopbc", "valid", "C1H4O2"): [0, 150]}
 
