@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,12 +43,16 @@ def quickstart(tmp: Path) -> None:
 
     workdir = tmp / "runs"
     spec = load_spec(absolute_quickstart(tmp, workdir))
+    load0 = os.getloadavg()[0]
+    cpu0 = _cpu_seconds()
     t0 = time.time()
     rid, status = submit_debug(spec, workdir=workdir, progress=lambda *a: None)
     wall = time.time() - t0
+    cpu = _cpu_seconds() - cpu0
     meta = read_meta(workdir, rid)
-    print(f"quickstart ({status}): {wall:.1f} s wall, {os.cpu_count()} CPU cores, load average "
-          f"{os.getloadavg()[0]:.1f}; target <= 300 s")
+    print(f"quickstart ({status}): {wall:.1f} s wall, {cpu:.1f} s CPU (user+sys, all steps), {os.cpu_count()} CPU cores, "
+          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; target <= 300 s")
+    print("  (the CPU time is what the run costs on an otherwise idle machine; the wall time grows with the load)")
     print(f"  {'step':<16}{'start s':>9}{'seconds':>9}")
     for key, t in sorted(meta.get("steps", {}).items(), key=lambda kv: kv[1]["start"]):
         print(f"  {key:<16}{t['start']:9.1f}{t.get('end', float('nan')) - t['start']:9.1f}")
@@ -56,6 +61,39 @@ def quickstart(tmp: Path) -> None:
         stage = key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
         by_stage[stage] = by_stage.get(stage, 0.0) + t.get("end", t["start"]) - t["start"]
     print("  per stage (sum over its steps): " + ", ".join(f"{k} {v:.1f} s" for k, v in by_stage.items()))
+    print_results(workdir, rid)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the debug steps)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def print_results(workdir: Path, rid: str) -> None:
+    """The report's summary table: every model against its baseline, compression speed-up."""
+    import json
+
+    f = next((workdir / rid).rglob("report/summary.json"), None)
+    if f is None:
+        return
+    s = json.loads(f.read_text())
+    tests = list(s.get("test", {}).values()) + ([s["student_test"]] if s.get("student_test") else [])
+    for t in tests:
+        n = t.get("normalised", {})
+        z = t.get("zero_shot") or {}
+        print(f"  {t.get('role')} {t['system']} ({t.get('split')}): " + ", ".join(
+            f"{k} {1000 * v['model']:.2f} vs baseline {1000 * v['baseline']:.2f} (ratio {v['ratio']:.3f})" for k, v in n.items())
+            + (f"; zero-shot E {1000 * z['rmse_e_per_atom']:.2f}, F {1000 * z['rmse_f']:.2f}" if z else ""))
+        st, ef = t.get("stability") or {}, t.get("efficiency") or {}
+        if st:
+            print(f"    NVE stable {st['stable']}/{st['total']}, median drift {st.get('median_drift')}; "
+                  f"{ef.get('us_per_atom')} us/atom at {ef.get('natoms')} atoms")
+    k = s.get("compress", {})
+    if k:
+        print(f"  compress: speed-up {k.get('speedup'):.2f}x on {k.get('natoms')} atoms "
+              f"({k.get('seconds_model'):.4f} s -> {k.get('seconds_compressed'):.4f} s), max |dF| {k.get('max_abs_df')}")
+    print(f"  warnings: {s.get('flags') or 'none'}")
 
 
 def hundred_systems(tmp: Path) -> Path:
@@ -65,6 +103,7 @@ def hundred_systems(tmp: Path) -> Path:
         doc["datasets"][f"sys{i:03d}"] = dict(ch4)
     doc["stages"]["finetune"]["systems"] = [f"sys{i:03d}" for i in range(100)]
     doc["stages"]["distill"]["teacher"] = "sys000"
+    doc["stages"]["distill"].pop("dataset", None)
     p = tmp / "hundred.yaml"
     p.write_text(yaml.safe_dump(doc, sort_keys=False))
     return p
