@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,15 +43,12 @@ def quickstart(tmp: Path) -> None:
     workdir = tmp / "runs"
     spec = load_spec(absolute_quickstart(tmp, workdir))
     load0 = os.getloadavg()[0]
-    cpu0 = _cpu_seconds()
     t0 = time.time()
     rid, status = submit_debug(spec, workdir=workdir, progress=lambda *a: None)
     wall = time.time() - t0
-    cpu = _cpu_seconds() - cpu0
     meta = read_meta(workdir, rid)
-    print(f"quickstart ({status}): {wall:.1f} s wall, {cpu:.1f} s CPU (user+sys, all steps), {os.cpu_count()} CPU cores, "
-          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; target <= 300 s")
-    print("  (the CPU time is what the run costs on an otherwise idle machine; the wall time grows with the load)")
+    print(f"quickstart ({status}): {wall:.1f} s wall, {os.cpu_count()} CPU cores, load average {load0:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end (the wall time grows with the load); target <= 300 s")
     print(f"  {'step':<16}{'start s':>9}{'seconds':>9}")
     for key, t in sorted(meta.get("steps", {}).items(), key=lambda kv: kv[1]["start"]):
         print(f"  {key:<16}{t['start']:9.1f}{t.get('end', float('nan')) - t['start']:9.1f}")
@@ -62,12 +58,6 @@ def quickstart(tmp: Path) -> None:
         by_stage[stage] = by_stage.get(stage, 0.0) + t.get("end", t["start"]) - t["start"]
     print("  per stage (sum over its steps): " + ", ".join(f"{k} {v:.1f} s" for k, v in by_stage.items()))
     print_results(workdir, rid)
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children (the debug steps)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def print_results(workdir: Path, rid: str) -> None:
