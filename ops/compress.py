@@ -11,7 +11,7 @@ from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
-def speedup(model, compressed, systems, natoms: int = 1000, repeats: int = 7) -> dict:
+def speedup(model, compressed, systems, natoms: int = 1000, repeats: int = 15) -> dict:
     """Wall time of one energy+force evaluation, original vs compressed, on the first structure of
     the first system replicated to >= natoms atoms, as a production MD runs it (best of `repeats`
     alternating calls, after a warm-up of both; lamflow.model.lambench.speedup)."""

@@ -139,7 +139,7 @@ def assert_quickstart_learns(summary: dict, md: str) -> None:
         who = f"{t['role']} {t['system']}"
         assert n["rmse_f"]["ratio"] <= FORCE_RATIO, (who, n)
         assert n["rmse_e_per_atom"]["ratio"] < ENERGY_RATIO, (who, n)
-        assert t["stability"]["total"] == 3 and t["efficiency"]["natoms"] >= 1000, who
+        assert t["stability"]["total"] == 2 and t["efficiency"]["natoms"] >= 1000, who
     for t in tuned:  # fine-tuning beats zero-shot on the system it trained on
         assert t["split"] == "test"
         for k in ("rmse_e_per_atom", "rmse_f"):
