@@ -36,7 +36,7 @@ def absolute_quickstart(tmp: Path, workdir: Path) -> Path:
     return p
 
 
-def quickstart(tmp: Path) -> None:
+def quickstart(tmp: Path, keep: Path | None = None) -> None:
     from lamflow.workflows.engine import read_meta, submit_debug
     from lamflow.workflows.spec import load_spec
 
@@ -58,6 +58,13 @@ def quickstart(tmp: Path) -> None:
         by_stage[stage] = by_stage.get(stage, 0.0) + t.get("end", t["start"]) - t["start"]
     print("  per stage (sum over its steps): " + ", ".join(f"{k} {v:.1f} s" for k, v in by_stage.items()))
     print_results(workdir, rid)
+    if keep is not None:  # the report folder (report.md, PNGs, summary.json), to read after the run
+        import shutil
+
+        src = next((workdir / rid).rglob("outputs/artifacts/report/report"), None)
+        if src is not None:
+            shutil.copytree(src, keep, dirs_exist_ok=True)
+            print(f"  report copied to {keep}")
 
 
 def print_results(workdir: Path, rid: str) -> None:
@@ -124,12 +131,13 @@ def render(tmp: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--keep", type=Path, help="copy the quickstart's report folder here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lamflow-bench-") as t:
         tmp = Path(t)
         render(tmp)
         if not args.render_only:
-            quickstart(tmp)
+            quickstart(tmp, args.keep)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,26 @@ class TransferResult:
     report: Path  # report.md
 
 
+def baseline_section(metrics: dict, systems: list[System], ntypes: int, label: str, out: Path):
+    """The model's errors next to the composition-only baseline, fitted here on the tested frames
+    themselves (no training data is given to `lamflow test`): an in-sample fit, so the baseline is
+    if anything too good and a ratio < 1 is conservative. Writes baseline.json."""
+    from .baseline import baseline_errors, fit_baseline, normalised
+    from .report import Section, baseline_table, short_names, verdicts
+
+    base = baseline_errors(fit_baseline(systems, ntypes), systems)
+    atomic_write_text(out / "baseline.json", json.dumps(base, indent=2))
+    short = short_names(list(metrics["systems"]))
+    summary = {"system": "all", "role": label, "nframes": metrics["overall"]["nframes"],
+               "normalised": normalised(metrics["overall"], base["overall"]),
+               "systems": {short[n]: {"nframes": m["nframes"], "normalised": normalised(m, base["systems"][n])}
+                           for n, m in metrics["systems"].items()}}
+    flags = verdicts(summary)
+    text = ("Baseline: energy from element counts (least squares on these frames), zero forces and virials. "
+            + ("**" + "; ".join(flags) + "**" if flags else f"{label} is better than the baseline on every error."))
+    return Section("Against the composition-only baseline", text, [baseline_table([summary])])
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "system"
 
@@ -202,6 +222,7 @@ def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt:
         images.append(parity_plot([(s, pred)], out / "parity" / f"{i:02d}_{_slug(short[s.name])}.png", f"{label}: {short[s.name]}"))
     sections = [Section(f"Errors of {label}", f"{metrics['overall']['nframes']} frames in {len(systems)} systems.",
                         [metrics_table(metrics)], [out / "parity.png"])]
+    sections.append(baseline_section(metrics, systems, len(model.type_map), label, out))
     zs = compare = None
     if pre is not None:
         zper, skipped = [], []
