@@ -559,6 +559,7 @@ def plot_clean(diag: dict, cfg: CleanConfig, counts: dict, png: Path, title: str
     axes[1].set_ylabel("frames")
     axes[2].bar(list(counts), list(counts.values()), color="tab:red")
     axes[2].set_ylabel("frames dropped")
+    axes[2].yaxis.set_major_locator(plt.MaxNLocator(integer=True))
     axes[2].set_title("dropped, by reason")
     axes[2].tick_params(axis="x", rotation=30, labelsize=7)
     if title:

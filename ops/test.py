@@ -50,7 +50,7 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     tm = list(net.type_map)
     systems = load_systems(paths, tm, fmt)
     train = load_systems(split_paths(root, system, "train"), tm, fmt) if split != "train" else systems
-    res = evaluate_systems(net, systems, out, label=f"{system} ({split}): {role} model vs DFT", dataset=system)
+    res = evaluate_systems(net, systems, out, label=f"{split} split: {role} model vs DFT", dataset=system)
     base = baseline_errors(fit_baseline(train, len(tm)), systems)
     write_json(out / "baseline.json", base)
     short = short_names(list(res["systems"]))

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def small_pipeline(tmp_path: Path) -> Path:
     ch4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_pbe", "valid"))}
     doc = {"name": "retry", "datasets": {"ch4a": ch4, "ch4b": ch4},
-           "stages": {"pretrain": {"datasets": ["ch4a"], **TINY}, "test": {"systems": ["ch4a", "ch4b"]}},
+           "stages": {"pretrain": {"datasets": ["ch4a"], **TINY},
+                      "test": {"systems": ["ch4a", "ch4b"], "stability": None, "efficiency": None}},  # errors only: fast
            "debug": {"workdir": str(tmp_path / "runs"), "pool_workers": 1}}
     p = tmp_path / "pipe.yaml"
     p.write_text(yaml.safe_dump(doc))
