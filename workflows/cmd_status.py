@@ -37,7 +37,8 @@ def headline(stage: str, s: dict | None) -> str:
         return f"student F {meV(st.get('rmse_f'))} meV/A vs teacher {meV(te.get('rmse_f'))} meV/A"
     if stage == "compress":
         sp = s.get("speedup")
-        return f"max |dF| {meV(s.get('max_abs_df'))} meV/A, speed-up {sp:.2f}x" if sp else ""
+        return (f"max |dF| {meV(s.get('max_abs_df'))} meV/A, speed-up {sp:.2f}x"
+                + (f" on {s['natoms']} atoms" if s.get("natoms") else "")) if sp else ""
     if stage == "report":
         flags = s.get("flags") or []
         student = f"student {test_headline(s['student_test'])}; " if s.get("student_test") else ""
