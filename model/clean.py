@@ -536,8 +536,9 @@ def plot_clean(diag: dict, cfg: CleanConfig, counts: dict, png: Path, title: str
     f = np.concatenate(diag["max_force"]) if diag["max_force"] else np.zeros(0)
     z = np.concatenate(diag["energy_z"]) if diag["energy_z"] else np.zeros(0)
     f, z = f[np.isfinite(f)], z[np.isfinite(z)]
+    limit_shown = not len(f) or cfg.max_force <= 3 * float(f.max())  # else the limit line would squash the data
     if len(f):
-        lo, hi = max(float(f.min()), 1e-3), max(float(f.max()), cfg.max_force)
+        lo, hi = max(float(f.min()), 1e-3), max(float(f.max()), cfg.max_force if limit_shown else 0.0)
         wide = hi / lo > 1e3
         bins = np.geomspace(lo, hi * 1.01, 50) if wide else 50
         n, *_ = axes[0].hist(f, bins=bins)
@@ -545,7 +546,10 @@ def plot_clean(diag: dict, cfg: CleanConfig, counts: dict, png: Path, title: str
             axes[0].set_xscale("log")
         if n.max() > 100 * max(1, n[n > 0].min()):
             axes[0].set_yscale("log")
-    axes[0].axvline(cfg.max_force, color="r", ls="--", label=f"max_force {cfg.max_force:g} eV/A")
+    if limit_shown:
+        axes[0].axvline(cfg.max_force, color="r", ls="--", label=f"max_force {cfg.max_force:g} eV/A")
+    else:
+        axes[0].plot([], [], "r--", label=f"max_force {cfg.max_force:g} eV/A (off scale)")
     axes[0].set_xlabel("max atomic force per frame (eV/A)")
     axes[0].set_ylabel("frames")
     axes[0].legend(fontsize=7)
@@ -560,6 +564,10 @@ def plot_clean(diag: dict, cfg: CleanConfig, counts: dict, png: Path, title: str
     axes[2].bar(list(counts), list(counts.values()), color="tab:red")
     axes[2].set_ylabel("frames dropped")
     axes[2].yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axes[2].set_ylim(0, max([1, *counts.values()]))
+    for ax in axes[:2]:
+        if ax.get_yscale() == "linear":
+            ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
     axes[2].set_title("dropped, by reason")
     axes[2].tick_params(axis="x", rotation=30, labelsize=7)
     if title:
