@@ -134,6 +134,10 @@ def assert_quickstart_learns(summary: dict, md: str) -> None:
 
     tuned = list(summary["test"].values())
     models = tuned + [summary["student_test"]]
+    for t in models:  # shown with -s: the figures README.md quotes
+        print(t["role"], t["system"], {k: round(v["ratio"], 3) for k, v in t["normalised"].items()},
+              "zero-shot" if t.get("zero_shot") else "", t.get("zero_shot") or "", t["stability"]["stable"], "stable")
+    print("compress", summary["compress"]["speedup"], summary["compress"]["natoms"], "flags", summary.get("flags"))
     assert {t["role"] for t in models} == {"fine-tuned", "student"}
     for t in models:
         n = t["normalised"]
