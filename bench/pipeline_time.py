@@ -36,18 +36,19 @@ def absolute_quickstart(tmp: Path, workdir: Path) -> Path:
     return p
 
 
-def quickstart(tmp: Path) -> None:
+def quickstart(tmp: Path, keep: Path | None = None) -> None:
     from lamflow.workflows.engine import read_meta, submit_debug
     from lamflow.workflows.spec import load_spec
 
     workdir = tmp / "runs"
     spec = load_spec(absolute_quickstart(tmp, workdir))
+    load0 = os.getloadavg()[0]
     t0 = time.time()
     rid, status = submit_debug(spec, workdir=workdir, progress=lambda *a: None)
     wall = time.time() - t0
     meta = read_meta(workdir, rid)
-    print(f"quickstart ({status}): {wall:.1f} s wall, {os.cpu_count()} CPU cores, load average "
-          f"{os.getloadavg()[0]:.1f}; target <= 300 s")
+    print(f"quickstart ({status}): {wall:.1f} s wall, {os.cpu_count()} CPU cores, load average {load0:.1f} at start, "
+          f"{os.getloadavg()[0]:.1f} at end (the wall time grows with the load); target <= 300 s")
     print(f"  {'step':<16}{'start s':>9}{'seconds':>9}")
     for key, t in sorted(meta.get("steps", {}).items(), key=lambda kv: kv[1]["start"]):
         print(f"  {key:<16}{t['start']:9.1f}{t.get('end', float('nan')) - t['start']:9.1f}")
@@ -56,6 +57,40 @@ def quickstart(tmp: Path) -> None:
         stage = key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key
         by_stage[stage] = by_stage.get(stage, 0.0) + t.get("end", t["start"]) - t["start"]
     print("  per stage (sum over its steps): " + ", ".join(f"{k} {v:.1f} s" for k, v in by_stage.items()))
+    print_results(workdir, rid)
+    if keep is not None:  # the report folder (report.md, PNGs, summary.json), to read after the run
+        import shutil
+
+        src = next((workdir / rid).rglob("outputs/artifacts/report/report"), None)
+        if src is not None:
+            shutil.copytree(src, keep, dirs_exist_ok=True)
+            print(f"  report copied to {keep}")
+
+
+def print_results(workdir: Path, rid: str) -> None:
+    """The report's summary table: every model against its baseline, compression speed-up."""
+    import json
+
+    f = next((workdir / rid).rglob("report/summary.json"), None)
+    if f is None:
+        return
+    s = json.loads(f.read_text())
+    tests = list(s.get("test", {}).values()) + ([s["student_test"]] if s.get("student_test") else [])
+    for t in tests:
+        n = t.get("normalised", {})
+        z = t.get("zero_shot") or {}
+        print(f"  {t.get('role')} {t['system']} ({t.get('split')}): " + ", ".join(
+            f"{k} {1000 * v['model']:.2f} vs baseline {1000 * v['baseline']:.2f} (ratio {v['ratio']:.3f})" for k, v in n.items())
+            + (f"; zero-shot E {1000 * z['rmse_e_per_atom']:.2f}, F {1000 * z['rmse_f']:.2f}" if z else ""))
+        st, ef = t.get("stability") or {}, t.get("efficiency") or {}
+        if st:
+            print(f"    NVE stable {st['stable']}/{st['total']}, median drift {st.get('median_drift')}; "
+                  f"{ef.get('us_per_atom')} us/atom at {ef.get('natoms')} atoms")
+    k = s.get("compress", {})
+    if k:
+        print(f"  compress: speed-up {k.get('speedup'):.2f}x on {k.get('natoms')} atoms "
+              f"({k.get('seconds_model'):.4f} s -> {k.get('seconds_compressed'):.4f} s), max |dF| {k.get('max_abs_df')}")
+    print(f"  warnings: {s.get('flags') or 'none'}")
 
 
 def hundred_systems(tmp: Path) -> Path:
@@ -65,6 +100,7 @@ def hundred_systems(tmp: Path) -> Path:
         doc["datasets"][f"sys{i:03d}"] = dict(ch4)
     doc["stages"]["finetune"]["systems"] = [f"sys{i:03d}" for i in range(100)]
     doc["stages"]["distill"]["teacher"] = "sys000"
+    doc["stages"]["distill"].pop("dataset", None)
     p = tmp / "hundred.yaml"
     p.write_text(yaml.safe_dump(doc, sort_keys=False))
     return p
@@ -95,12 +131,13 @@ def render(tmp: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--keep", type=Path, help="copy the quickstart's report folder here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lamflow-bench-") as t:
         tmp = Path(t)
         render(tmp)
         if not args.render_only:
-            quickstart(tmp)
+            quickstart(tmp, args.keep)
 
 
 if __name__ == "__main__":

@@ -562,7 +562,8 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         if per:
             from .evaluate import parity_plot
 
-            parity_plot(per, out / "zero_shot_parity.png", "zero-shot (energy bias refit)")
+            parity_plot(per, out / "zero_shot_parity.png", "zero-shot (pretrained, energy bias refit) vs DFT",
+                        dataset=out.name)
         report["zero_shot"] = {k: zs[k] for k in ("systems", "overall", "skipped", "bias_delta") if k in zs}
         o = zs.get("overall", {})
         if o:
@@ -580,7 +581,7 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         report["active"] = {"selected": [str(p.relative_to(out)) for p in act.selected], "curve": act.curve,
                             "lcurve_png": str(act.lcurve_png.relative_to(out))}
 
-    plot_clean(diag, cfg, counts, out / "clean.png")
+    plot_clean(diag, cfg, counts, out / "clean.png", title=f"{out.name}: {total} frames, {kept} kept")
     report_json = atomic_write_text(out / "clean.json", json.dumps(report, indent=2))
     from .report import clean_section, write_markdown
 
@@ -588,30 +589,55 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
     return CleanResult(out, written, report_json, kept, total - kept, report)
 
 
-def plot_clean(diag: dict, cfg: CleanConfig, counts: dict, png: Path) -> Path:
-    """Max atomic force and energy z-score histograms with their limits; drops by reason."""
+def plot_clean(diag: dict, cfg: CleanConfig, counts: dict, png: Path, title: str = "") -> Path:
+    """Max atomic force and energy z-score histograms with their limits; drops by reason. Counts
+    are on a log axis only when they span more than two decades; the force axis is logarithmic
+    when forces span more than three (failed SCF frames sit at 1e2-1e4 eV/A)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     f = np.concatenate(diag["max_force"]) if diag["max_force"] else np.zeros(0)
     z = np.concatenate(diag["energy_z"]) if diag["energy_z"] else np.zeros(0)
     f, z = f[np.isfinite(f)], z[np.isfinite(z)]
+    limit_shown = not len(f) or cfg.max_force <= 3 * float(f.max())  # else the limit line would squash the data
     if len(f):
-        axes[0].hist(f, bins=50, log=True)
-    axes[0].axvline(cfg.max_force, color="r", ls="--", label=f"max_force {cfg.max_force:g}")
+        lo, hi = max(float(f.min()), 1e-3), max(float(f.max()), cfg.max_force if limit_shown else 0.0)
+        wide = hi / lo > 1e3
+        bins = np.geomspace(lo, hi * 1.01, 50) if wide else 50
+        n, *_ = axes[0].hist(f, bins=bins)
+        if wide:
+            axes[0].set_xscale("log")
+        if n.max() > 100 * max(1, n[n > 0].min()):
+            axes[0].set_yscale("log")
+    if limit_shown:
+        axes[0].axvline(cfg.max_force, color="r", ls="--", label=f"max_force {cfg.max_force:g} eV/A")
+    else:
+        axes[0].plot([], [], "r--", label=f"max_force {cfg.max_force:g} eV/A (off scale)")
     axes[0].set_xlabel("max atomic force per frame (eV/A)")
+    axes[0].set_ylabel("frames")
     axes[0].legend(fontsize=7)
     if len(z):
-        axes[1].hist(z, bins=50, log=True)
+        n, *_ = axes[1].hist(z, bins=50)
+        if n.max() > 100 * max(1, n[n > 0].min()):
+            axes[1].set_yscale("log")
     for sign in (-1, 1):
         axes[1].axvline(sign * cfg.energy_outlier_z, color="r", ls="--")
-    axes[1].set_xlabel("robust z of energy per atom residual")
+    axes[1].set_xlabel("robust z-score of the energy-per-atom residual (dimensionless)")
+    axes[1].set_ylabel("frames")
     axes[2].bar(list(counts), list(counts.values()), color="tab:red")
     axes[2].set_ylabel("frames dropped")
+    axes[2].yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axes[2].set_ylim(0, max([1, *counts.values()]))
+    for ax in axes[:2]:
+        if ax.get_yscale() == "linear":
+            ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axes[2].set_title("dropped, by reason")
     axes[2].tick_params(axis="x", rotation=30, labelsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)

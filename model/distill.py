@@ -430,11 +430,13 @@ def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, 
     rdir = out / "report"
     if test_dirs:
         held = load_systems(test_dirs, student_tm)
-        report["student_vs_teacher"] = evaluate_systems(student, held, rdir / "student_vs_teacher", "student vs teacher")["overall"]
+        report["student_vs_teacher"] = evaluate_systems(student, held, rdir / "student_vs_teacher", "student vs teacher (held-out teacher labels)",
+                                                        who=("teacher", "student"))["overall"]
     if dft_va:
         report["student_vs_dft"] = evaluate_systems(student, load_systems(dft_valid, student_tm), rdir / "student_vs_dft",
-                                                    "student vs DFT")["overall"]
-        report["teacher_vs_dft"] = evaluate_systems(tmodel, dft_va, rdir / "teacher_vs_dft", "teacher vs DFT")["overall"]
+                                                    "student vs DFT", who=("DFT", "student"))["overall"]
+        report["teacher_vs_dft"] = evaluate_systems(tmodel, dft_va, rdir / "teacher_vs_dft", "teacher vs DFT",
+                                                    who=("DFT", "teacher"))["overall"]
     report["timings_s"] = {"explore": t1 - t0, "label": t2 - t1, "train": t3 - t2, "report": time.time() - t3}
     rj = atomic_write_text(out / "distill.json", json.dumps(report, indent=2, default=str))
     for key in ("student_vs_teacher", "student_vs_dft"):

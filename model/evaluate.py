@@ -80,7 +80,8 @@ def predict_systems(model, systems: list[System]) -> list[tuple[System, dict]]:
     return [(s, evaluate_system(model, s, virial=s.virial is not None and s.box is not None)) for s in systems]
 
 
-def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | None = None, label: str = "model") -> dict:
+def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | None = None, label: str = "model",
+                     dataset: str = "", who: tuple[str, str] = ("DFT", "model")) -> dict:
     """Evaluate on every system; write metrics.json and parity.png into out_dir when given."""
     per = predict_systems(model, systems)
     result = collect(per)
@@ -88,30 +89,66 @@ def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-        parity_plot(per, out / "parity.png", label)
+        parity_plot(per, out / "parity.png", label, dataset=dataset, who=who)
     return result
 
 
-def parity_plot(per: list[tuple[System, dict]], png: Path, title: str = "") -> Path:
+def _square(ax, xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
+    """Equal axes over the joint range of x and y, with the y = x line."""
+    v = np.concatenate([np.ravel(a) for a in xs + ys]) if xs else np.zeros(1)
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+    pad = 0.05 * (hi - lo) or 0.5 * max(abs(hi), 1e-3)
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+
+
+def parity_plot(per: list[tuple[System, dict]], png: Path, title: str = "", *, dataset: str = "",
+                who: tuple[str, str] = ("DFT", "model")) -> Path:
+    """Energy and force parity, square. Energies are per atom relative to each system's mean of
+    the reference (so systems with energies eV/atom apart share one honest axis; a constant
+    offset is what the per-element bias fixes, the spread is what the model must learn); RMSEs
+    in the legend. `who` names the reference and the prediction ("DFT", "model"; a student plot
+    says ("teacher", "student"))."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    ref, model = who
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    ex, ey, fx, fy = [], [], [], []
     for s, pred in per:
         label = Path(s.name).name or s.name
         if s.energy is not None:
-            axes[0].scatter(s.energy / s.natoms, pred["energy"] / s.natoms, s=6, label=label)
+            e_ref = s.energy / s.natoms
+            mu = float(np.mean(e_ref))
+            x, y = 1000 * (e_ref - mu), 1000 * (pred["energy"] / s.natoms - mu)
+            rmse = float(np.sqrt(np.mean((y - x) ** 2)))
+            axes[0].scatter(x, y, s=6, label=f"{label} ({rmse:.1f} meV/atom)")
+            ex.append(x)
+            ey.append(y)
         if s.force is not None:
-            axes[1].scatter(s.force.reshape(-1), pred["force"].reshape(-1), s=2, alpha=0.5, label=label)
-    for ax, what in zip(axes, ("energy (eV/atom)", "force (eV/A)")):
-        lo, hi = ax.get_xlim()
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xlabel(f"DFT {what}")
-        ax.set_ylabel(f"model {what}")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title)
+            x, y = s.force.reshape(-1), pred["force"].reshape(-1)
+            rmse = float(np.sqrt(np.mean((y - x) ** 2)))
+            axes[1].scatter(x, y, s=2, alpha=0.5, label=f"{label} ({1000 * rmse:.0f} meV/A)")
+            fx.append(x)
+            fy.append(y)
+    _square(axes[0], ex, ey)
+    _square(axes[1], fx, fy)
+    axes[0].set_xlabel(f"{ref} energy - its mean per system (meV/atom)")
+    axes[0].set_ylabel(f"{model} energy - same offset (meV/atom)")
+    axes[0].set_title("energy per atom")
+    axes[1].set_xlabel(f"{ref} force component (eV/A)")
+    axes[1].set_ylabel(f"{model} force component (eV/A)")
+    axes[1].set_title("force")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, title="system (RMSE)", title_fontsize=7)
+    fig.suptitle(" - ".join(t for t in (dataset, title) if t) or f"{model} vs {ref}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -134,6 +171,26 @@ class TransferResult:
     zero_shot: dict | None  # the same for the pretrained model after a bias refit per system
     compare: dict | None  # {"labels", "first": zero-shot, "second": model} (compare.json)
     report: Path  # report.md
+
+
+def baseline_section(metrics: dict, systems: list[System], ntypes: int, label: str, out: Path):
+    """The model's errors next to the composition-only baseline, fitted here on the tested frames
+    themselves (no training data is given to `lamflow test`): an in-sample fit, so the baseline is
+    if anything too good and a ratio < 1 is conservative. Writes baseline.json."""
+    from .baseline import baseline_errors, fit_baseline, normalised
+    from .report import Section, baseline_table, short_names, verdicts
+
+    base = baseline_errors(fit_baseline(systems, ntypes), systems)
+    atomic_write_text(out / "baseline.json", json.dumps(base, indent=2))
+    short = short_names(list(metrics["systems"]))
+    summary = {"system": "all", "role": label, "nframes": metrics["overall"]["nframes"],
+               "normalised": normalised(metrics["overall"], base["overall"]),
+               "systems": {short[n]: {"nframes": m["nframes"], "normalised": normalised(m, base["systems"][n])}
+                           for n, m in metrics["systems"].items()}}
+    flags = verdicts(summary)
+    text = ("Baseline: energy from element counts (least squares on these frames), zero forces and virials. "
+            + ("**" + "; ".join(flags) + "**" if flags else f"{label} is better than the baseline on every error."))
+    return Section("Against the composition-only baseline", text, [baseline_table([summary])])
 
 
 def _slug(name: str) -> str:
@@ -165,6 +222,7 @@ def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt:
         images.append(parity_plot([(s, pred)], out / "parity" / f"{i:02d}_{_slug(short[s.name])}.png", f"{label}: {short[s.name]}"))
     sections = [Section(f"Errors of {label}", f"{metrics['overall']['nframes']} frames in {len(systems)} systems.",
                         [metrics_table(metrics)], [out / "parity.png"])]
+    sections.append(baseline_section(metrics, systems, len(model.type_map), label, out))
     zs = compare = None
     if pre is not None:
         zper, skipped = [], []

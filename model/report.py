@@ -108,6 +108,107 @@ def compare_table(first: dict, second: dict, labels: tuple[str, str] = ("zero-sh
     return Table(header, body, caption)
 
 
+# ----------------------------------------------------------------------------- baselines, in words
+
+NAMES = {"rmse_e_per_atom": ("E", "meV/atom"), "rmse_f": ("F", "meV/A"), "rmse_v_per_atom": ("V", "meV/atom")}
+NOT_BETTER = "not better than baseline"  # the words the report uses; tests look for them
+
+
+def ratio_text(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}"
+
+
+def verdicts(summary: dict) -> list[str]:
+    """Sentences for every result that is not better than its composition-only baseline (ratio >=
+    1), every metric where fine-tuning is worse than zero-shot, and unstable NVE runs, from a test
+    summary (lamflow.ops.test.run_test's). Empty when all is well."""
+    who = f"{summary.get('system', '?')}: {summary.get('role', 'model')}"
+    out = []
+
+    def check(norm: dict, where: str) -> None:
+        for k, n in norm.items():
+            if n.get("ratio") is not None and n["ratio"] >= 1.0:
+                name, unit = NAMES.get(k, (k, ""))
+                out.append(f"{where} {name} RMSE {meV(n['model'])} {unit} is {NOT_BETTER} "
+                           f"(composition-only dummy {meV(n['baseline'])} {unit}, ratio {ratio_text(n['ratio'])})")
+
+    check(summary.get("normalised", {}), who)
+    subs = summary.get("systems", {})
+    if len(subs) > 1:
+        for name, d in subs.items():
+            check(d.get("normalised", {}), f"{who} on {name}:")
+    z, m = summary.get("zero_shot") or {}, summary.get("model") or {}
+    for k in ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom"):
+        if z.get(k) is not None and m.get(k) is not None and m[k] > z[k]:
+            name, unit = NAMES[k]
+            out.append(f"{who} fine-tuning is worse than zero-shot in {name} RMSE ({meV(m[k])} vs {meV(z[k])} {unit})")
+    st = summary.get("stability")
+    if st and st.get("total") and st["stable"] < st["total"]:
+        out.append(f"{who} {st['total'] - st['stable']} of {st['total']} NVE runs unstable (|drift| > "
+                   f"{st['tolerance']:.0e} eV/atom/ps, or the run failed)")
+    return out
+
+
+def baseline_table(tests: list[dict], caption: str = "") -> Table:
+    """One row per tested system (and per molecule/sub-system when there are several): model,
+    composition-only baseline and their ratio for E, F (and V), plus zero-shot where tested."""
+    cols = [k for k in NAMES if any(k in t.get("normalised", {}) for t in tests)]
+    zs = any(t.get("zero_shot") for t in tests)
+    header = ["system", "model", "frames"]
+    for k in cols:
+        name, unit = NAMES[k]
+        header += [f"{name} RMSE ({unit})", f"{name} baseline", f"{name} ratio"] + ([f"{name} zero-shot"] if zs else [])
+    header.append("verdict")
+    rows = []
+
+    def row(label, role, nframes, norm, zero, flagged):
+        r = [label, role, nframes]
+        for k in cols:
+            n = norm.get(k, {})
+            r += [meV(n.get("model")), meV(n.get("baseline")), ratio_text(n.get("ratio"))]
+            if zs:
+                r.append(meV((zero or {}).get(k)))
+        r.append("; ".join(flagged) if flagged else "better than baseline")
+        rows.append(r)
+
+    for t in tests:
+        words = []
+        norm = t.get("normalised", {})
+        if any(n.get("ratio") is not None and n["ratio"] >= 1 for n in norm.values()):
+            words.append(f"**{NOT_BETTER}**")
+        z, m = t.get("zero_shot") or {}, t.get("model") or {}
+        if any(z.get(k) is not None and m.get(k) is not None and m[k] > z[k] for k in cols):
+            words.append("**worse than zero-shot**")
+        row(t.get("system", "?"), t.get("role", "model"), t.get("nframes", "-"), norm, z, words)
+        subs = t.get("systems", {})
+        if len(subs) > 1:
+            for name, d in subs.items():
+                bad = any(n.get("ratio") is not None and n["ratio"] >= 1 for n in d.get("normalised", {}).values())
+                row(f"  {t.get('system', '?')} / {name}", t.get("role", "model"), d.get("nframes", "-"),
+                    d.get("normalised", {}), d.get("zero_shot"), [f"**{NOT_BETTER}**"] if bad else [])
+    return Table(header, rows, caption or "errors next to the composition-only baseline (energy from element counts, "
+                 "least squares on the training frames; zero forces and virials); ratio = model / baseline, < 1 is better")
+
+
+def lambench_table(tests: list[dict], caption: str = "") -> Table:
+    """LAMBench's stability (NVE energy drift vs 5e-4 eV/atom/ps) and efficiency (us/atom)."""
+    rows = []
+    for t in tests:
+        st, ef = t.get("stability") or {}, t.get("efficiency") or {}
+        drift = st.get("median_drift")
+        rows.append([t.get("system", "?"), t.get("role", "model"),
+                     f"{st['stable']}/{st['total']}" if st else "-",
+                     "-" if drift is None else f"{drift:.2e}",
+                     "-" if st.get("max_drift") is None else f"{st['max_drift']:.2e}",
+                     "-" if ef.get("us_per_atom") is None else f"{ef['us_per_atom']:.1f}",
+                     ef.get("natoms", "-") if ef else "-"])
+    tol = next((t["stability"]["tolerance"] for t in tests if t.get("stability")), 5e-4)
+    return Table(["system", "model", "stable NVE runs", "median drift (eV/atom/ps)", "max drift (eV/atom/ps)",
+                  "us/atom/eval", "atoms"], rows,
+                 caption or f"NVE stability: |energy drift| <= {tol:.0e} eV/atom/ps counts as stable (LAMBench); "
+                 "failed runs count as unstable. Efficiency: one energy+force evaluation of a grown cell")
+
+
 def kv_table(d: dict, caption: str = "") -> Table:
     """Scalars of a flat dict; RMSE/MAE values in meV."""
     rows = []

@@ -16,7 +16,7 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
-from .common import trace, write_json
+from .common import set_threads, trace, user_errors_are_fatal, write_json
 
 
 def _load(folder: Path | None) -> dict | None:
@@ -34,11 +34,26 @@ def _png(src: Path, out: Path, name: str) -> Path | None:
     return None
 
 
+def student_test(out_dir: Path, *, data: Path | None, dataset: str, student: Path | None, cleaned: Path | None = None,
+                 transfer: dict | None = None, log=print) -> Path | None:
+    """The student's transfer test (the test stage's run_test, role "student") on the distill
+    dataset; it runs here because the student exists only after the test fan-out. Returns its folder."""
+    from .test import run_test
+
+    if data is None or student is None or not dataset or not (Path(student) / "model.ckpt").is_file():
+        return None
+    folder = Path(out_dir) / "test-student"
+    run_test(data, dataset, student, folder, cleaned=cleaned, transfer=transfer, role="student", log=log)
+    return folder
+
+
 def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain: Path | None = None,
                finetune: list[Path] | None = None, tests: list[Path] | None = None, distill: Path | None = None,
-               compress: Path | None = None) -> dict:
-    """Write report.md, its PNGs and summary.json into out_dir; return the summary."""
-    from lamflow.model.report import Section, Table, bar_chart, compare_table, meV, metrics_table, write_markdown
+               compress: Path | None = None, student: Path | None = None) -> dict:
+    """Write report.md, its PNGs and summary.json into out_dir; return the summary. `student`: the
+    student's test folder (student_test's), shown with the fine-tuned models' tests."""
+    from lamflow.model.report import (NOT_BETTER, Section, Table, baseline_table, bar_chart, compare_table, lambench_table,
+                                      meV, metrics_table, ratio_text, write_markdown)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +93,36 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         headline.append(["finetune", "; ".join(f"{r[0]}: E {r[2]} meV/atom, F {r[3]} meV/A" for r in rows)])
 
     ts = [(Path(f), s) for f in tests or [] if (s := _load(f)) is not None]
+    st_sum = _load(student)
+    flags = [f for _, t in ts for f in t.get("flags", [])] + (st_sum or {}).get("flags", [])
+    if ts or st_sum:
+        everyone = [t for _, t in ts] + ([st_sum] if st_sum else [])
+        text = ("Each error next to the composition-only baseline (LAMBench's dummy model); any result not better "
+                "than its baseline, and any fine-tuned model worse than zero-shot, is named below. ")
+        text += ("**Warnings:**\n\n" + "\n".join(f"- {f}" for f in flags)) if flags else \
+            "Every model is better than its baseline on every reported error, and fine-tuning beats zero-shot."
+        tables = [baseline_table(everyone)]
+        if any(t.get("stability") or t.get("efficiency") for t in everyone):
+            tables.append(lambench_table(everyone))
+        images = []
+        if st_sum:
+            summary["student_test"] = st_sum
+            images = [i for i in [_png(Path(student) / "parity.png", out, "test-student-parity.png")] if i]
+        sections.append(Section("Against the baseline (LAMBench-style)", text, tables, images))
+        summary["flags"] = flags
+        headline.append(["baseline", (f"**{len(flags)} warning(s)**: " + "; ".join(flags)) if flags else
+                         "every model better than its baseline; fine-tuning beats zero-shot"])
+        for t in everyone:
+            n = t.get("normalised", {})
+            st = t.get("stability") or {}
+            ef = t.get("efficiency") or {}
+            headline.append([f"{t.get('role', 'model')} {t['system']}",
+                             ", ".join(f"{k} ratio {ratio_text(n[key]['ratio'])}" for k, key in
+                                       (("E", "rmse_e_per_atom"), ("F", "rmse_f"), ("V", "rmse_v_per_atom")) if key in n)
+                             + (f"; NVE stable {st['stable']}/{st['total']}" if st else "")
+                             + (f"; {ef['us_per_atom']:.1f} us/atom" if ef.get("us_per_atom") is not None else "")
+                             + (f" ({NOT_BETTER})" if any(v.get("ratio") is not None and v["ratio"] >= 1 for v in n.values())
+                                else "")])
     if ts:
         summary["test"] = {s["system"]: s for _, s in ts}
         tuned = {"systems": {s["system"]: {"nframes": s.get("nframes"), **s["model"]} for _, s in ts}}
@@ -92,7 +137,8 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         else:
             tables.append(metrics_table(tuned, "errors of the tested model"))
         images += [i for f, s in ts if (i := _png(f / "parity.png", out, f"test-{s['system']}-parity.png"))]
-        sections.append(Section("Transferability tests", "Errors on each system's validation (and test) frames.", tables, images))
+        splits = ", ".join(f"{s['system']}: {s.get('split', 'valid')}" for _, s in ts)
+        sections.append(Section("Transferability tests", f"Errors on each system's held-out frames ({splits}).", tables, images))
         headline.append(["test", "; ".join(f"{s['system']}: F {meV(s['model'].get('rmse_f'))} meV/A"
                                            + (f" (zero-shot {meV(s['zero_shot'].get('rmse_f'))})" if s.get("zero_shot") else "")
                                            for _, s in ts)])
@@ -117,12 +163,23 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         summary["compress"] = k
         sp = k.get("speedup")
         rows = [["max abs dE (meV/atom)", meV(k.get("max_abs_de_per_atom"))], ["max abs dF (meV/A)", meV(k.get("max_abs_df"))],
+                ["timed on (atoms)", k.get("natoms", "-")],
                 ["original (s)", f"{k.get('seconds_model', 0):.4f}"], ["compressed (s)", f"{k.get('seconds_compressed', 0):.4f}"],
                 ["speed-up", f"{sp:.2f}x" if sp else "-"]]
+        words = ""
+        if sp is not None and sp < 1.0:
+            words = f" **The compressed model is slower than the original ({sp:.2f}x).**"
+            flags.append(f"compression: the compressed model is slower than the original ({sp:.2f}x)")
+        elif sp is not None and sp < 1.5:
+            words = f" **Speed-up {sp:.2f}x is below the 1.5x compression should give.**"
+            flags.append(f"compression: speed-up {sp:.2f}x is below 1.5x")
         sections.append(Section("Compression", f"Tabulated embedding nets ({k.get('tables')} tables, {k.get('rows')} rows); "
-                                "largest deviation from the student and wall time of energy+force evaluation on the same frames.",
+                                "largest deviation from the student, and wall time of one energy+force evaluation of a "
+                                "cell grown from the data." + words,
                                 [Table(["", "value"], rows)]))
-        headline.append(["compress", f"max abs dF {meV(k.get('max_abs_df'))} meV/A, speed-up {f'{sp:.2f}x' if sp else '-'}"])
+        summary["flags"] = flags
+        headline.append(["compress", f"max abs dF {meV(k.get('max_abs_df'))} meV/A, speed-up {f'{sp:.2f}x' if sp else '-'}"
+                                     + (f" on {k['natoms']} atoms" if k.get("natoms") else "") + words])
 
     intro = Section("Summary", "", [Table(["stage", "result"], headline)]) if headline else None
     write_markdown(([intro] if intro else []) + sections, out / "report.md", title=title)
@@ -141,6 +198,11 @@ class Report(OP):
             "tests": Artifact(List[Path], optional=True),    # test reports, one per system
             "distill": Artifact(Path, optional=True),        # distill output (summary.json, plots/)
             "compress": Artifact(Path, optional=True),       # compress output (summary.json)
+            "student": Artifact(Path, optional=True),        # distill output: the student is tested here (after distill)
+            "data": Artifact(Path, optional=True),           # staged datasets, for the student's test
+            "cleaned": Artifact(Path, optional=True),        # the clean stage's output, when it ran
+            "student_dataset": Parameter(str, default=""),   # the distill dataset the student is tested on
+            "transfer": Parameter(dict, default={}),         # the test stage's stability / efficiency settings
         })
 
     @classmethod
@@ -153,7 +215,11 @@ class Report(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("report")
+        set_threads()
         out = Path("report")
+        with user_errors_are_fatal():
+            student = student_test(Path("student-test"), data=ip["data"], dataset=ip["student_dataset"], student=ip["student"],
+                                   cleaned=ip["cleaned"], transfer=ip["transfer"])
         summary = run_report(out, title=ip["title"], clean=ip["clean"], pretrain=ip["pretrain"], finetune=ip["finetune"],
-                             tests=ip["tests"], distill=ip["distill"], compress=ip["compress"])
+                             tests=ip["tests"], distill=ip["distill"], compress=ip["compress"], student=student)
         return OPIO({"report": out, "summary": json.loads(json.dumps(summary))})

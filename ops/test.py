@@ -3,6 +3,11 @@
 With a pretrained model as well, also the zero-shot errors: the pretrained model with only its
 per-element energy bias re-fitted on the system's training data (lamflow.model.finetune.zero_shot),
 so the report can show how much fine-tuning gained.
+
+Every error stands next to the composition-only baseline (lamflow.model.baseline, fitted on the
+system's training frames), as LAMBench normalises; `transfer` settings add LAMBench's NVE
+stability and efficiency (lamflow.model.lambench). The test frames are the `test` split when the
+dataset has one (held out from every decision), else `valid`, else `train`.
 """
 
 from __future__ import annotations
@@ -15,30 +20,91 @@ from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
+def test_split(root: Path, system: str) -> tuple[str, list[str]]:
+    """The held-out `test` split when the dataset has one, else `valid`, else `train`."""
+    for split in ("test", "valid", "train"):
+        paths = split_paths(root, system, split)
+        if paths:
+            return split, paths
+    return "train", []
+
+
 def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Path | None = None,
-             pretrained: Path | None = None, branch: str | None = None, device: str = "auto", log=print) -> dict:
+             pretrained: Path | None = None, branch: str | None = None, transfer: dict | None = None,
+             role: str = "fine-tuned", device: str = "auto", log=print) -> dict:
     """Evaluate `model` (a checkpoint file or a folder holding model.ckpt) on the system; write
-    metrics.json, parity.png (and zero_shot/...) into out_dir; return the summary. `device`:
-    "auto" evaluates on the pod's GPU when it has one."""
+    metrics.json, baseline.json, parity.png (and zero_shot/...) into out_dir; return the summary.
+    `transfer`: lamflow.model.lambench settings ({"stability": {...}, "efficiency": {...}}; a
+    section given as false is skipped). `role` names the model in the report ("fine-tuned", "student").
+    `device`: "auto" evaluates on the pod's GPU when it has one."""
+    from lamflow.model.baseline import baseline_errors, fit_baseline, normalised
     from lamflow.model.checkpoint import load_model
     from lamflow.model.data import load_systems
+    from lamflow.model.report import short_names, verdicts
 
     out = Path(out_dir)
     root = pick_root(system, data, cleaned)
     fmt = dataset_fmt(root, system)
-    paths = split_paths(root, system, "valid") + split_paths(root, system, "test")
-    if not paths:
-        paths = split_paths(root, system, "train")
+    split, paths = test_split(root, system)
     net = load_model(_ckpt(model), device)
-    systems = load_systems(paths, list(net.type_map), fmt)
-    res = _evaluate_finite(net, systems, out, f"test {system}", f"{system}: model")
-    summary = {"system": system, "model": _headline(res["overall"]), "nframes": res["overall"]["nframes"]}
+    tm = list(net.type_map)
+    systems = load_systems(paths, tm, fmt)
+    train = load_systems(split_paths(root, system, "train"), tm, fmt) if split != "train" else systems
+    res = _evaluate_finite(net, systems, out, f"test {system}", f"{split} split: {role} model vs DFT", system)
+    base = baseline_errors(fit_baseline(train, len(tm)), systems)
+    write_json(out / "baseline.json", base)
+    short = short_names(list(res["systems"]))
+    summary = {"system": system, "role": role, "split": split, "model": _headline(res["overall"]),
+               "baseline": _headline(base["overall"]), "normalised": normalised(res["overall"], base["overall"]),
+               "nframes": res["overall"]["nframes"],
+               "systems": {short[n]: {"nframes": m["nframes"], "model": _headline(m), "baseline": _headline(base["systems"][n]),
+                                      "normalised": normalised(m, base["systems"][n])} for n, m in res["systems"].items()}}
     if pretrained is not None:
-        summary["zero_shot"] = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, device, log)
+        zs = _zero_shot(pretrained, root, system, fmt, systems, out / "zero_shot", branch, device, log)
+        summary["zero_shot"] = _headline(zs["overall"])
+        summary["zero_shot_normalised"] = normalised(zs["overall"], base["overall"])
+        for n, m in zs["systems"].items():
+            if short.get(n) in summary["systems"]:
+                summary["systems"][short[n]]["zero_shot"] = _headline(m)
+    summary.update(_transfer(net, systems, transfer, log))
+    summary["flags"] = verdicts(summary)
     write_json(out / "summary.json", summary)
-    for line in summary_table(summary):
+    log(f"test {system} ({split}, {summary['nframes']} frames): " + _line(summary))
+    for line in summary_table(summary)[1:]:
         log(line)
+    for flag in summary["flags"]:
+        log(f"  warning: {flag}")
     return summary
+
+
+def _transfer(net, systems, transfer: dict | None, log) -> dict:
+    """LAMBench's stability (NVE drift) and efficiency (us/atom) of the model."""
+    from lamflow.model.lambench import efficiency, stability
+
+    out = {}
+    cfg = dict(transfer or {})
+    if cfg.get("stability") not in (None, False):
+        out["stability"] = stability(net, systems, log=log, **dict(cfg["stability"] or {}))
+    if cfg.get("efficiency") not in (None, False):
+        out["efficiency"] = efficiency(net, systems, **dict(cfg["efficiency"] or {}))
+    return out
+
+
+def _line(s: dict) -> str:
+    """One readable line: E/F RMSE with the baseline ratio (and zero-shot), stability, efficiency."""
+    parts = []
+    for key, name, unit in (("rmse_e_per_atom", "E", "meV/atom"), ("rmse_f", "F", "meV/A")):
+        n = s.get("normalised", {}).get(key)
+        if n:
+            z = (s.get("zero_shot") or {}).get(key)
+            parts.append(f"{name} {1000 * n['model']:.2f} {unit} ({n['ratio']:.2f}x baseline"
+                         + (f", zero-shot {1000 * z:.2f}" if z is not None else "") + ")")
+    st, ef = s.get("stability"), s.get("efficiency")
+    if st:
+        parts.append(f"NVE stable {st['stable']}/{st['total']}")
+    if ef and ef.get("us_per_atom") is not None:
+        parts.append(f"{ef['us_per_atom']:.1f} us/atom at {ef['natoms']} atoms")
+    return "; ".join(parts)
 
 
 UNITS = {"rmse_e_per_atom": "E rmse meV/atom", "mae_e_per_atom": "E mae meV/atom", "rmse_f": "F rmse meV/A",
@@ -47,7 +113,7 @@ UNITS = {"rmse_e_per_atom": "E rmse meV/atom", "mae_e_per_atom": "E mae meV/atom
 
 def summary_table(summary: dict) -> list[str]:
     """The summary as a few aligned lines: one row per model entry (model, zero_shot, ...), errors in meV."""
-    rows = {k.replace("_", "-"): v for k, v in summary.items() if isinstance(v, dict) and v}
+    rows = {k.replace("_", "-"): v for k, v in summary.items() if k in ("model", "baseline", "zero_shot") and v}
     cols = [k for k in UNITS if any(k in r for r in rows.values())]
     cols += sorted({k for r in rows.values() for k, v in r.items() if k not in UNITS and isinstance(v, (int, float))})
     table = [["", *[UNITS.get(c, c) for c in cols]]]
@@ -73,11 +139,11 @@ def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
     net = zero_shot(_ckpt(pretrained), train, branch=branch).to(resolve_device(device))
-    res = _evaluate_finite(net, systems, out, f"test {system} (zero-shot)", f"{system}: zero-shot")
-    return _headline(res["overall"])
+    return _evaluate_finite(net, systems, out, f"test {system} (zero-shot)",
+                            f"{system}: zero-shot (pretrained, energy bias refit) vs DFT", system)
 
 
-def _evaluate_finite(net, systems, out: Path, source: str, label: str) -> dict:
+def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: str = "") -> dict:
     """evaluate_systems, but NaN/inf errors are refused (naming system and frame) before anything
     is written; suspicious labels get one warning line."""
     from lamflow.model.data_warnings import refuse_non_finite, warn_suspicious
@@ -89,7 +155,7 @@ def _evaluate_finite(net, systems, out: Path, source: str, label: str) -> dict:
     refuse_non_finite(res, per, source)
     out.mkdir(parents=True, exist_ok=True)  # as evaluate_systems writes them
     write_json(out / "metrics.json", res)
-    parity_plot(per, out / "parity.png", label)
+    parity_plot(per, out / "parity.png", label, dataset=dataset)
     return res
 
 
@@ -121,13 +187,14 @@ class Test(OP):
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "model": Artifact(Path),                        # folder with model.ckpt (fine-tuned, or pretrained)
             "pretrained": Artifact(Path, optional=True),    # for the zero-shot comparison
+            "transfer": Parameter(dict, default={}),        # lamflow.model.lambench settings: stability, efficiency
         })
 
     @classmethod
     def get_output_sign(cls):
         return OPIOSign({
-            "report": Artifact(Path),                       # folder: metrics.json, parity.png, zero_shot/, summary.json
-            "summary": Parameter(dict),                     # RMSEs of the model (and zero-shot) on the system
+            "report": Artifact(Path),                       # folder: metrics.json, baseline.json, parity.png, zero_shot/, summary.json
+            "summary": Parameter(dict),                     # RMSEs, baseline ratios (and zero-shot), stability, efficiency
         })
 
     @OP.exec_sign_check
@@ -137,5 +204,6 @@ class Test(OP):
         out = Path(f"test-{ip['system']}")
         with user_errors_are_fatal():
             summary = run_test(ip["data"], ip["system"], ip["model"], out, cleaned=ip["cleaned"],
-                               pretrained=ip["pretrained"], branch=ip["branch"] or None, device=ip["device"])
+                               pretrained=ip["pretrained"], branch=ip["branch"] or None, transfer=ip["transfer"],
+                               device=ip["device"])
         return OPIO({"report": out, "summary": json.loads(json.dumps(summary))})

@@ -60,7 +60,7 @@ def test_pretrain_resumes_from_the_checkpoint_left_in_resume_dir(tmp_path, stage
     assert read_checkpoint(tmp_path / "second" / "model.ckpt")["train_state"]["step"] == 6
 
 
-def test_test_op_reports_errors_on_valid_and_test_splits(tmp_path, staged):
+def test_test_op_reports_errors_on_the_test_split_when_given(tmp_path, staged):
     from lamflow.ops.pretrain import run_pretrain
     from lamflow.ops.test import run_test
 
@@ -68,7 +68,7 @@ def test_test_op_reports_errors_on_valid_and_test_splits(tmp_path, staged):
     stage_dataset(staged, "ch4", {"train": [str(data_path("ch4_pbe", "train"))], "valid": [str(data_path("ch4_pbe", "valid"))],
                                   "test": [str(data_path("ch4_pbe", "valid"))]})
     s = run_test(staged, "ch4", tmp_path / "m", tmp_path / "t", log=quiet)
-    assert s["nframes"] == 120  # valid + test (the same 60 frames twice)
+    assert s["nframes"] == 60 and s["split"] == "test"  # the held-out test split only, not valid + test
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["overall"]["rmse_f"] == pytest.approx(s["model"]["rmse_f"])
     assert (tmp_path / "t" / "parity.png").is_file()

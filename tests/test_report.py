@@ -120,3 +120,13 @@ def test_write_markdown_sections_tables_and_relative_images(tmp_path):
     assert md.splitlines()[0] == "# T" and "## Test" in md and "some text" in md
     assert "| system | frames | F RMSE (meV/A) |" in md and "| x/train | 3 | 12.30 |" in md
     assert "| a\\|b | 1 |" in md and "![a](../plots/a.png)" in md
+
+
+def test_lamflow_test_report_flags_an_untrained_model_against_the_baseline(tested):
+    from lamflow.model.report import NOT_BETTER
+
+    out = tested / "test"
+    md = (out / "report.md").read_text()
+    base = json.loads((out / "baseline.json").read_text())
+    assert "## Against the composition-only baseline" in md and f"is {NOT_BETTER}" in md
+    assert meV(base["overall"]["rmse_f"]) in md  # the dummy's force RMSE (= RMS of the DFT forces) is shown

@@ -29,11 +29,7 @@ def headline(stage: str, s: dict | None) -> str:
         m = s.get("metrics", {})
         return f"valid E {meV(m.get('rmse_e_per_atom'))} meV/atom, F {meV(m.get('rmse_f'))} meV/A"
     if stage == "test":
-        m, z = s.get("model", {}), s.get("zero_shot")
-        line = f"E {meV(m.get('rmse_e_per_atom'))} meV/atom, F {meV(m.get('rmse_f'))} meV/A"
-        if z:
-            line += f" (zero-shot E {meV(z.get('rmse_e_per_atom'))}, F {meV(z.get('rmse_f'))})"
-        return line
+        return test_headline(s)
     if stage == "clean":
         return "; ".join(f"{n}: kept {d.get('kept')}, dropped {d.get('dropped')}" for n, d in s.get("datasets", {}).items())
     if stage == "distill":
@@ -41,10 +37,33 @@ def headline(stage: str, s: dict | None) -> str:
         return f"student F {meV(st.get('rmse_f'))} meV/A vs teacher {meV(te.get('rmse_f'))} meV/A"
     if stage == "compress":
         sp = s.get("speedup")
-        return f"max |dF| {meV(s.get('max_abs_df'))} meV/A, speed-up {sp:.2f}x" if sp else ""
+        return (f"max |dF| {meV(s.get('max_abs_df'))} meV/A, speed-up {sp:.2f}x"
+                + (f" on {s['natoms']} atoms" if s.get("natoms") else "")) if sp else ""
     if stage == "report":
-        return "report.md ready (lamflow download ID)"
+        flags = s.get("flags") or []
+        student = f"student {test_headline(s['student_test'])}; " if s.get("student_test") else ""
+        return student + (f"{len(flags)} warning(s): {flags[0]}{' ...' if len(flags) > 1 else ''}; " if flags else "") + \
+            "report.md ready (lamflow download ID)"
     return ""
+
+
+def test_headline(s: dict) -> str:
+    """E/F RMSE with the baseline ratio (and zero-shot), NVE stability, us/atom; warnings counted."""
+    meV = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
+    m, z, n = s.get("model", {}), s.get("zero_shot") or {}, s.get("normalised", {})
+    parts = []
+    for key, name, unit in (("rmse_e_per_atom", "E", "meV/atom"), ("rmse_f", "F", "meV/A")):
+        r = (n.get(key) or {}).get("ratio")
+        parts.append(f"{name} {meV(m.get(key))} {unit}" + (f" ({r:.2f}x base" if r is not None else " (")
+                     + (f", zero-shot {meV(z.get(key))})" if z.get(key) is not None else ")"))
+    st, ef = s.get("stability"), s.get("efficiency")
+    if st:
+        parts.append(f"NVE stable {st['stable']}/{st['total']} (drift <= {st['tolerance']:.0e} eV/atom/ps)")
+    if ef and ef.get("us_per_atom") is not None:
+        parts.append(f"{ef['us_per_atom']:.1f} us/atom @ {ef['natoms']}")
+    if s.get("flags"):
+        parts.append(f"{len(s['flags'])} warning(s)")
+    return ", ".join(parts).replace(" ()", "")
 
 
 def print_status(run) -> None:

@@ -310,14 +310,16 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                 "{{item}}", input_parameter=["system"], input_artifact=["model"], output_artifact=["report"],
                 output_parameter=["summary"])),
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(systems)),
-                parameters={"system": systems, "branch": zs_branch, "threads": threads_of(res("test"), opts)},
+                parameters={"system": systems, "branch": zs_branch, "threads": threads_of(res("test"), opts),
+                            "transfer": st.test.transfer()},
                 artifacts=arts))
         else:  # no fine-tuning: test the pretrained model on each system
             tsys = spec.test_systems
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], output_artifact=["report"], output_parameter=["summary"])),
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(tsys)),
-                parameters={"system": tsys, "branch": zs_branch, "threads": threads_of(res("test"), opts)},
+                parameters={"system": tsys, "branch": zs_branch, "threads": threads_of(res("test"), opts),
+                            "transfer": st.test.transfer()},
                 artifacts={**common, **system_data(opts, "test"), "model": pretrained}))
 
     if st.distill.enabled:
@@ -338,8 +340,12 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                       ("distill", "model"), ("compress", "model")):
         if name in tasks:
             arts["tests" if name == "test" else name] = tasks[name].outputs.artifacts[out]
+    params = {"title": f"lamflow run report: {spec.name}"}
+    if st.test.enabled and st.distill.enabled:  # the student is tested in the report step, after distill
+        arts.update({**common, "student": dis.outputs.artifacts["model"]})
+        params.update(student_dataset=spec.distill_dataset, transfer=st.test.transfer())
     add(Task(REPORT, template(ops.Report, spec.resources_of("test") if st.test.enabled else spec.resources, opts),
-             key=step_key(REPORT, h), parameters={"title": f"lamflow run report: {spec.name}"}, artifacts=arts))
+             key=step_key(REPORT, h), parameters=params, artifacts=arts))
     return dag
 
 

@@ -135,9 +135,33 @@ class FinetuneStage(ModelSettings):
     freeze_descriptor: bool = False
 
 
+class StabilitySettings(Strict):
+    """LAMBench-style NVE stability (lamflow.model.lambench.stability)."""
+
+    structures: int = Field(3, gt=0)  # start structures drawn from the test frames
+    steps: int = Field(200, gt=0)  # NVE steps per run
+    timestep: float = Field(0.5, gt=0)  # fs
+    temperature: float = Field(300.0, ge=0)  # K, initial velocities
+    tolerance: float = Field(5e-4, gt=0)  # eV/atom/ps; LAMBench's threshold
+
+
+class EfficiencySettings(Strict):
+    """LAMBench-style efficiency (lamflow.model.lambench.efficiency): us/atom on a grown cell."""
+
+    natoms: int = Field(1000, gt=0)  # the test structure replicated to at least this many atoms
+    repeats: int = Field(3, gt=0)  # best of this many timed evaluations
+
+
 class TestStage(StageBase):
     systems: list[str] | None = None  # default: the fine-tuned systems
     zero_shot: bool = True  # also test the pretrained model with only its energy bias re-fitted
+    stability: StabilitySettings | None = StabilitySettings()  # null: skip the NVE runs
+    efficiency: EfficiencySettings | None = EfficiencySettings()  # null: skip the timing
+
+    def transfer(self) -> dict:
+        """The settings lamflow.ops.test.run_test takes as `transfer`."""
+        return {k: (None if v is None else v.model_dump()) for k, v in
+                (("stability", self.stability), ("efficiency", self.efficiency))}
 
 
 class DistillStage(StageBase):
