@@ -419,10 +419,14 @@ def new_run_id(name: str, workdir: Path) -> str:
 
 
 def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data: bool = True, reuse=None,
-                 parent: dict | None = None, progress=print) -> tuple[str, str]:
+                 parent: dict | None = None, progress=print, container=None) -> tuple[str, str]:
     """Run the pipeline locally; return (run id, final status). `reuse`: dflow steps of an earlier
     run to reuse (retry); `parent`: that run's record, whose staged inputs and checkpoint folders
-    this run shares."""
+    this run shares. `container`: a containers.Container to run every step in (a retry uses its
+    parent's)."""
+    from .containers import for_run, workflow_context
+
+    container = for_run(container, parent)
     if parent is None:
         problems = check_spec(spec, data=False)
         if problems:
@@ -449,10 +453,11 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
     arts = Inputs(data=upload_artifact(inputs["data"]),
                   pretrained=upload_artifact(inputs["pretrained"]) if inputs.get("pretrained") else None)
     meta = {"id": rid, "mode": "debug", "group": group, "parent": parent["id"] if parent else None,
-            "created": time.time(), "type_map": type_map, "inputs": inputs, **spec_summary(spec)}
+            "created": time.time(), "type_map": type_map, "inputs": inputs, **spec_summary(spec),
+            **({"container": container.record()} if container else {})}
     write_meta(workdir, meta)
     opts = BuildOptions(mode="debug", type_map=type_map, resume_root=str(workdir / META / group / "resume"))
-    wf = build_workflow(spec, arts, opts, id=rid)
+    wf = build_workflow(spec, arts, opts, id=rid, **workflow_context(container, workdir, inputs, opts.resume_root))
     os.environ["LAMFLOW_THREADS"] = str(spec.debug.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
     progress(f"run {rid}: {workdir / rid}")
