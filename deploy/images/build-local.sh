@@ -95,6 +95,14 @@ mirror="${mirror:-http://deb.debian.org/debian}"
 security_mirror="${LAMFLOW_DEBIAN_SECURITY_MIRROR:-$(apt_mirror debian-security)}"
 security_mirror="${security_mirror:-http://deb.debian.org/debian-security}"
 
+# The CA bundle this machine trusts (PIP_CERT, else pip's `cert` setting, else the system
+# bundle): behind a TLS-intercepting proxy, pip in the build needs it too. It goes in as a
+# build secret: mounted for the install steps only, stored in no layer.
+pip_ca="${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}"
+pip_ca="${pip_ca:-/etc/ssl/certs/ca-certificates.crt}"
+secret=()
+if [[ -n "${pip_ca}" && -s "${pip_ca}" ]]; then secret=(--secret "id=pip-ca,src=${pip_ca}"); fi
+
 # ------------------------------------------------------------------ base ----
 
 # The recipe of the base image. Its text (with SUITE and BASE_PACKAGES) is the
@@ -180,8 +188,23 @@ local_torch_index() {
     name="$(basename "${wheel}")"
     printf '<!DOCTYPE html><html><body><a href="%s#sha256=%s">%s</a></body></html>\n' \
         "${name//+/%2B}" "${sha}" "${name}" > "${work}/index/simple/torch/index.html"
+    # the index URL is a build argument, part of the layer cache key: derive the port from the
+    # wheel's hash (the same URL every run), the first free one from there
     local port
-    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    port="$(python3 - "${sha}" <<'PY'
+import socket, sys
+start = 20000 + int(sys.argv[1][:8], 16) % 20000
+for port in range(start, start + 50):
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+PY
+)"
+    [[ -n "${port}" ]] || die "no free port on 127.0.0.1 for the torch index"
     python3 -m http.server --bind 127.0.0.1 --directory "${work}/index" "${port}" >"${work}/http.log" 2>&1 &
     server_pid=$!
     local i
@@ -198,9 +221,11 @@ local_torch_index() {
 ensure_uv_image() {  # the uv binary from PyPI in an image with /uv, like ghcr.io/astral-sh/uv
     local uv_tag="lamflow-uv:${UV_VERSION}-$(base_key)"
     if ! "${DOCKER}" image inspect "${uv_tag}" >/dev/null 2>&1; then
-        DOCKER_BUILDKIT=1 "$(builder_cli)" build --network host -q -t "${uv_tag}" - >/dev/null <<EOF
+        DOCKER_BUILDKIT=1 "$(builder_cli)" build --network host "${secret[@]}" -q -t "${uv_tag}" - >/dev/null <<EOF
 FROM ${base_tag}
-RUN python3 -m venv /tmp/uv && /tmp/uv/bin/pip install --no-cache-dir --disable-pip-version-check uv==${UV_VERSION} \
+RUN --mount=type=secret,id=pip-ca,target=/run/secrets/pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && python3 -m venv /tmp/uv && /tmp/uv/bin/pip install --no-cache-dir --disable-pip-version-check uv==${UV_VERSION} \
  && cp /tmp/uv/bin/uv /tmp/uv/bin/uvx / && rm -rf /tmp/uv
 EOF
     fi
@@ -233,7 +258,7 @@ fi
 
 t0="$(now)"
 log "image ${tag}: docker build -f deploy/images/Dockerfile.${flavor} ..."
-DOCKER_BUILDKIT=1 "$(builder_cli)" build --network host --progress plain \
+DOCKER_BUILDKIT=1 "$(builder_cli)" build --network host --progress plain "${secret[@]}" \
     -f "${root}/deploy/images/Dockerfile.${flavor}" "${args[@]}" -t "${tag}" "${root}" >"${work}/build.log" 2>&1 \
     || { tail -n 60 "${work}/build.log" >&2; die "docker build failed (log above)"; }
 log "image ${tag}: built in $(( $(now) - t0 )) s, $(image_mb "${tag}") MB"
