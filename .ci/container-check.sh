@@ -116,6 +116,7 @@ python3 - "${work}/containers/${rid_c}" "${work}/processes/${rid_p}" \
 """Container run vs process run of the same spec and seeds."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -129,7 +130,17 @@ problems = []
 
 
 def outputs(run):
-    return sorted(str(p.relative_to(run)) for p in run.glob("*/outputs/artifacts/**/*") if p.is_file())
+    """Output files of the keyed steps, as relative paths (not dflow's helper steps and catalogs,
+    whose names are random)."""
+    found = []
+    for step in sorted(run.iterdir()):
+        art = step / "outputs" / "artifacts"
+        if "init-artifact" in step.name or not art.is_dir():
+            continue
+        for dirpath, dirs, files in os.walk(art, followlinks=True):
+            dirs[:] = [d for d in dirs if d != ".dflow"]
+            found += [str((Path(dirpath) / f).relative_to(run)) for f in files]
+    return sorted(found)
 
 
 # 1. the same output files in the same places

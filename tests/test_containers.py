@@ -44,7 +44,8 @@ def test_steps_run_through_dflows_container_executor_with_no_network(tmp_path):
     assert out.command == ["sh"] and out.image == "lamflow:test-cpu"
     line = docker_line(out.script)
     flags = line.split(" run ", 1)[1].split()
-    assert line.startswith("mkdir -p tmp && chmod a+rwx tmp && docker run ")
+    assert line.startswith("mkdir -p tmp && chmod a+rwx tmp && find tmp -mindepth 1 -type d -exec chmod a+rx {} + "
+                           "&& docker run ")
     assert flags[:3] == ["--rm", "--network", "none"]
     assert "--user" not in flags  # lamflow is root: the image's own non-root user
     assert "-v$(pwd)/tmp:/tmp" in flags and "-v$(pwd)/script:/script" in flags
@@ -55,6 +56,18 @@ def test_steps_run_through_dflows_container_executor_with_no_network(tmp_path):
         assert f"-e {name}" in line
     assert "docker pull" not in out.script and "docker images" not in out.script  # no registry is asked
     assert t.command == ["/host/bin/python"] and t.mounts == []  # the step's own template is untouched
+
+
+def test_dflows_valued_output_parameters_and_absent_optional_inputs_are_handled(tmp_path):
+    from dflow import OutputParameter
+
+    t = pretrain_template()
+    t.outputs.parameters["dflow_artifact_key"] = OutputParameter(value="{{workflow.name}}/x")  # as in init-artifact
+    out = containers.executor(Container("docker", "img:1"), None, uid=0, gid=0).render(t)
+    assert out.outputs.parameters["dflow_artifact_key"].value == "{{workflow.name}}/x"
+    # dangling links (absent optional inputs) go before dflow turns the input links into hard links
+    assert out.script.startswith("find tmp -xtype l -delete\n")
+    assert out.script.index("find tmp -xtype l") < out.script.index("os.link(src, f)")
 
 
 def test_a_non_root_caller_runs_the_steps_as_itself_and_stages_without_resume_get_no_mount(tmp_path):

@@ -144,15 +144,30 @@ class StepContainer(ContainerExecutor):
             # dicts: dflow reads mounts as mount["name"] / volume["hostPath"]["path"]
             t.volumes = list(t.volumes) + [{"name": RESUME_VOLUME, "hostPath": {"path": self.resume_root}}]
             t.mounts = list(t.mounts) + [{"name": RESUME_VOLUME, "mountPath": self.resume_root}]
+        # dflow 1.8.134's ContainerExecutor reads `value_from_path` of every output parameter and
+        # fails on one that has a value instead (its own init-artifact steps of sliced stages):
+        # such parameters need no mount, so they are set aside while it renders
+        valued = {k: v for k, v in t.outputs.parameters.items() if getattr(v, "value_from_path", None) is None}
+        for k in valued:
+            del t.outputs.parameters[k]
         out = super().render(t)
+        for k, v in valued.items():
+            out.outputs.parameters[k] = v
         docker = self.container.engine
         anchor = f"mkdir -p tmp && {docker} run -v$(pwd)/tmp:/tmp "
         if out.script.count(anchor) != 1:
             raise ContainerError(f"dflow's container script has changed (no single `{anchor.strip()}`): "
                                  "lamflow cannot add --network none to it")
-        # the image's user (uid 1000) must be able to write the step's tmp/ (outputs) when lamflow is root
-        prep = "mkdir -p tmp && chmod a+rwx tmp && " if self.as_root else "mkdir -p tmp && "
+        # lamflow is root, the step the image's user (uid 1000): that user must write the step's tmp/
+        # (outputs) and enter its input folders (dflow's staging makes some 0700). Folders only: the
+        # files are hard links to the inputs, whose modes stay as they are.
+        prep = ("mkdir -p tmp && chmod a+rwx tmp && find tmp -mindepth 1 -type d -exec chmod a+rx {} + && "
+                if self.as_root else "mkdir -p tmp && ")
         out.script = out.script.replace(anchor, f"{prep}{docker} run {' '.join(self.flags)} -v$(pwd)/tmp:/tmp ")
+        # An optional input artifact that is absent (no clean stage, say) is a dangling symlink in
+        # tmp/; dflow's step that turns the input symlinks into hard links stops at the first such
+        # link and leaves the rest unlinked. Removed first: absent stays absent to the op.
+        out.script = "find tmp -xtype l -delete\n" + out.script
         return out
 
 
