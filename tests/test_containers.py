@@ -137,3 +137,18 @@ def test_submit_container_flags_need_debug(tmp_path, capsys):
     assert "needs --debug" in capsys.readouterr().err
     assert main(["submit", str(pipe), "--debug", "--container-image", "x:1"]) == 1
     assert "--container-image needs --container docker" in capsys.readouterr().err
+
+
+def test_the_container_check_is_off_with_its_switch_and_build_local_refuses_bad_arguments():
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LAMFLOW_CONTAINER_CHECK": "0"}
+    r = subprocess.run(["bash", str(repo / ".ci" / "container-check.sh")], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "off (LAMFLOW_CONTAINER_CHECK=0)" in r.stderr
+    r = subprocess.run(["bash", "-n", str(repo / "deploy" / "images" / "build-local.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["bash", str(repo / "deploy" / "images" / "build-local.sh"), "--flavor", "rocm"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--flavor cpu or cuda" in r.stderr
