@@ -130,24 +130,38 @@ problems = []
 
 
 def outputs(run):
-    """Output files of the keyed steps, as relative paths (not dflow's helper steps and catalogs,
-    whose names are random)."""
-    found = []
+    """{output artifact of a keyed step: sorted relative paths of its files}. dflow's helper steps
+    and catalogs (.dflow) have random names and are left out."""
+    found = {}
     for step in sorted(run.iterdir()):
-        art = step / "outputs" / "artifacts"
-        if "init-artifact" in step.name or not art.is_dir():
+        arts = step / "outputs" / "artifacts"
+        if "init-artifact" in step.name or not arts.is_dir():
             continue
-        for dirpath, dirs, files in os.walk(art, followlinks=True):
-            dirs[:] = [d for d in dirs if d != ".dflow"]
-            found += [str((Path(dirpath) / f).relative_to(run)) for f in files]
-    return sorted(found)
+        for art in sorted(arts.iterdir()):
+            files = []
+            for dirpath, dirs, names in os.walk(art, followlinks=True):
+                dirs[:] = [d for d in dirs if d != ".dflow"]
+                files += [str((Path(dirpath) / f).relative_to(art)) for f in names]
+            found[str(art.relative_to(run))] = sorted(files)
+    return found
 
 
-# 1. the same output files in the same places
+# 1. the same output artifacts, with the same files. Inside an artifact, a stage may name its files
+#    after its inputs' real paths: those are the data's own folders in a process run (symlinks) and
+#    copies in a container (as on Argo); such a path difference is printed, the names must agree.
 oc, op = outputs(run_c), outputs(run_p)
-if oc != op:
-    problems.append(f"output files differ: only in containers {sorted(set(oc) - set(op))[:5]}, "
-                    f"only as processes {sorted(set(op) - set(oc))[:5]}")
+if sorted(oc) != sorted(op):
+    problems.append(f"output artifacts differ: only in containers {sorted(set(oc) - set(op))}, "
+                    f"only as processes {sorted(set(op) - set(oc))}")
+for art in sorted(set(oc) & set(op)):
+    if oc[art] != op[art]:
+        names = lambda files: sorted(Path(f).name for f in files)  # noqa: E731
+        if names(oc[art]) != names(op[art]):
+            problems.append(f"{art}: different files ({len(oc[art])} in containers, {len(op[art])} as processes)")
+        else:
+            print(f"note: {art}: same {len(oc[art])} files, laid out differently, e.g. {oc[art][0]} (containers) "
+                  f"vs {op[art][0]} (processes)")
+print(f"outputs: {len(oc)} artifacts, {sum(map(len, oc.values()))} files in the container run")
 
 # 2. every step ran as a docker run with no network
 steps = sorted(p.parent.name for p in run_c.glob("*/script"))
@@ -158,7 +172,11 @@ for s in steps:
 print(f"container run: {len(steps)} steps, each a `docker run --rm --network none`: {', '.join(steps)}")
 
 # 3. the report: same keys, numbers within tolerance (wall times excluded)
-TIMES = ("wall", "seconds", "time", "elapsed", "duration", "created", "finished", "_s")
+def is_timing(key):
+    """Wall times and speed ratios: measured, not computed, so they differ between any two runs."""
+    k = str(key).lower()
+    return (k.endswith(("_s", "_seconds", "_time")) or k.startswith("seconds") or k in ("created", "finished", "time")
+            or any(w in k for w in ("wall", "speedup", "elapsed", "duration", "per_sec", "steps_per")))
 
 
 def norm(v):
@@ -175,7 +193,7 @@ def compare(a, b, where):
         if set(a) != set(b):
             problems.append(f"{where}: keys differ: {sorted(set(a) ^ set(b))}")
         for k in set(a) & set(b):
-            if not any(t in str(k).lower() for t in TIMES):
+            if not is_timing(k):
                 compare(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
@@ -196,7 +214,8 @@ if not (rep_c / "report.md").is_file():
     problems.append("the container run has no report.md")
 
 # 4. the checkpoints load and hold the same weights
-ckpts = [c for c in oc if c.endswith(".ckpt") and "/checkpoints/" not in c]
+ckpts = [f"{art}/{f}" for art in sorted(set(oc) & set(op)) for f in oc[art]
+         if f.endswith(".ckpt") and "checkpoints/" not in f and f in op[art]]
 for rel in ckpts:
     mc, mp = load_model(run_c / rel), load_model(run_p / rel)
     sdc, sdp = mc.state_dict(), mp.state_dict()
