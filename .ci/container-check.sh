@@ -159,8 +159,9 @@ for art in sorted(set(oc) & set(op)):
         if names(oc[art]) != names(op[art]):
             problems.append(f"{art}: different files ({len(oc[art])} in containers, {len(op[art])} as processes)")
         else:
-            print(f"note: {art}: same {len(oc[art])} files, laid out differently, e.g. {oc[art][0]} (containers) "
-                  f"vs {op[art][0]} (processes)")
+            c, p = next((c, p) for c, p in zip(oc[art], op[art]) if c != p)
+            print(f"note: {art}: the same {len(oc[art])} files, laid out differently, e.g. {c} (containers) "
+                  f"vs {p} (processes)")
 print(f"outputs: {len(oc)} artifacts, {sum(map(len, oc.values()))} files in the container run")
 
 # 2. every step ran as a docker run with no network
