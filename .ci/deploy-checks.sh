@@ -365,15 +365,42 @@ for path in sorted(deploy.rglob("*.env.example")):
         if not PLACEHOLDER.match(value.strip()):
             problems.append(f"{path}:{n}: {key} holds a non-placeholder value")
 
-# 3. Dockerfiles: every external FROM / COPY --from image pinned.
+# 3. Dockerfiles: every external FROM / COPY --from image pinned. A FROM may name a build
+#    argument (`FROM ${BASE_IMAGE}`, for local builds): its default, from an ARG before the first
+#    FROM, is what a plain build uses, so the default is checked, also for a trusted registry
+#    (hadolint's DL3026 cannot see through the argument).
+hadolint_cfg = deploy / ".hadolint.yaml"
+trusted = set((yaml.safe_load(hadolint_cfg.read_text()) or {}).get("trustedRegistries") or []) if hadolint_cfg.is_file() else set()
+
+
+def registry_of(ref):
+    first = ref.split("/", 1)[0]
+    return first if "/" in ref and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
 dockerfiles = [p for p in deploy.rglob("*") if p.is_file() and not p.name.endswith(".dockerignore")
                and (p.name == "Dockerfile" or p.name.startswith("Dockerfile.") or p.name.endswith(".Dockerfile"))]
 for path in sorted(dockerfiles):
-    stages = set()
+    stages, build_args, seen_from = set(), {}, False
     for n, line in enumerate(path.read_text().splitlines(), 1):
+        m = re.match(r"^\s*ARG\s+([A-Za-z_]\w*)(?:=(\S+))?\s*$", line, re.I)
+        if m and not seen_from:
+            build_args[m.group(1)] = m.group(2)
         m = re.match(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", line, re.I)
         if m:
+            seen_from = True
             ref, stage = m.group(1), m.group(2)
+            arg = re.fullmatch(r"\$\{?(\w+)\}?", ref)
+            if arg:
+                if not build_args.get(arg.group(1)):
+                    problems.append(f"{path}:{n}: base image {ref}: build argument {arg.group(1)} has no default "
+                                    "(ARG before the first FROM)")
+                    stages.update([stage.lower()] if stage else [])
+                    continue
+                ref = build_args[arg.group(1)]
+                if trusted and registry_of(ref) not in trusted:
+                    problems.append(f"{path}:{n}: base image {ref} (default of {arg.group(1)}) is not from a "
+                                    f"trusted registry ({', '.join(sorted(trusted))})")
             if ref.lower() not in stages and ref != "scratch":
                 why = image_problem(ref)
                 if why:

@@ -151,12 +151,23 @@ def test_hadolint_fails_on_unpinned_from_and_add(deploy_copy):
 
 
 def test_hadolint_fails_on_an_untrusted_registry(deploy_copy):
-    cpu = deploy_copy / "images" / "Dockerfile.cpu"
-    cpu.write_text(cpu.read_text().replace(
-        "FROM python:3.12.15-slim-bookworm AS builder",
-        "FROM registry.example.invalid/python:3.12.15-slim-bookworm AS builder"))
+    cuda = deploy_copy / "images" / "Dockerfile.cuda"
+    cuda.write_text(cuda.read_text().replace(
+        "FROM ${UV_IMAGE} AS uv", "FROM registry.example.invalid/astral-sh/uv:0.13.8 AS uv"))
     result = run_checks(deploy_copy, "hadolint")
     assert_fails(result, "hadolint", "DL3026")
+
+
+def test_policy_checks_the_default_of_a_base_image_build_argument(deploy_copy):
+    # hadolint cannot see through `FROM ${BASE_IMAGE}`: the policy check resolves the ARG default
+    cpu = deploy_copy / "images" / "Dockerfile.cpu"
+    cpu.write_text(cpu.read_text().replace(
+        "ARG BASE_IMAGE=python:3.12.15-slim-bookworm", "ARG BASE_IMAGE=registry.example.invalid/python:latest"))
+    cuda = deploy_copy / "images" / "Dockerfile.cuda"
+    cuda.write_text(cuda.read_text().replace("ARG BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04", "ARG BASE_IMAGE"))
+    result = run_checks(deploy_copy, "policy")
+    assert_fails(result, "policy", "registry.example.invalid/python:latest (default of BASE_IMAGE) is not from a trusted",
+                 "registry.example.invalid/python:latest uses tag 'latest'", "build argument BASE_IMAGE has no default")
 
 
 def test_kustomize_check_fails_on_a_role_whose_rules_are_a_string(deploy_copy):
@@ -294,11 +305,14 @@ def test_every_image_in_deploy_is_pinned():
         refs += [(path, ref) for doc in load_docs(path) for ref in images_in(doc)]
     for path in dockerfiles():
         stages = set()
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)$", text.split("\nFROM ", 1)[0], re.M))  # `FROM ${BASE_IMAGE}`
+        for line in text.splitlines():
             m = re.match(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line)
             if m:
-                if m.group(1) not in stages:
-                    refs.append((path, m.group(1)))
+                ref = re.sub(r"^\$\{(\w+)\}$", lambda a: defaults.get(a.group(1), a.group(0)), m.group(1))
+                if ref not in stages:
+                    refs.append((path, ref))
                 if m.group(2):
                     stages.add(m.group(2))
             m = re.match(r"^COPY\s+--from=(\S+)", line)
@@ -453,7 +467,8 @@ def test_step_image_is_multi_stage_non_root_and_installs_lamflow_from_the_repo(n
 
 def test_cpu_image_takes_torch_from_the_pytorch_cpu_index():
     text = (IMAGES / "Dockerfile.cpu").read_text()
-    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert '--index-url "${TORCH_INDEX_URL}"' in text
     assert '"torch==2.13.0+cpu"' in text
 
 
@@ -499,4 +514,5 @@ def test_readme_documents_the_cli_contract_and_what_was_not_run():
                  "kubectl apply --server-side -k deploy/argo/overlays/install"):
         assert name in readme, f"deploy/README.md does not mention {name}"
     assert "not applied to a real cluster" in readme
-    assert "cannot be built here" in (IMAGES / "README.md").read_text()
+    images = (IMAGES / "README.md").read_text()
+    assert "The CPU image was built and run here" in images and "A GPU run of the CUDA image" in images

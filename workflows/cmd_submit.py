@@ -12,6 +12,10 @@ def register(sub) -> None:
     p.add_argument("--debug", action="store_true", help="run locally in dflow's debug mode (no server, no Docker)")
     p.add_argument("--workdir", help="debug mode: where runs go (default: the spec's debug.workdir, lamflow-runs)")
     p.add_argument("--skip-data-check", action="store_true", help="do not read the datasets before submitting")
+    p.add_argument("--container", choices=["docker"], help="debug mode: run every step in the step image, "
+                   "through dflow's ContainerExecutor, with no network (see deploy/README.md)")
+    p.add_argument("--container-image", help="with --container: the image (default $LAMFLOW_CONTAINER_IMAGE, "
+                   "else lamflow:VERSION-local-cpu from deploy/images/build-local.sh)")
     p.set_defaults(func=run)
 
 
@@ -19,14 +23,29 @@ def run(args) -> int:
     from .engine import submit_argo, submit_debug, workdir_of
     from .spec import load_spec
 
+    container = containers_of(args)
     spec = load_spec(args.pipeline)
     if args.debug:
         workdir = workdir_of(spec, args.workdir)
-        rid, status = submit_debug(spec, workdir=workdir, check_data=not args.skip_data_check)
+        rid, status = submit_debug(spec, workdir=workdir, check_data=not args.skip_data_check, container=container)
         return report_debug(rid, status, workdir)
     rid = submit_argo(spec, check_data=not args.skip_data_check)
     print(f"submitted {rid}\n  lamflow watch {rid}\n  lamflow download {rid} -o results/")
     return 0
+
+
+def containers_of(args):
+    """--container / --container-image -> a containers.Container (debug mode only), or None."""
+    from .containers import Container, ContainerError
+
+    if args.container_image and not args.container:
+        raise ContainerError("--container-image needs --container docker")
+    if not args.container:
+        return None
+    if not args.debug:
+        raise ContainerError("--container runs the steps locally: it needs --debug (on Argo every step is a pod "
+                             "of its stage's image already)")
+    return Container(args.container, args.container_image or "")
 
 
 def report_debug(rid: str, status: str, workdir: Path) -> int:

@@ -516,15 +516,19 @@ def new_run_id(name: str, workdir: Path) -> str:
 
 
 def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data: bool = True, reuse=None,
-                 parent: dict | None = None, restage: bool = False, progress=print) -> tuple[str, str]:
+                 parent: dict | None = None, restage: bool = False, progress=print, container=None) -> tuple[str, str]:
     """Run the pipeline locally; return (run id, final status). `reuse`: dflow steps of an earlier
     run to reuse (retry; only those whose key, input hash included, is a step of this run);
     `parent`: that run's record, whose staged inputs (unless `restage`: the spec's data changed)
-    and checkpoint folders this run shares.
+    and checkpoint folders this run shares. `container`: a containers.Container to run every step
+    in (a retry uses its parent's).
 
     Steps' output (and dflow's tracebacks) go to the log files, not the console: each step's to
     <workdir>/<run id>/<step>/log.txt, dflow's to <workdir>/.lamflow/logs/<run id>.log; the console
     gets the phase changes, and a failing step's one-line error (`failures`)."""
+    from .containers import for_run, workflow_context
+
+    container = for_run(container, parent)
     if progress is print:  # bound now: while steps run, sys.stdout is the log file
         progress = functools.partial(print, file=sys.stdout, flush=True)
     if parent is None:
@@ -561,9 +565,10 @@ def submit_debug(spec: PipelineSpec, *, workdir: Path | None = None, check_data:
         progress(f"reusing {len(reuse)} succeeded step(s): {', '.join(sorted(display_key(st.key) for st in reuse)) or '-'}")
     meta = {"id": rid, "mode": "debug", "group": group, "parent": parent["id"] if parent else None,
             "created": time.time(), "type_map": type_map, "inputs": inputs, "resume_root": resume_root,
-            "digests": opts.digests, "step_keys": keys, **spec_summary(spec)}
+            "digests": opts.digests, "step_keys": keys, **spec_summary(spec),
+            **({"container": container.record()} if container else {})}
     write_meta(workdir, meta)
-    wf = build_workflow(spec, arts, opts, id=rid)
+    wf = build_workflow(spec, arts, opts, id=rid, **workflow_context(container, workdir, inputs, opts.resume_root))
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.debug.threads))
     progress(f"run {rid}: {workdir / rid}")
     stop = threading.Event()
