@@ -11,8 +11,10 @@ atoms 0.1 A apart while the run carries on. After every step the run stops, with
     non_finite           E_pot is not a finite number
     close_contact        two atoms are closer than min_distance: 0.9 x the min_nbor_dist of the
                          model's training data stored in the checkpoint, else 0.5 A
-    temperature_runaway  the instantaneous temperature exceeds max_temperature: 5 x the target
-                         (NVT) or initial (NVE) temperature, at least 1000 K
+    temperature_runaway  the temperature, averaged over the last 20 steps, exceeds max_temperature:
+                         5 x the target (NVT) or initial (NVE) temperature, at least 1000 K (the
+                         instantaneous temperature of a small system swings by ~sqrt(2 / 3N) of
+                         itself, and a relaxing start structure heats it for a while; a runaway lasts)
     energy_drift         (NVE) |E_tot(t) - E_tot(0)| / natoms exceeds max_energy_drift, 0.01 eV/atom
 (checked in this order). A run that went to the end has status "completed". A compressed model
 whose neighbour inputs leave its tables (it extrapolates linearly there) is reported once, with
@@ -87,6 +89,7 @@ MIN_DISTANCE_FALLBACK = 0.5  # Angstrom: close-contact bound when the training d
 MIN_DISTANCE_FRACTION = 0.9  # of min_nbor_dist
 TEMPERATURE_FACTOR = 5.0  # x the target / initial temperature
 TEMPERATURE_FLOOR = 1000.0  # K, the least max_temperature (a 0 K start may heat up as it relaxes)
+TEMPERATURE_WINDOW = 20  # steps the runaway test averages the temperature over
 ENERGY_DRIFT = 0.01  # eV/atom, NVE: max |E_tot(t) - E_tot(0)| / natoms
 
 STATUSES = ("completed", "non_finite", "close_contact", "temperature_runaway", "energy_drift")
@@ -244,8 +247,10 @@ def run_md(atoms, calc, *, ensemble: Literal["nvt", "nve"] = "nvt", temperature:
                 i, j = _closest_atoms(atoms, radius)
                 return "close_contact", (f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {d:.3f} A apart, "
                                          f"closer than {d_min:.3f} A ({limits['min_distance_from']})")
-        if temp > t_max:
-            return "temperature_runaway", f"temperature {temp:.0f} K exceeds {t_max:.0f} K ({limits['max_temperature_from']})"
+        recent = float(np.mean(temps[-TEMPERATURE_WINDOW:])) if temps else temp
+        if recent > t_max:
+            return "temperature_runaway", (f"temperature {recent:.0f} K (mean of the last {min(len(temps), TEMPERATURE_WINDOW)} "
+                                           f"steps) exceeds {t_max:.0f} K ({limits['max_temperature_from']})")
         if ensemble == "nve" and len(etot) > 1:
             dev = abs(etot[-1] - etot[0]) / n
             if dev > e_max:
