@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
 
@@ -37,11 +38,13 @@ class NlistRequest:
 
 
 class NeighborOverflow(Exception):
-    """More neighbours within rcut than `sel` slots; carries the counts found."""
+    """More neighbours within rcut than `sel` slots; carries the counts found (and the frame of a
+    batch, None for a single frame)."""
 
-    def __init__(self, atom: int, counts: np.ndarray, sel: tuple[int, ...]):
-        self.atom, self.counts, self.sel = atom, counts, sel
-        super().__init__(f"atom {atom} has {counts.tolist()} neighbours, sel is {list(sel)}")
+    def __init__(self, atom: int, counts: np.ndarray, sel: tuple[int, ...], frame: int | None = None):
+        self.atom, self.counts, self.sel, self.frame = atom, np.asarray(counts), sel, frame
+        where = "" if frame is None else f"frame {frame}: "
+        super().__init__(f"{where}atom {atom} has {self.counts.tolist()} neighbours, sel is {list(sel)}")
 
 
 @dataclass
@@ -156,3 +159,58 @@ def build_graph(
     remap[keep] = np.arange(len(keep))
     nlists = [np.where(n >= 0, remap[np.maximum(n, 0)], -1) for n in nlists]
     return FrameGraph(pairs.mapping[keep], pairs.shift[keep], nlists)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass
+class BatchGraph:
+    """Neighbour graph of a padded batch; per frame the extended layout is [nloc (padded) locals | ghosts].
+
+        coord_ext[f] = coord[f][mapping[f]] + shift[f] @ box[f]
+    """
+
+    mapping: torch.Tensor  # [nf, nall] long, extended -> local (padded local slots map to themselves)
+    shift: torch.Tensor  # [nf, nall, 3] coord's dtype, integer image vectors
+    nlists: list[torch.Tensor]  # each [nf, nloc, nnei] long into the extended atoms, -1 empty
+
+
+def batch_graph_reference(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
+                          requests: list[NlistRequest], truncate: bool = False) -> BatchGraph:
+    """batch_graph by build_graph (cKDTree) frame by frame on the host; the reference for the tests."""
+    nf, nloc = atype.shape
+    graphs = []
+    for f in range(nf):
+        real = (atype[f] >= 0).cpu().numpy()
+        n = int(real.sum())
+        xyz = coord[f, :n].detach().cpu().double().numpy()
+        cell = box[f].detach().cpu().double().numpy() if (box is not None and bool(pbc[f])) else None
+        try:
+            graphs.append(build_graph(xyz, cell, atype[f, :n].cpu().numpy(), requests, truncate=truncate))
+        except NeighborOverflow as e:
+            raise NeighborOverflow(e.atom, e.counts, e.sel, frame=f) from None
+    nall = nloc + max(g.nall - int((atype[f] >= 0).sum()) for f, g in enumerate(graphs))
+    mapping = np.tile(np.arange(nall), (nf, 1))
+    mapping[:, nloc:] = 0
+    shift = np.zeros((nf, nall, 3))
+    nlists = [np.full((nf, nloc, r.nnei), -1, dtype=np.int64) for r in requests]
+    for f, g in enumerate(graphs):
+        n = int((atype[f] >= 0).sum())
+        ng = g.nall - n
+        shift[f, :n] = g.shift[:n]
+        mapping[f, nloc:nloc + ng] = g.mapping[n:]
+        shift[f, nloc:nloc + ng] = g.shift[n:]
+        for r, nl in enumerate(g.nlists):
+            nlists[r][f, :n] = np.where(nl >= n, nl - n + nloc, nl)
+    dev = coord.device
+    return BatchGraph(torch.as_tensor(mapping, device=dev), torch.as_tensor(shift, dtype=coord.dtype, device=dev),
+                      [torch.as_tensor(n, device=dev) for n in nlists])
+
+
+def batch_graph(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
+                requests: list[NlistRequest], truncate: bool = False) -> BatchGraph:
+    """Neighbour lists of a padded batch: coord [nf, nloc, 3], atype [nf, nloc] (-1 = padding, real atoms
+    first), box [nf, 3, 3] or None, pbc [nf] bool (False rows are non-periodic frames; their box rows are
+    ignored). Overflow raises NeighborOverflow with `frame` set, unless truncate=True (keeps the nearest)."""
+    return batch_graph_reference(coord, atype, box, pbc, requests, truncate)
