@@ -41,12 +41,11 @@ def energy_bias(systems: list[System], ntypes: int, residual: list[np.ndarray] |
 
 def stat_samples(ds: DataSet, nbatch: int, device, dtype):
     """(coord_ext, atype_ext, nlists) for up to nbatch batches of every system."""
-    for i, _ in enumerate(ds.systems):
-        sub = DataSet.__new__(DataSet)
-        sub.__dict__.update(ds.__dict__)
-        sub.systems, sub.graphs, sub.batch_sizes = [ds.systems[i]], [ds.graphs[i]], [ds.batch_sizes[i]]
-        for _, batch in sub.batches(max_frames=nbatch * ds.batch_sizes[i]):
-            batch = batch.to(device)
+    for i, s in enumerate(ds.systems):
+        b = ds.batch_sizes[i]
+        n = min(s.nframes, nbatch * b)
+        for start in range(0, n, b):
+            batch = ds.frames(i, range(start, min(start + b, n)), device)
             coord_ext, atype_ext = extended_inputs(batch, dtype)
             yield coord_ext, atype_ext, batch.nlists
 
