@@ -50,10 +50,25 @@ CACHE_VERSION = 1  # bump when the converted layout changes
 # ----------------------------------------------------------------------------- frames on disk
 
 
+@dataclass(frozen=True)
+class NpyFile:
+    """Where a .npy file's array starts, from its header."""
+
+    path: Path
+    offset: int  # bytes before the data
+    dtype: np.dtype
+    fortran: bool
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
 class FrameArray(NDArrayOperatorsMixin):
     """One per-frame array of a system, concatenated over its `set.*` files and read on demand.
 
-    `parts` are .npy paths (memory-mapped when first read, per process) or in-memory arrays.
+    `parts` are .npy files or in-memory arrays. A C-ordered file is read by offset (os.pread: one
+    read per frame, and the process's memory does not grow with the frames it has touched, as it
+    would with a memory map, whose touched pages all count in RSS); `part(p)` is the memory map.
     Indexing returns float64 numpy arrays: `a[k]` one frame `frame_shape`, `a[idx]` stacked frames.
     Numpy functions see the whole array (read into memory): fine for small data only."""
 
@@ -62,11 +77,31 @@ class FrameArray(NDArrayOperatorsMixin):
         self.width = int(np.prod(self.frame_shape, dtype=np.int64))
         self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
         self._maps: dict[int, np.ndarray] = {}
+        self._fds: dict[int, int] = {}
 
-    def __getstate__(self):  # a worker process re-opens its own maps (never pickle the data)
+    def __getstate__(self):  # a worker process opens its own files (never pickle the data)
         d = dict(self.__dict__)
-        d["_maps"] = {}
+        d["_maps"], d["_fds"] = {}, {}
         return d
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def read(self, p: int, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of part p, [stop - start, width] in the file's dtype, copied into memory."""
+        src = self.parts[p]
+        if isinstance(src, np.ndarray) or src.fortran or self.counts[p] == 0:
+            return np.array(self.part(p)[start:stop])
+        fd = self._fds.get(p)
+        if fd is None:
+            fd = self._fds[p] = os.open(src.path, os.O_RDONLY)
+        row = self.width * src.dtype.itemsize
+        buf = os.pread(fd, (stop - start) * row, src.offset + start * row)
+        return np.frombuffer(buf, dtype=src.dtype).reshape(stop - start, self.width)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -91,7 +126,7 @@ class FrameArray(NDArrayOperatorsMixin):
             elif self.counts[p] == 0:
                 m = np.zeros((0, self.width))
             else:
-                m = np.load(src, mmap_mode="r", allow_pickle=False)
+                m = np.load(src.path, mmap_mode="r", allow_pickle=False)
             m = m.reshape(self.counts[p], self.width)
             self._maps[p] = m
         return m
@@ -101,9 +136,8 @@ class FrameArray(NDArrayOperatorsMixin):
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx), self.width), dtype=np.float64)
         p = np.searchsorted(self.offsets, idx, side="right") - 1
-        for q in np.unique(p):
-            sel = p == q
-            out[sel] = self.part(int(q))[idx[sel] - self.offsets[q]]
+        for r, (q, k) in enumerate(zip(p.tolist(), (idx - self.offsets[p]).tolist())):
+            out[r] = self.read(q, k, k + 1)[0]
         return out
 
     def __getitem__(self, key):
@@ -126,12 +160,12 @@ class FrameArray(NDArrayOperatorsMixin):
         """(first frame, [m, width] raw-dtype block) over the whole array, in file order."""
         step = max(1, CHUNK_VALUES // max(1, self.width))
         for p in range(len(self.parts)):
-            a = self.part(p)
-            for s in range(0, len(a), step):
-                yield int(self.offsets[p]) + s, a[s : s + step]
+            for s in range(0, self.counts[p], step):
+                yield int(self.offsets[p]) + s, self.read(p, s, min(s + step, self.counts[p]))
 
     def __array__(self, dtype=None, copy=None):
-        a = self.rows(np.arange(len(self))).reshape(self.shape)
+        a = np.concatenate([np.asarray(b, dtype=np.float64) for _, b in self.chunks()] or [np.zeros((0, self.width))])
+        a = a.reshape(self.shape)
         return a if dtype is None else a.astype(dtype)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -205,8 +239,8 @@ def find_systems(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def npy_header(f: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of a .npy file from its header; a DataError for anything np.load would choke
+def npy_header(f: Path) -> tuple[tuple[int, ...], NpyFile]:
+    """(shape, where the data is) of a .npy file from its header; a DataError for anything np.load would choke
     on later: not a .npy file, pickled objects, a non-numeric dtype, fewer bytes than the header says."""
     try:
         with open(f, "rb") as fh:
@@ -216,7 +250,7 @@ def npy_header(f: Path) -> tuple[tuple[int, ...], np.dtype]:
             fh.seek(0)
             version = np.lib.format.read_magic(fh)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(fh)
+            shape, fortran, dtype = read(fh)
             offset = fh.tell()
     except DataError:
         raise
@@ -230,7 +264,7 @@ def npy_header(f: Path) -> tuple[tuple[int, ...], np.dtype]:
     size = f.stat().st_size
     if size < need:
         raise DataError(f"{f}: truncated ({size} bytes, its header {tuple(shape)} {dtype} needs {need})")
-    return tuple(int(x) for x in shape), dtype
+    return tuple(int(x) for x in shape), NpyFile(Path(f), offset, dtype, bool(fortran))
 
 
 def _width(key: str, natoms: int) -> int:
@@ -252,10 +286,11 @@ def _index_npy(path: Path, natoms: int) -> dict[str, tuple[list, list[int]] | No
         if not all(present):
             missing = [s.name for s, ok in zip(sets, present) if not ok]
             raise DataError(f"{path}: {key}.npy missing in {', '.join(missing)} but present in other sets")
-        counts = []
+        counts, parts = [], []
         width = _width(key, natoms)
         for f in files:
-            shape, _ = npy_header(f)
+            shape, part = npy_header(f)
+            parts.append(part)
             if len(shape) == 0:
                 raise DataError(f"{f}: a scalar, expected one row per frame")
             n = shape[0]
@@ -264,7 +299,7 @@ def _index_npy(path: Path, natoms: int) -> dict[str, tuple[list, list[int]] | No
                 what = f" ({natoms} atoms in type.raw x 3)" if key in ("coord", "force") else ""
                 raise DataError(f"{f}: {key} has {per} values per frame, expected {width}{what}")
             counts.append(n)
-        out[key] = (files, counts)
+        out[key] = (parts, counts)
     nc = out["coord"][1] if out["coord"] else None
     if nc is not None and sum(nc) == 0:
         raise DataError(f"{path}: empty system (0 frames)")
@@ -273,7 +308,7 @@ def _index_npy(path: Path, natoms: int) -> dict[str, tuple[list, list[int]] | No
             continue
         for f, n, m in zip(out[key][0], out[key][1], nc):
             if n != m:
-                raise DataError(f"{f}: {key} has {n} frames, coord has {m}")
+                raise DataError(f"{f.path}: {key} has {n} frames, coord has {m}")
     return out
 
 

@@ -215,8 +215,8 @@ def data_fingerprint(systems: list[System], frames: list[np.ndarray]) -> str:
                     if isinstance(part, np.ndarray):
                         h.update(part.tobytes())
                     else:
-                        st = os.stat(part)
-                        h.update(f"{os.path.abspath(part)}|{st.st_size}|{st.st_mtime_ns}".encode())
+                        st = os.stat(part.path)
+                        h.update(f"{os.path.abspath(part.path)}|{st.st_size}|{st.st_mtime_ns}".encode())
             elif a is not None:
                 h.update(np.asarray(a).tobytes())
             h.update(b"|")
