@@ -208,9 +208,132 @@ def batch_graph_reference(coord: torch.Tensor, atype: torch.Tensor, box: torch.T
                       [torch.as_tensor(n, device=dev) for n in nlists])
 
 
+def _image_grid(nmax: list[int], dtype, device) -> torch.Tensor:
+    """[nimg, 3] non-zero image vectors within +-nmax per axis, lexicographic (as find_pairs orders them)."""
+    axes = [torch.arange(-n, n + 1, device=device) for n in nmax]
+    grid = torch.cartesian_prod(*axes).reshape(-1, 3)
+    return grid[(grid != 0).any(dim=1)].to(dtype)
+
+
+def _topk_block(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest finite entries of d along the last axis, sorted; -1 where fewer."""
+    kk = min(k, d.shape[-1])
+    vals, idx = torch.topk(d, kk, dim=-1, largest=False, sorted=True)
+    idx = torch.where(torch.isfinite(vals), idx, -1)
+    if kk < k:
+        idx = torch.nn.functional.pad(idx, (0, k - kk), value=-1)
+    return idx
+
+
+@torch.no_grad()
+def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
+                      requests: list[NlistRequest], truncate: bool = False, chunk: int = 1 << 22) -> BatchGraph:
+    """batch_graph in torch on coord's device, vectorised over the batch.
+
+    Local atoms are wrapped into the cell; ghost candidates are the periodic images (from the plane
+    spacings, so any triclinic cell and cells smaller than 2 rcut) whose fractional coordinates lie
+    within rcut of the cell; exact distances centre -> candidate (torch.cdist without the matmul
+    trick) in chunks of about `chunk` entries; topk per block; finally only the ghosts some list
+    uses are kept. Three small device -> host transfers, for data-dependent sizes: the image range
+    (3 ints), the number of ghost candidates (1 int), and the number of ghosts kept together with
+    the overflow flag (2 ints)."""
+    dev, dt = coord.device, coord.dtype
+    nf, nloc = atype.shape
+    real = atype >= 0
+    rcut = max(r.rcut for r in requests)
+    pbc = torch.zeros(nf, dtype=torch.bool, device=dev) if box is None else pbc.to(dev).bool()
+    eye = torch.eye(3, dtype=dt, device=dev).expand(nf, 3, 3)
+    cell = eye if box is None else torch.where(pbc[:, None, None], box.to(dt), eye)
+    # locals wrapped into the cell, as find_pairs does
+    frac = coord @ torch.linalg.inv(cell)
+    wrap = torch.where(pbc[:, None, None] & real[..., None], torch.floor(frac), torch.zeros_like(frac))
+    frac = frac - wrap
+    pos = torch.where(pbc[:, None, None], frac @ cell, coord)
+    # ghost candidates: images whose fractional coordinates lie within the margin of the cell
+    vol = torch.linalg.det(cell).abs()
+    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
+    crosses = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=1)
+    margin = torch.where(pbc[:, None], rcut * crosses.norm(dim=-1) / vol[:, None], torch.zeros_like(vol[:, None]))
+    nmax = torch.ceil(margin).amax(dim=0).long().tolist()  # sync 1: image range
+    images = _image_grid(nmax, dt, dev)  # [nimg, 3]
+    nimg = images.shape[0]
+    if nimg:
+        efrac = frac[:, None] + images[None, :, None]  # [nf, nimg, nloc, 3]
+        keep = ((efrac > -margin[:, None, None]) & (efrac < 1 + margin[:, None, None])).all(dim=-1)
+        keep = (keep & real[:, None] & pbc[:, None, None]).reshape(nf, nimg * nloc)
+        ncand = int(keep.sum(dim=1).amax().tolist())  # sync 2: number of ghost candidates
+    else:
+        keep, ncand = torch.zeros(nf, 0, dtype=torch.bool, device=dev), 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :ncand]  # kept first, in order
+    gvalid = keep.gather(1, order)
+    gimg, gatom = order // nloc, order % nloc
+    gshift = images[gimg] - wrap.gather(1, gatom[..., None].expand(-1, -1, 3))
+    gpos = (frac.gather(1, gatom[..., None].expand(-1, -1, 3)) + images[gimg]) @ cell
+    cpos = torch.cat([pos, gpos], dim=1)  # [nf, nc, 3] candidates: locals, then ghosts
+    cvalid = torch.cat([real, gvalid], dim=1)
+    ctype = torch.where(cvalid, torch.cat([atype, atype.gather(1, gatom)], dim=1), -1)
+    nc = nloc + ncand
+    # distances in chunks of centres, lists per request by topk
+    step = max(1, chunk // max(1, nf * nc))
+    parts: list[list[torch.Tensor]] = [[] for _ in requests]
+    counts: list[list[torch.Tensor]] = [[] for _ in requests]
+    cidx = torch.arange(nc, device=dev)
+    for i0 in range(0, nloc, step):
+        i1 = min(nloc, i0 + step)
+        d = torch.cdist(pos[:, i0:i1], cpos, compute_mode="donot_use_mm_for_euclid_dist")  # [nf, ch, nc]
+        bad = ~cvalid[:, None, :] | ~real[:, i0:i1, None] | (cidx[None, None, :] == torch.arange(i0, i1, device=dev)[None, :, None])
+        d = d.masked_fill(bad, torch.inf)
+        for r, req in enumerate(requests):
+            dr = d.masked_fill(d >= req.rcut, torch.inf)
+            if req.mixed:
+                within = torch.isfinite(dr)
+                counts[r].append(within.sum(dim=-1, keepdim=True))
+                parts[r].append(_topk_block(dr, req.sel[0]))
+            else:
+                blocks, cnt = [], []
+                for t, k in enumerate(req.sel):
+                    dt_ = dr.masked_fill((ctype != t)[:, None, :], torch.inf)
+                    cnt.append(torch.isfinite(dt_).sum(dim=-1))
+                    blocks.append(_topk_block(dt_, k))
+                counts[r].append(torch.stack(cnt, dim=-1))
+                parts[r].append(torch.cat(blocks, dim=-1))
+    nlists = [torch.cat(p, dim=1) if p else torch.full((nf, 0, req.nnei), -1, dtype=torch.long, device=dev)
+              for p, req in zip(parts, requests)]
+    counts_t = [torch.cat(c, dim=1) if c else torch.zeros(nf, 0, len(req.sel), dtype=torch.long, device=dev)
+                for c, req in zip(counts, requests)]
+    over = [(c > torch.as_tensor(req.sel, device=dev)).any(dim=-1) for c, req in zip(counts_t, requests)]
+    any_over = torch.stack([o.any() for o in over]).any() if over else torch.zeros((), dtype=torch.bool, device=dev)
+    # keep the ghosts some list uses, in candidate order
+    used = torch.zeros(nf, ncand + 1, dtype=torch.bool, device=dev)
+    for n in nlists:
+        g = n.reshape(nf, -1) - nloc
+        used.scatter_(1, torch.where(g >= 0, g, ncand), True)
+    used = used[:, :ncand]
+    nghost, flag = torch.stack([used.sum(dim=1).amax() if ncand else torch.zeros((), dtype=torch.long, device=dev),
+                                any_over.long()]).tolist()  # sync 3: ghosts kept, overflow
+    if flag and not truncate:
+        for r, (o, req) in enumerate(zip(over, requests)):
+            hit = o.nonzero()
+            if len(hit):
+                f, i = (int(v) for v in hit[0].tolist())
+                raise NeighborOverflow(i, counts_t[r][f, i].cpu().numpy(), req.sel, frame=f)
+    newidx = torch.cumsum(used, dim=1) - 1  # ghost candidate -> kept ghost position
+    pick = torch.argsort((~used).to(torch.int8), dim=1, stable=True)[:, :nghost]
+    uvalid = used.gather(1, pick)
+    mapping = torch.cat([torch.arange(nloc, device=dev).expand(nf, nloc),
+                         torch.where(uvalid, gatom.gather(1, pick), 0)], dim=1)
+    shift = torch.cat([-wrap, torch.where(uvalid[..., None], gshift.gather(1, pick[..., None].expand(-1, -1, 3)), 0)], dim=1)
+    out = []
+    for n in nlists:
+        g = (n - nloc).clamp(min=0).reshape(nf, -1)
+        remapped = (newidx.gather(1, g) + nloc).reshape(n.shape) if ncand else n
+        out.append(torch.where(n >= nloc, remapped, n))
+    return BatchGraph(mapping, shift + 0.0, out)
+
+
 def batch_graph(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
                 requests: list[NlistRequest], truncate: bool = False) -> BatchGraph:
     """Neighbour lists of a padded batch: coord [nf, nloc, 3], atype [nf, nloc] (-1 = padding, real atoms
     first), box [nf, 3, 3] or None, pbc [nf] bool (False rows are non-periodic frames; their box rows are
     ignored). Overflow raises NeighborOverflow with `frame` set, unless truncate=True (keeps the nearest)."""
-    return batch_graph_reference(coord, atype, box, pbc, requests, truncate)
+    return batch_graph_torch(coord, atype, box, pbc, requests, truncate)
