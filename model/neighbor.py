@@ -311,12 +311,11 @@ def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tenso
     used = used[:, :ncand]
     nghost, flag = torch.stack([used.sum(dim=1).amax() if ncand else torch.zeros((), dtype=torch.long, device=dev),
                                 any_over.long()]).tolist()  # sync 3: ghosts kept, overflow
-    if flag and not truncate:
-        for r, (o, req) in enumerate(zip(over, requests)):
-            hit = o.nonzero()
-            if len(hit):
-                f, i = (int(v) for v in hit[0].tolist())
-                raise NeighborOverflow(i, counts_t[r][f, i].cpu().numpy(), req.sel, frame=f)
+    if flag and not truncate:  # the first frame with an overflow, then its first request and atom (as the reference)
+        f = int(torch.stack([o.any(dim=1) for o in over]).any(dim=0).nonzero()[0, 0].tolist())
+        r = next(r for r, o in enumerate(over) if bool(o[f].any()))
+        i = int(over[r][f].nonzero()[0, 0].tolist())
+        raise NeighborOverflow(i, counts_t[r][f, i].cpu().numpy(), requests[r].sel, frame=f)
     newidx = torch.cumsum(used, dim=1) - 1  # ghost candidate -> kept ghost position
     pick = torch.argsort((~used).to(torch.int8), dim=1, stable=True)[:, :nghost]
     uvalid = used.gather(1, pick)

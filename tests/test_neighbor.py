@@ -24,30 +24,38 @@ def ext_coord(coord, box, pbc, g):
     return ce
 
 
+def _slot_keys(coord, box, pbc, g, nl):
+    """Per slot: distance to the centre (inf when empty) and an integer key of (local atom, image shift
+    relative to the centre); a neighbour is the same physical atom iff the keys agree."""
+    nf, nloc, nnei = nl.shape
+    ce = ext_coord(coord, box, pbc, g)
+    j = nl.clamp(min=0).reshape(nf, -1)
+    pos = torch.gather(ce, 1, j[..., None].expand(-1, -1, 3)).reshape(nf, nloc, nnei, 3)
+    d = (pos - ce[:, :nloc, None]).norm(dim=-1)
+    m = torch.gather(g.mapping, 1, j).reshape(nf, nloc, nnei)
+    rel = (torch.gather(g.shift, 1, j[..., None].expand(-1, -1, 3)).reshape(nf, nloc, nnei, 3) - g.shift[:, :nloc, None]).round().long()
+    key = m * 10**9 + (rel[..., 0] + 500) * 10**6 + (rel[..., 1] + 500) * 10**3 + (rel[..., 2] + 500)
+    empty = nl < 0
+    return d.masked_fill(empty, torch.inf).numpy(), key.masked_fill(empty, 2**62).numpy(), empty.numpy()
+
+
 def assert_same_lists(coord, atype, box, pbc, requests, got, ref, tol=1e-9):
     """Per frame, centre, request and block: the same neighbours as (local atom, image shift relative to
-    the centre) with the same distances, each list sorted by distance (ties may come in any order)."""
-    ce_g, ce_r = ext_coord(coord, box, pbc, got), ext_coord(coord, box, pbc, ref)
+    the centre), each block sorted by distance with its empty slots last (so the order agrees up to
+    ties), and the same distances slot by slot."""
+    real = (atype >= 0).numpy()
     for req, ng, nr in zip(requests, got.nlists, ref.nlists):
         assert ng.shape == nr.shape
         bounds = np.cumsum((0,) + tuple(req.sel))
-        for f in range(atype.shape[0]):
-            for i in np.nonzero((atype[f] >= 0).numpy())[0]:
-                for b0, b1 in zip(bounds[:-1], bounds[1:]):
-                    out = []
-                    for g, nl, ce in ((got, ng, ce_g), (ref, nr, ce_r)):
-                        j = nl[f, i, b0:b1]
-                        assert bool((j[: int((j >= 0).sum())] >= 0).all()), "empty slots only at the end of a block"
-                        j = j[j >= 0]
-                        d = (ce[f, j] - ce[f, i]).norm(dim=-1).numpy()
-                        assert np.all(np.diff(d) > -1e-12), "sorted by distance"
-                        rel = (g.shift[f, j] - g.shift[f, i]).numpy().round().astype(int)
-                        keys = sorted(zip(g.mapping[f, j].tolist(), map(tuple, rel.tolist()), np.round(d, 7).tolist()))
-                        out.append((d, keys))
-                    (dg, kg), (dr, kr) = out
-                    assert len(dg) == len(dr), (f, i, req)
-                    np.testing.assert_allclose(dg, dr, atol=tol)
-                    assert kg == kr, (f, i, req)
+        dg, kg, eg = _slot_keys(coord, box, pbc, got, ng)
+        dr, kr, er = _slot_keys(coord, box, pbc, ref, nr)
+        for b0, b1 in zip(bounds[:-1], bounds[1:]):
+            for d, e in ((dg, eg), (dr, er)):
+                assert not (e[..., b0:b1 - 1] & ~e[..., b0 + 1:b1]).any(), "empty slots only at the end of a block"
+                assert not (np.diff(np.where(e, 1e300, d)[..., b0:b1], axis=-1) < -1e-12).any(), "sorted by distance"
+            np.testing.assert_array_equal(eg[real][:, b0:b1], er[real][:, b0:b1])
+            np.testing.assert_allclose(np.where(eg, 0, dg)[real][:, b0:b1], np.where(er, 0, dr)[real][:, b0:b1], atol=tol)
+            np.testing.assert_array_equal(np.sort(kg[real][:, b0:b1], axis=-1), np.sort(kr[real][:, b0:b1], axis=-1))
     # padded local slots map to themselves, have no neighbours and are nobody's neighbour
     pad = atype < 0
     nloc = atype.shape[1]
