@@ -215,19 +215,14 @@ def _image_grid(nmax: list[int], dtype, device) -> torch.Tensor:
     return grid[(grid != 0).any(dim=1)].to(dtype)
 
 
-def _topk_block(d: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest finite entries of d along the last axis, sorted; -1 where fewer."""
-    kk = min(k, d.shape[-1])
-    vals, idx = torch.topk(d, kk, dim=-1, largest=False, sorted=True)
-    idx = torch.where(torch.isfinite(vals), idx, -1)
-    if kk < k:
-        idx = torch.nn.functional.pad(idx, (0, k - kk), value=-1)
-    return idx
+def _on(values: tuple[int, ...], device) -> torch.Tensor:
+    """A small long tensor made on the device itself (no host -> device copy)."""
+    return torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in values])
 
 
 @torch.no_grad()
 def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
-                      requests: list[NlistRequest], truncate: bool = False, chunk: int = 1 << 22) -> BatchGraph:
+                      requests: list[NlistRequest], truncate: bool = False, chunk: int | None = None) -> BatchGraph:
     """batch_graph in torch on coord's device, vectorised over the batch.
 
     Local atoms are wrapped into the cell; ghost candidates are the periodic images (from the plane
@@ -236,8 +231,11 @@ def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tenso
     trick) in chunks of about `chunk` entries; topk per block; finally only the ghosts some list
     uses are kept. Three small device -> host transfers, for data-dependent sizes: the image range
     (3 ints), the number of ghost candidates (1 int), and the number of ghosts kept together with
-    the overflow flag (2 ints)."""
+    the overflow flag (2 ints); truncate=True with a typed list adds one (1 int) per chunk of centres.
+    Cost: nloc x (nloc + ghost candidates) distances per frame (no cell list), `chunk` entries at a
+    time (default 2**24 on CUDA, 2**22 elsewhere)."""
     dev, dt = coord.device, coord.dtype
+    chunk = chunk or (1 << 24 if dev.type == "cuda" else 1 << 22)
     nf, nloc = atype.shape
     real = atype >= 0
     rcut = max(r.rcut for r in requests)
@@ -245,15 +243,16 @@ def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tenso
     eye = torch.eye(3, dtype=dt, device=dev).expand(nf, 3, 3)
     cell = eye if box is None else torch.where(pbc[:, None, None], box.to(dt), eye)
     # locals wrapped into the cell, as find_pairs does
-    frac = coord @ torch.linalg.inv(cell)
+    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
+    crosses = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=1)
+    det = (a * crosses[:, 0]).sum(-1)
+    frac = coord @ (crosses.transpose(1, 2) / det[:, None, None])  # inverse of the cell without a solver (no sync)
     wrap = torch.where(pbc[:, None, None] & real[..., None], torch.floor(frac), torch.zeros_like(frac))
     frac = frac - wrap
     pos = torch.where(pbc[:, None, None], frac @ cell, coord)
     # ghost candidates: images whose fractional coordinates lie within the margin of the cell
-    vol = torch.linalg.det(cell).abs()
-    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
-    crosses = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=1)
-    margin = torch.where(pbc[:, None], rcut * crosses.norm(dim=-1) / vol[:, None], torch.zeros_like(vol[:, None]))
+    vol = det.abs()[:, None]
+    margin = torch.where(pbc[:, None], rcut * crosses.norm(dim=-1) / vol, torch.zeros_like(vol))  # rcut / plane spacing
     nmax = torch.ceil(margin).amax(dim=0).long().tolist()  # sync 1: image range
     images = _image_grid(nmax, dt, dev)  # [nimg, 3]
     nimg = images.shape[0]
@@ -269,39 +268,56 @@ def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tenso
     gimg, gatom = order // nloc, order % nloc
     gshift = images[gimg] - wrap.gather(1, gatom[..., None].expand(-1, -1, 3))
     gpos = (frac.gather(1, gatom[..., None].expand(-1, -1, 3)) + images[gimg]) @ cell
-    cpos = torch.cat([pos, gpos], dim=1)  # [nf, nc, 3] candidates: locals, then ghosts
     cvalid = torch.cat([real, gvalid], dim=1)
-    ctype = torch.where(cvalid, torch.cat([atype, atype.gather(1, gatom)], dim=1), -1)
+    far = torch.full((), 1e15, dtype=dt, device=dev)  # empty candidates / padded centres: beyond any rcut
+    cpos = torch.where(cvalid[..., None], torch.cat([pos, gpos], dim=1), far)  # [nf, nc, 3]: locals, then ghosts
+    qpos = torch.where(real[..., None], pos, -far)
+    ctype = torch.where(cvalid, torch.cat([atype, atype.gather(1, gatom)], dim=1), 0)
     nc = nloc + ncand
+    ntypes = max((len(r.sel) for r in requests if not r.mixed), default=0)
+    onehot = (ctype[..., None] == torch.arange(ntypes, device=dev)).to(dt)  # [nf, nc, ntypes]
+    big = 2.0 * rcut + 1.0  # typed lists: one topk over distance + type * big (in float64)
     # distances in chunks of centres, lists per request by topk
     step = max(1, chunk // max(1, nf * nc))
     parts: list[list[torch.Tensor]] = [[] for _ in requests]
     counts: list[list[torch.Tensor]] = [[] for _ in requests]
-    cidx = torch.arange(nc, device=dev)
     for i0 in range(0, nloc, step):
         i1 = min(nloc, i0 + step)
-        d = torch.cdist(pos[:, i0:i1], cpos, compute_mode="donot_use_mm_for_euclid_dist")  # [nf, ch, nc]
-        bad = ~cvalid[:, None, :] | ~real[:, i0:i1, None] | (cidx[None, None, :] == torch.arange(i0, i1, device=dev)[None, :, None])
-        d = d.masked_fill(bad, torch.inf)
+        d = torch.cdist(qpos[:, i0:i1], cpos, compute_mode="donot_use_mm_for_euclid_dist")  # [nf, ch, nc]
+        ar = torch.arange(i1 - i0, device=dev)
+        d[:, ar, i0 + ar] = torch.inf  # an atom is not its own neighbour (other images of it are)
         for r, req in enumerate(requests):
-            dr = d.masked_fill(d >= req.rcut, torch.inf)
+            within = d < req.rcut
+            dr = d.masked_fill(~within, torch.inf)
             if req.mixed:
-                within = torch.isfinite(dr)
-                counts[r].append(within.sum(dim=-1, keepdim=True))
-                parts[r].append(_topk_block(dr, req.sel[0]))
+                cnt = within.sum(dim=-1, keepdim=True)
+                k = min(req.sel[0], nc)
+                _, idx = torch.topk(dr, k, dim=-1, largest=False, sorted=True)
+                nl = torch.where(torch.arange(k, device=dev) < cnt, idx, -1)
+                if k < req.sel[0]:
+                    nl = torch.nn.functional.pad(nl, (0, req.sel[0] - k), value=-1)
             else:
-                blocks, cnt = [], []
-                for t, k in enumerate(req.sel):
-                    dt_ = dr.masked_fill((ctype != t)[:, None, :], torch.inf)
-                    cnt.append(torch.isfinite(dt_).sum(dim=-1))
-                    blocks.append(_topk_block(dt_, k))
-                counts[r].append(torch.stack(cnt, dim=-1))
-                parts[r].append(torch.cat(blocks, dim=-1))
+                cnt = torch.round(within.to(dt) @ onehot[..., : len(req.sel)]).long()  # [nf, ch, ntypes]
+                sel = _on(req.sel, dev)
+                # slots reach up to rank sum(cnt[:-1]) + min(cnt[-1], sel[-1]) of the sorted row: nnei unless some
+                # block overflows (which raises below unless truncating; then one more sync per chunk)
+                k = int((cnt[..., :-1].sum(-1) + torch.minimum(cnt[..., -1], sel[-1])).amax().tolist()) if truncate else req.nnei
+                k = max(1, min(k, nc))
+                key = dr.double() + ctype[:, None, :].double() * big
+                _, idx = torch.topk(key, k, dim=-1, largest=False, sorted=True)  # by type, then distance
+                slot_t = torch.cat([torch.full((k_,), t, device=dev) for t, k_ in enumerate(req.sel)])
+                slot_p = torch.arange(req.nnei, device=dev) - (torch.cumsum(sel, 0) - sel)[slot_t]
+                start = (cnt.cumsum(-1) - cnt)[..., slot_t]  # [nf, ch, nnei]
+                ok = slot_p < cnt[..., slot_t]
+                src = (start + slot_p).clamp(max=k - 1)
+                nl = torch.where(ok, idx.gather(-1, src), -1)
+            counts[r].append(cnt)
+            parts[r].append(nl)
     nlists = [torch.cat(p, dim=1) if p else torch.full((nf, 0, req.nnei), -1, dtype=torch.long, device=dev)
               for p, req in zip(parts, requests)]
     counts_t = [torch.cat(c, dim=1) if c else torch.zeros(nf, 0, len(req.sel), dtype=torch.long, device=dev)
                 for c, req in zip(counts, requests)]
-    over = [(c > torch.as_tensor(req.sel, device=dev)).any(dim=-1) for c, req in zip(counts_t, requests)]
+    over = [(c > _on(req.sel, dev)).any(dim=-1) for c, req in zip(counts_t, requests)]
     any_over = torch.stack([o.any() for o in over]).any() if over else torch.zeros((), dtype=torch.bool, device=dev)
     # keep the ghosts some list uses, in candidate order
     used = torch.zeros(nf, ncand + 1, dtype=torch.bool, device=dev)
@@ -331,8 +347,21 @@ def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tenso
 
 
 def batch_graph(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
-                requests: list[NlistRequest], truncate: bool = False) -> BatchGraph:
-    """Neighbour lists of a padded batch: coord [nf, nloc, 3], atype [nf, nloc] (-1 = padding, real atoms
-    first), box [nf, 3, 3] or None, pbc [nf] bool (False rows are non-periodic frames; their box rows are
-    ignored). Overflow raises NeighborOverflow with `frame` set, unless truncate=True (keeps the nearest)."""
-    return batch_graph_torch(coord, atype, box, pbc, requests, truncate)
+                requests: list[NlistRequest], truncate: bool = False, method: str = "auto") -> BatchGraph:
+    """Neighbour lists of a padded batch, as tensors on coord's device.
+
+    coord [nf, nloc, 3]; atype [nf, nloc] (-1 = padding; real atoms first in each frame, as collate pads);
+    box [nf, 3, 3] (rows are cell vectors) or None; pbc [nf] bool (False rows are non-periodic frames,
+    their box rows are ignored). More neighbours than sel raises NeighborOverflow with `frame` set,
+    unless truncate=True (keeps the nearest).
+
+    method: "torch" (batch_graph_torch, on coord's device), "numpy" (cKDTree per frame on the host,
+    batch_graph_reference) or "auto": torch on CUDA, numpy on the CPU, where cKDTree measured faster
+    (bench/nlist_speed.py, bench/README.md)."""
+    if method == "auto":
+        method = "numpy" if coord.device.type == "cpu" else "torch"
+    if method == "torch":
+        return batch_graph_torch(coord, atype, box, pbc, requests, truncate)
+    if method == "numpy":
+        return batch_graph_reference(coord, atype, box, pbc, requests, truncate)
+    raise ValueError(f"batch_graph: method must be 'auto', 'torch' or 'numpy', got {method!r}")

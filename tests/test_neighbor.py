@@ -117,7 +117,7 @@ def pick(datasets, prefix: str) -> System:
 
 def check(items, requests, truncate=False):
     coord, atype, box, pbc = batch_of(items)
-    got = batch_graph(coord, atype, box, pbc, requests, truncate=truncate)
+    got = batch_graph(coord, atype, box, pbc, requests, truncate=truncate, method="torch")
     ref = batch_graph_reference(coord, atype, box, pbc, requests, truncate=truncate)
     assert got.mapping.dtype == torch.long and got.shift.dtype == coord.dtype
     assert_same_lists(coord, atype, box, pbc, requests, got, ref)
@@ -173,7 +173,7 @@ def test_overflow_names_the_frame_and_truncate_keeps_the_nearest(datasets):
     items = [(chon, 0), (chon, 1), (si, 1)]
     coord, atype, box, pbc = batch_of(items)
     with pytest.raises(NeighborOverflow) as e:
-        batch_graph(coord, atype, box, pbc, reqs)
+        batch_graph(coord, atype, box, pbc, reqs, method="torch")
     assert e.value.frame == 2
     with pytest.raises(NeighborOverflow) as rr:
         batch_graph_reference(coord, atype, box, pbc, reqs)
@@ -203,7 +203,7 @@ def test_energy_model_gives_the_same_energies_and_forces(datasets, descriptor):
     items = [(water, 0), (chon, 1), (water, 2)]  # O, H, C are types 0-2 of TYPE_MAP as of tm
     batch = collate([(s, k, frame_graph(s, k, reqs)) for s, k in items], torch.float64)
     pbc = torch.tensor([s.box is not None for s, _ in items])
-    g = batch_graph(batch.coord, batch.atype, batch.box, pbc, reqs)
+    g = batch_graph(batch.coord, batch.atype, batch.box, pbc, reqs, method="torch")
     ref = predict(model, batch, forces=True, virial=True)
     batch.mapping, batch.shift, batch.nlists = g.mapping, g.shift, g.nlists
     out = predict(model, batch, forces=True, virial=True)
