@@ -77,6 +77,26 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - t
 
 
+def cuda_checks(all_cases) -> None:
+    """The CUDA lists equal the CPU ones, and the host syncs of one call (torch's sync debug mode)."""
+    import warnings
+
+    for c, (coord, atype, box) in all_cases.items():
+        for r, reqs in REQUESTS.items():
+            pbc = torch.ones(len(atype), dtype=torch.bool)
+            ref = batch_graph_torch(coord, atype, box, pbc, reqs)
+            x, t, bx, p = coord.cuda(), atype.cuda(), box.cuda(), pbc.cuda()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                got = batch_graph_torch(x, t, bx, p, reqs)
+            torch.cuda.set_sync_debug_mode("default")
+            same = torch.equal(got.mapping.cpu(), ref.mapping) and all(
+                torch.equal(a.cpu(), b) for a, b in zip(got.nlists, ref.nlists))
+            print(f"# {c} {r}: CUDA lists == CPU lists: {same}; host syncs in one call: {len(w)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
@@ -103,6 +123,8 @@ def main() -> None:
                     dt = timed(lambda: fn(x, t, bx, pbc, reqs), sync)
                     if rnd:
                         times[(c, r, m)].append(dt)
+    if cuda:
+        cuda_checks(all_cases)
     print(f"# neighbour lists per batch, {args.threads} CPU thread(s), torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if cuda else ", no CUDA") + f"; best of {args.rounds} rounds (median)")
     head = "| case | requests | " + " | ".join(f"{m} ms" for m in methods) + " | numpy / torch cpu |" + (
