@@ -1,13 +1,15 @@
 """Neighbour lists for periodic (any triclinic cell, also cells smaller than 2*rcut) and
 non-periodic frames.
 
-Built once per frame in numpy (indices carry no gradient); the model rebuilds the extended
-coordinates from the local ones so that forces and virials flow through autograd:
+Per frame in numpy/cKDTree (build_graph, the reference), or per padded batch (batch_graph: in
+torch on the batch's device, or the reference frame by frame). Indices carry no gradient; the model
+rebuilds the extended coordinates from the local ones so that forces and virials flow through autograd:
 
     coord_ext = coord[mapping] + shift @ box        # [nall, 3]; rows of box are cell vectors
 
-The first nloc extended atoms are the local atoms themselves (mapping[:nloc] = arange(nloc),
-shift 0). Ghost atoms are periodic images within rcut of some local atom, nothing more.
+The first nloc extended atoms are the local atoms themselves (mapping[:nloc] = arange(nloc); their
+shift wraps them into the cell). Ghost atoms are periodic images within rcut of some local atom
+that some list uses, nothing more.
 
 Two kinds of lists (deepmd-kit's conventions):
 - mixed (se_atten, DPA-2): one block of `sel` slots sorted by distance;
@@ -220,41 +222,38 @@ def _on(values: tuple[int, ...], device) -> torch.Tensor:
     return torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in values])
 
 
-@torch.no_grad()
-def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
-                      requests: list[NlistRequest], truncate: bool = False, chunk: int | None = None) -> BatchGraph:
-    """batch_graph in torch on coord's device, vectorised over the batch.
+@dataclass
+class _Candidates:
+    """Per frame the possible neighbours: the nloc local slots, then up to ncand ghost candidates."""
 
-    Local atoms are wrapped into the cell; ghost candidates are the periodic images (from the plane
-    spacings, so any triclinic cell and cells smaller than 2 rcut) whose fractional coordinates lie
-    within rcut of the cell; exact distances centre -> candidate (torch.cdist without the matmul
-    trick) in chunks of about `chunk` entries; topk per block; finally only the ghosts some list
-    uses are kept. Three small device -> host transfers, for data-dependent sizes: the image range
-    (3 ints), the number of ghost candidates (1 int), and the number of ghosts kept together with
-    the overflow flag (2 ints); truncate=True with a typed list adds one (1 int) per chunk of centres.
-    Cost: nloc x (nloc + ghost candidates) distances per frame (no cell list), `chunk` entries at a
-    time (default 2**24 on CUDA, 2**22 elsewhere)."""
+    qpos: torch.Tensor  # [nf, nloc, 3] wrapped local positions (padded slots far away): the centres
+    cpos: torch.Tensor  # [nf, nloc + ncand, 3] candidate positions (empty ones far away)
+    ctype: torch.Tensor  # [nf, nloc + ncand] type (0 where empty)
+    wrap: torch.Tensor  # [nf, nloc, 3] integer cell vectors taken off each local atom
+    gatom: torch.Tensor  # [nf, ncand] local atom of each ghost candidate
+    gshift: torch.Tensor  # [nf, ncand, 3] its image vector (coord_ext = coord[gatom] + gshift @ box)
+
+
+def _candidates(coord, atype, box, pbc, rcut: float) -> _Candidates:
+    """Locals wrapped into the cell as find_pairs wraps them; ghost candidates are the images (range from
+    the plane spacings: any triclinic cell, cells smaller than 2 rcut) whose fractional coordinates lie
+    within rcut of the cell. Two syncs: the image range (3 ints) and the candidate count (1 int)."""
     dev, dt = coord.device, coord.dtype
-    chunk = chunk or (1 << 24 if dev.type == "cuda" else 1 << 22)
     nf, nloc = atype.shape
     real = atype >= 0
-    rcut = max(r.rcut for r in requests)
     pbc = torch.zeros(nf, dtype=torch.bool, device=dev) if box is None else pbc.to(dev).bool()
     eye = torch.eye(3, dtype=dt, device=dev).expand(nf, 3, 3)
     cell = eye if box is None else torch.where(pbc[:, None, None], box.to(dt), eye)
-    # locals wrapped into the cell, as find_pairs does
     a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
     crosses = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=1)
     det = (a * crosses[:, 0]).sum(-1)
-    frac = coord @ (crosses.transpose(1, 2) / det[:, None, None])  # inverse of the cell without a solver (no sync)
+    frac = coord @ (crosses.transpose(1, 2) / det[:, None, None])  # the inverse cell without a solver (no sync)
     wrap = torch.where(pbc[:, None, None] & real[..., None], torch.floor(frac), torch.zeros_like(frac))
     frac = frac - wrap
     pos = torch.where(pbc[:, None, None], frac @ cell, coord)
-    # ghost candidates: images whose fractional coordinates lie within the margin of the cell
     vol = det.abs()[:, None]
     margin = torch.where(pbc[:, None], rcut * crosses.norm(dim=-1) / vol, torch.zeros_like(vol))  # rcut / plane spacing
-    nmax = torch.ceil(margin).amax(dim=0).long().tolist()  # sync 1: image range
-    images = _image_grid(nmax, dt, dev)  # [nimg, 3]
+    images = _image_grid(torch.ceil(margin).amax(dim=0).long().tolist(), dt, dev)  # sync 1: image range
     nimg = images.shape[0]
     if nimg:
         efrac = frac[:, None] + images[None, :, None]  # [nf, nimg, nloc, 3]
@@ -263,87 +262,116 @@ def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tenso
         ncand = int(keep.sum(dim=1).amax().tolist())  # sync 2: number of ghost candidates
     else:
         keep, ncand = torch.zeros(nf, 0, dtype=torch.bool, device=dev), 0
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :ncand]  # kept first, in order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :ncand]  # kept first, image-major
     gvalid = keep.gather(1, order)
     gimg, gatom = order // nloc, order % nloc
-    gshift = images[gimg] - wrap.gather(1, gatom[..., None].expand(-1, -1, 3))
-    gpos = (frac.gather(1, gatom[..., None].expand(-1, -1, 3)) + images[gimg]) @ cell
+    idx3 = gatom[..., None].expand(-1, -1, 3)
+    gpos = (frac.gather(1, idx3) + images[gimg]) @ cell
     cvalid = torch.cat([real, gvalid], dim=1)
-    far = torch.full((), 1e15, dtype=dt, device=dev)  # empty candidates / padded centres: beyond any rcut
-    cpos = torch.where(cvalid[..., None], torch.cat([pos, gpos], dim=1), far)  # [nf, nc, 3]: locals, then ghosts
-    qpos = torch.where(real[..., None], pos, -far)
-    ctype = torch.where(cvalid, torch.cat([atype, atype.gather(1, gatom)], dim=1), 0)
-    nc = nloc + ncand
+    far = torch.full((), 1e15, dtype=dt, device=dev)  # beyond any rcut
+    return _Candidates(qpos=torch.where(real[..., None], pos, -far),
+                       cpos=torch.where(cvalid[..., None], torch.cat([pos, gpos], dim=1), far),
+                       ctype=torch.where(cvalid, torch.cat([atype, atype.gather(1, gatom)], dim=1), 0),
+                       wrap=wrap, gatom=gatom, gshift=images[gimg] - wrap.gather(1, idx3))
+
+
+def _mixed_block(dr: torch.Tensor, within: torch.Tensor, sel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of `sel` slots by distance: (nlist [..., sel], count [..., 1])."""
+    cnt = within.sum(dim=-1, keepdim=True)
+    k = min(sel, dr.shape[-1])
+    _, idx = torch.topk(dr, k, dim=-1, largest=False, sorted=True)
+    nl = torch.where(torch.arange(k, device=dr.device) < cnt, idx, -1)
+    return torch.nn.functional.pad(nl, (0, sel - k), value=-1), cnt
+
+
+def _typed_blocks(dr, within, ctype, onehot, req: NlistRequest, truncate: bool, big: float):
+    """One block per neighbour type from a single topk over distance + type * big (float64, so the
+    order within a type is the distance order): block t takes ranks start_t .. start_t + sel_t of the
+    row, start_t = the number of neighbours of lower types. Returns (nlist [..., nnei], counts [..., ntypes])."""
+    dev = dr.device
+    cnt = torch.round(within.to(onehot.dtype) @ onehot[..., : len(req.sel)]).long()  # [nf, ch, ntypes]
+    sel = _on(req.sel, dev)
+    # the slots reach rank sum(cnt[:-1]) + min(cnt[-1], sel[-1]): at most nnei unless a block overflows,
+    # which raises later unless truncating (then one more sync, per chunk)
+    k = int((cnt[..., :-1].sum(-1) + torch.minimum(cnt[..., -1], sel[-1])).amax().tolist()) if truncate else req.nnei
+    k = max(1, min(k, dr.shape[-1]))
+    key = dr.double() + ctype[:, None, :].double() * big
+    _, idx = torch.topk(key, k, dim=-1, largest=False, sorted=True)
+    slot_t = torch.cat([torch.full((n,), t, device=dev) for t, n in enumerate(req.sel)])
+    slot_p = torch.arange(req.nnei, device=dev) - (torch.cumsum(sel, 0) - sel)[slot_t]
+    start = (cnt.cumsum(-1) - cnt)[..., slot_t]  # [nf, ch, nnei]
+    nl = torch.where(slot_p < cnt[..., slot_t], idx.gather(-1, (start + slot_p).clamp(max=k - 1)), -1)
+    return nl, cnt
+
+
+def _lists(cand: _Candidates, requests: list[NlistRequest], truncate: bool, chunk: int):
+    """Exact distances centre -> candidate (cdist without the matmul trick) for chunks of centres;
+    per request its blocks by topk. Returns per request (nlist [nf, nloc, nnei], counts [nf, nloc, nblocks])."""
+    nf, nloc, _ = cand.qpos.shape
+    nc = cand.cpos.shape[1]
+    dev = cand.qpos.device
+    rcut = max(r.rcut for r in requests)
     ntypes = max((len(r.sel) for r in requests if not r.mixed), default=0)
-    onehot = (ctype[..., None] == torch.arange(ntypes, device=dev)).to(dt)  # [nf, nc, ntypes]
-    big = 2.0 * rcut + 1.0  # typed lists: one topk over distance + type * big (in float64)
-    # distances in chunks of centres, lists per request by topk
+    onehot = (cand.ctype[..., None] == torch.arange(ntypes, device=dev)).to(cand.qpos.dtype)  # [nf, nc, ntypes]
     step = max(1, chunk // max(1, nf * nc))
-    parts: list[list[torch.Tensor]] = [[] for _ in requests]
-    counts: list[list[torch.Tensor]] = [[] for _ in requests]
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in requests]
     for i0 in range(0, nloc, step):
         i1 = min(nloc, i0 + step)
-        d = torch.cdist(qpos[:, i0:i1], cpos, compute_mode="donot_use_mm_for_euclid_dist")  # [nf, ch, nc]
+        d = torch.cdist(cand.qpos[:, i0:i1], cand.cpos, compute_mode="donot_use_mm_for_euclid_dist")  # [nf, ch, nc]
         ar = torch.arange(i1 - i0, device=dev)
-        d[:, ar, i0 + ar] = torch.inf  # an atom is not its own neighbour (other images of it are)
+        d[:, ar, i0 + ar] = torch.inf  # an atom is not its own neighbour (its other images are)
         for r, req in enumerate(requests):
             within = d < req.rcut
             dr = d.masked_fill(~within, torch.inf)
-            if req.mixed:
-                cnt = within.sum(dim=-1, keepdim=True)
-                k = min(req.sel[0], nc)
-                _, idx = torch.topk(dr, k, dim=-1, largest=False, sorted=True)
-                nl = torch.where(torch.arange(k, device=dev) < cnt, idx, -1)
-                if k < req.sel[0]:
-                    nl = torch.nn.functional.pad(nl, (0, req.sel[0] - k), value=-1)
-            else:
-                cnt = torch.round(within.to(dt) @ onehot[..., : len(req.sel)]).long()  # [nf, ch, ntypes]
-                sel = _on(req.sel, dev)
-                # slots reach up to rank sum(cnt[:-1]) + min(cnt[-1], sel[-1]) of the sorted row: nnei unless some
-                # block overflows (which raises below unless truncating; then one more sync per chunk)
-                k = int((cnt[..., :-1].sum(-1) + torch.minimum(cnt[..., -1], sel[-1])).amax().tolist()) if truncate else req.nnei
-                k = max(1, min(k, nc))
-                key = dr.double() + ctype[:, None, :].double() * big
-                _, idx = torch.topk(key, k, dim=-1, largest=False, sorted=True)  # by type, then distance
-                slot_t = torch.cat([torch.full((k_,), t, device=dev) for t, k_ in enumerate(req.sel)])
-                slot_p = torch.arange(req.nnei, device=dev) - (torch.cumsum(sel, 0) - sel)[slot_t]
-                start = (cnt.cumsum(-1) - cnt)[..., slot_t]  # [nf, ch, nnei]
-                ok = slot_p < cnt[..., slot_t]
-                src = (start + slot_p).clamp(max=k - 1)
-                nl = torch.where(ok, idx.gather(-1, src), -1)
-            counts[r].append(cnt)
-            parts[r].append(nl)
-    nlists = [torch.cat(p, dim=1) if p else torch.full((nf, 0, req.nnei), -1, dtype=torch.long, device=dev)
-              for p, req in zip(parts, requests)]
-    counts_t = [torch.cat(c, dim=1) if c else torch.zeros(nf, 0, len(req.sel), dtype=torch.long, device=dev)
-                for c, req in zip(counts, requests)]
-    over = [(c > _on(req.sel, dev)).any(dim=-1) for c, req in zip(counts_t, requests)]
-    any_over = torch.stack([o.any() for o in over]).any() if over else torch.zeros((), dtype=torch.bool, device=dev)
-    # keep the ghosts some list uses, in candidate order
-    used = torch.zeros(nf, ncand + 1, dtype=torch.bool, device=dev)
+            parts[r].append(_mixed_block(dr, within, req.sel[0]) if req.mixed
+                            else _typed_blocks(dr, within, cand.ctype, onehot, req, truncate, 2.0 * rcut + 1.0))
+    return [(torch.cat([p[0] for p in ps], dim=1), torch.cat([p[1] for p in ps], dim=1)) for ps in parts]
+
+
+@torch.no_grad()
+def batch_graph_torch(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,
+                      requests: list[NlistRequest], truncate: bool = False, chunk: int | None = None) -> BatchGraph:
+    """batch_graph in torch on coord's device, vectorised over the batch (any padding layout).
+
+    Candidates (_candidates), distances and topk per block (_lists), then only the ghosts some list
+    uses are kept, in candidate order. Device -> host transfers, for data-dependent sizes only: the
+    image range (3 ints), the number of ghost candidates (1 int), the number of ghosts kept together
+    with the overflow flag (2 ints); truncate=True with a typed list adds one (1 int) per chunk.
+    Cost: nloc x (nloc + ghost candidates) distances per frame (no cell list), about `chunk` entries
+    at a time (default 2**24 on CUDA, 2**22 elsewhere). Distances are in coord's dtype: in float32,
+    neighbours closer than float32 round-off to each other (or to rcut) may swap (or drop)."""
+    dev = coord.device
+    nf, nloc = atype.shape
+    chunk = chunk or (1 << 24 if dev.type == "cuda" else 1 << 22)
+    cand = _candidates(coord, atype, box, pbc, max(r.rcut for r in requests))
+    ncand = cand.gatom.shape[1]
+    found = _lists(cand, requests, truncate, chunk)
+    nlists = [n for n, _ in found]
+    over = [(c > _on(req.sel, dev)).any(dim=-1) for (_, c), req in zip(found, requests)]  # [nf, nloc] each
+    used = torch.zeros(nf, ncand + 1, dtype=torch.bool, device=dev)  # ghost candidates some list uses
     for n in nlists:
         g = n.reshape(nf, -1) - nloc
         used.scatter_(1, torch.where(g >= 0, g, ncand), True)
     used = used[:, :ncand]
     nghost, flag = torch.stack([used.sum(dim=1).amax() if ncand else torch.zeros((), dtype=torch.long, device=dev),
-                                any_over.long()]).tolist()  # sync 3: ghosts kept, overflow
+                                torch.stack([o.any() for o in over]).any().long()]).tolist()  # sync 3
     if flag and not truncate:  # the first frame with an overflow, then its first request and atom (as the reference)
         f = int(torch.stack([o.any(dim=1) for o in over]).any(dim=0).nonzero()[0, 0].tolist())
         r = next(r for r, o in enumerate(over) if bool(o[f].any()))
         i = int(over[r][f].nonzero()[0, 0].tolist())
-        raise NeighborOverflow(i, counts_t[r][f, i].cpu().numpy(), requests[r].sel, frame=f)
-    newidx = torch.cumsum(used, dim=1) - 1  # ghost candidate -> kept ghost position
-    pick = torch.argsort((~used).to(torch.int8), dim=1, stable=True)[:, :nghost]
-    uvalid = used.gather(1, pick)
-    mapping = torch.cat([torch.arange(nloc, device=dev).expand(nf, nloc),
-                         torch.where(uvalid, gatom.gather(1, pick), 0)], dim=1)
-    shift = torch.cat([-wrap, torch.where(uvalid[..., None], gshift.gather(1, pick[..., None].expand(-1, -1, 3)), 0)], dim=1)
+        raise NeighborOverflow(i, found[r][1][f, i].cpu().numpy(), requests[r].sel, frame=f)
+    pick = torch.argsort((~used).to(torch.int8), dim=1, stable=True)[:, :nghost]  # kept ghosts, in order
+    kept = used.gather(1, pick)
+    mapping = torch.cat([torch.arange(nloc, device=dev).expand(nf, nloc), torch.where(kept, cand.gatom.gather(1, pick), 0)], 1)
+    gshift = torch.where(kept[..., None], cand.gshift.gather(1, pick[..., None].expand(-1, -1, 3)), 0)
+    shift = torch.cat([-cand.wrap, gshift], dim=1) + 0.0  # + 0.0: no -0.0
+    newidx = torch.cumsum(used, dim=1) - 1 + nloc  # ghost candidate -> its extended index
     out = []
     for n in nlists:
-        g = (n - nloc).clamp(min=0).reshape(nf, -1)
-        remapped = (newidx.gather(1, g) + nloc).reshape(n.shape) if ncand else n
-        out.append(torch.where(n >= nloc, remapped, n))
-    return BatchGraph(mapping, shift + 0.0, out)
+        if ncand:
+            n = torch.where(n >= nloc, newidx.gather(1, (n - nloc).clamp(min=0).reshape(nf, -1)).reshape(n.shape), n)
+        out.append(n)
+    return BatchGraph(mapping, shift, out)
 
 
 def batch_graph(coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, pbc: torch.Tensor,

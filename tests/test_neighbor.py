@@ -164,6 +164,12 @@ def test_mixed_batch_of_periodic_and_non_periodic_frames_of_different_sizes(data
     assert got.mapping.device == coord.device and got.shift.dtype == torch.float64
     assert (got.shift[0] == 0).all() and (got.shift[3] == 0).all()  # non-periodic: no images
     assert (got.mapping[0, chon.natoms:atype.shape[1]] == torch.arange(chon.natoms, atype.shape[1])).all()
+    # a batch without any periodic frame may come without a box
+    coord, atype, _, pbc = batch_of([(chon, 0), (chon, 1)])
+    reqs = requests_for([chon])
+    got = batch_graph(coord, atype, None, pbc, reqs, method="torch")
+    assert got.mapping.shape[1] == atype.shape[1] and (got.shift == 0).all()
+    assert_same_lists(coord, atype, None, pbc, reqs, got, batch_graph_reference(coord, atype, None, pbc, reqs))
 
 
 def test_overflow_names_the_frame_and_truncate_keeps_the_nearest(datasets):
