@@ -275,12 +275,22 @@ def _candidates(coord, atype, box, pbc, rcut: float) -> _Candidates:
                        wrap=wrap, gatom=gatom, gshift=images[gimg] - wrap.gather(1, idx3))
 
 
-def _mixed_block(dr: torch.Tensor, within: torch.Tensor, sel: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _mixed_block(dr: torch.Tensor, within: torch.Tensor, sel: int):
     """One block of `sel` slots by distance: (nlist [..., sel], count [..., 1])."""
     cnt = within.sum(dim=-1, keepdim=True)
     k = min(sel, dr.shape[-1])
     _, idx = torch.topk(dr, k, dim=-1, largest=False, sorted=True)
     nl = torch.where(torch.arange(k, device=dr.device) < cnt, idx, -1)
+    return torch.nn.functional.pad(nl, (0, sel - k), value=-1), cnt
+
+
+def _mixed_prefix(base_nl: torch.Tensor, within: torch.Tensor, sel: int):
+    """A mixed list at rcut <= the base list's rcut and sel <= its sel: the first min(count, sel) slots
+    of the base list (sorted by distance, so exactly the neighbours within rcut, or the nearest sel of
+    them; also when the base list was truncated, as the count here is the full row's)."""
+    cnt = within.sum(dim=-1, keepdim=True)
+    k = min(sel, base_nl.shape[-1])
+    nl = torch.where(torch.arange(k, device=base_nl.device) < cnt, base_nl[..., :k], -1)
     return torch.nn.functional.pad(nl, (0, sel - k), value=-1), cnt
 
 
@@ -313,6 +323,10 @@ def _lists(cand: _Candidates, requests: list[NlistRequest], truncate: bool, chun
     rcut = max(r.rcut for r in requests)
     ntypes = max((len(r.sel) for r in requests if not r.mixed), default=0)
     onehot = (cand.ctype[..., None] == torch.arange(ntypes, device=dev)).to(cand.qpos.dtype)  # [nf, nc, ntypes]
+    mixed = [r for r, req in enumerate(requests) if req.mixed]
+    base = max(mixed, key=lambda r: (requests[r].rcut, requests[r].sel[0]), default=None)  # one topk serves the
+    derived = {r for r in mixed if r != base and requests[r].rcut <= requests[base].rcut  # smaller mixed lists
+               and requests[r].sel[0] <= requests[base].sel[0]}
     step = max(1, chunk // max(1, nf * nc))
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in requests]
     for i0 in range(0, nloc, step):
@@ -320,11 +334,21 @@ def _lists(cand: _Candidates, requests: list[NlistRequest], truncate: bool, chun
         d = torch.cdist(cand.qpos[:, i0:i1], cand.cpos, compute_mode="donot_use_mm_for_euclid_dist")  # [nf, ch, nc]
         ar = torch.arange(i1 - i0, device=dev)
         d[:, ar, i0 + ar] = torch.inf  # an atom is not its own neighbour (its other images are)
-        for r, req in enumerate(requests):
+        order = ([base] if base is not None else []) + [r for r in range(len(requests)) if r != base]
+        for r in order:
+            req = requests[r]
             within = d < req.rcut
+            if r in derived:
+                parts[r].append(_mixed_prefix(base_nl, within, req.sel[0]))
+                continue
             dr = d.masked_fill(~within, torch.inf)
-            parts[r].append(_mixed_block(dr, within, req.sel[0]) if req.mixed
-                            else _typed_blocks(dr, within, cand.ctype, onehot, req, truncate, 2.0 * rcut + 1.0))
+            if req.mixed:
+                nl, cnt = _mixed_block(dr, within, req.sel[0])
+                if r == base:
+                    base_nl = nl
+                parts[r].append((nl, cnt))
+            else:
+                parts[r].append(_typed_blocks(dr, within, cand.ctype, onehot, req, truncate, 2.0 * rcut + 1.0))
     return [(torch.cat([p[0] for p in ps], dim=1), torch.cat([p[1] for p in ps], dim=1)) for ps in parts]
 
 

@@ -79,7 +79,7 @@ def batch_of(items):
 
 
 def requests_for(systems, rcuts=(6.0, 3.5)):
-    """A mixed list at the largest rcut and a typed one at the smaller, sel = max count + 2."""
+    """A mixed list at the largest rcut, a typed and a mixed one at the smaller (sel = max count + 2 or + 1)."""
     ntypes = len(TYPE_MAP)
     cmax = {r: np.zeros(ntypes, dtype=int) for r in rcuts}
     tmax = {r: 0 for r in rcuts}
@@ -91,7 +91,8 @@ def requests_for(systems, rcuts=(6.0, 3.5)):
                 cmax[r] = np.maximum(cmax[r], c.max(0))
                 tmax[r] = max(tmax[r], int(c.sum(1).max()))
     return [NlistRequest(rcuts[0], (tmax[rcuts[0]] + 2,), True),
-            NlistRequest(rcuts[1], tuple(int(c) + 2 for c in cmax[rcuts[1]]), False)]
+            NlistRequest(rcuts[1], tuple(int(c) + 2 for c in cmax[rcuts[1]]), False),
+            NlistRequest(rcuts[1], (tmax[rcuts[1]] + 1,), True)]
 
 
 DATA = SHARED_DATA if SHARED_DATA.is_dir() else EXAMPLE_DATA  # the bundled minis when ../shared is absent
@@ -175,7 +176,8 @@ def test_mixed_batch_of_periodic_and_non_periodic_frames_of_different_sizes(data
 def test_overflow_names_the_frame_and_truncate_keeps_the_nearest(datasets):
     chon = pick(datasets, "chon_nopbc")
     si = pick(datasets, "si_pbe")
-    reqs = [NlistRequest(5.0, (12,), True), NlistRequest(3.0, tuple([4] * len(TYPE_MAP)), False)]
+    reqs = [NlistRequest(5.0, (12,), True), NlistRequest(3.0, tuple([4] * len(TYPE_MAP)), False),
+            NlistRequest(2.6, (3,), True)]
     items = [(chon, 0), (chon, 1), (si, 1)]
     coord, atype, box, pbc = batch_of(items)
     with pytest.raises(NeighborOverflow) as e:
@@ -187,6 +189,7 @@ def test_overflow_names_the_frame_and_truncate_keeps_the_nearest(datasets):
     assert "frame 2" in str(e.value)
     got = check(items, reqs, truncate=True)
     assert (got.nlists[0][2, : si.natoms] >= 0).all()  # full lists, the nearest 12
+    assert (got.nlists[2][2, : si.natoms] >= 0).all()  # the 3 nearest of the (4) within 2.6
 
 
 @pytest.mark.parametrize("descriptor", [
