@@ -10,7 +10,8 @@ than sel stops training with a DataError naming it). Results are cached in a sta
 the same data reuses them instead of reading the data again.
 
 - Env-matrix mean/std per centre type (env_mat.py), on the `stat_frames` sample.
-- Per-type energy bias by least squares on composition (deepmd-kit's compute_stats_from_redu):
+- Per-type energy bias by least squares on composition (deepmd-kit's compute_stats_from_redu), on
+  every frame's energy label (streamed; one number per frame) and the network's energies of the sample:
       N b = E - E_net,   N [nframes, ntypes] atom counts, E [nframes] energies  ->  b [ntypes]
   Types absent from the data get the minimum-norm solution (0).
   E_net is the untrained network's own energy (fitting output without bias). deepmd-kit fits
@@ -40,21 +41,51 @@ NEIGHBOR_FRAMES = 256  # frames per system for the neighbour statistic (sel: aut
 
 def energy_bias(systems: list[System], ntypes: int, residual: list[np.ndarray] | None = None,
                 rcond: float | None = None) -> tuple[np.ndarray, float]:
-    """Least-squares per-type bias; with `residual` (per system, per frame), fits E - residual
-    instead (deepmd-kit's change-by-statistic when fine-tuning). Returns (bias, rmse per atom)."""
-    rows, rhs, nat = [], [], []
+    """Least-squares per-type bias; with `residual` (per system), fits E - residual instead
+    (deepmd-kit's change-by-statistic when fine-tuning). Returns (bias, rmse per atom).
+
+    Every frame of a system has the same composition, so the fit over frames equals a weighted
+    fit over systems of their mean energies (same normal equations, same minimum-norm solution):
+    only each system's count, mean and variance are needed, streamed over the energy files.
+    A residual of one value per frame is subtracted frame by frame; a shorter one (the network's
+    energies on a sample of the frames) enters by its mean."""
+    rows, rhs, w, var, nat = [], [], [], [], []
     for k, s in enumerate(systems):
         if s.energy is None:
             continue
-        rows.append(np.repeat(s.counts(ntypes)[None].astype(float), s.nframes, axis=0))
-        rhs.append(s.energy - (0.0 if residual is None else residual[k]))
-        nat.append(np.full(s.nframes, s.natoms))
+        r = None if residual is None else np.asarray(residual[k], dtype=np.float64).reshape(-1)
+        if r is not None and len(r) == s.nframes:
+            y = np.asarray(s.energy, dtype=np.float64).reshape(-1) - r
+            mean, v = float(y.mean()), float(y.var())
+        else:
+            mean, v = _mean_var(s.energy)
+            mean -= 0.0 if r is None else float(r.mean())
+        rows.append(s.counts(ntypes).astype(float))
+        rhs.append(mean)
+        w.append(float(s.nframes))
+        var.append(v)
+        nat.append(float(s.natoms))
     if not rows:
         return np.zeros(ntypes), float("nan")
-    A, y, n = np.concatenate(rows), np.concatenate(rhs), np.concatenate(nat)
-    b = np.linalg.lstsq(A, y, rcond=rcond)[0]
-    rmse = float(np.sqrt(np.mean(((A @ b - y) / n) ** 2)))
+    A, y, w, var, nat = np.array(rows), np.array(rhs), np.array(w), np.array(var), np.array(nat)
+    sw = np.sqrt(w)
+    b = np.linalg.lstsq(A * sw[:, None], y * sw, rcond=rcond)[0]
+    rmse = float(np.sqrt(np.sum(w * ((A @ b - y) ** 2 + var) / nat**2) / w.sum()))
     return b, rmse
+
+
+def _mean_var(a) -> tuple[float, float]:
+    """Mean and variance of a per-frame scalar array, in chunks when it is on disk."""
+    if not isinstance(a, FrameArray):
+        a = np.asarray(a, dtype=np.float64)
+        return float(a.mean()), float(a.var())
+    n, total, sq = 0, 0.0, 0.0
+    shift = float(a[0])  # shifted sums keep the variance accurate
+    for _, block in a.chunks():
+        x = np.asarray(block, dtype=np.float64).reshape(-1) - shift
+        n, total, sq = n + len(x), total + float(x.sum()), sq + float((x * x).sum())
+    mean = total / n
+    return mean + shift, max(0.0, sq / n - mean * mean)
 
 
 def stat_frames(ds: DataSet, nbatch: int, seed: int = 0) -> list[np.ndarray]:
@@ -114,7 +145,8 @@ def network_energies(model, ds: DataSet, max_frames: int = 2000) -> list[np.ndar
 
 @torch.no_grad()
 def sampled_energy_bias(model, ds: DataSet, frames: list[np.ndarray], ntypes: int) -> tuple[np.ndarray, float]:
-    """energy_bias on the sampled frames, fitting E - E_net with the model's own (bias-free) energies."""
+    """energy_bias of E - E_net: the labels of every frame (one number each, streamed), the model's
+    own (bias-free) energies E_net on the sampled frames only (a forward pass each)."""
     from .potential import predict
 
     dev = model.out_bias.device
@@ -122,8 +154,7 @@ def sampled_energy_bias(model, ds: DataSet, frames: list[np.ndarray], ntypes: in
     for i, batch in sample_batches(ds, frames, dev):
         e_net[i].append(predict(model, batch, forces=False).energy.double().cpu().numpy())
     keep = [i for i, s in enumerate(ds.systems) if s.energy is not None and len(frames[i])]
-    sub = [ds.systems[i].subset(frames[i]) for i in keep]
-    return energy_bias(sub, ntypes, residual=[np.concatenate(e_net[i]) for i in keep])
+    return energy_bias([ds.systems[i] for i in keep], ntypes, residual=[np.concatenate(e_net[i]) for i in keep])
 
 
 def stat_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -152,8 +183,8 @@ def fit_statistics(model, ds: DataSet, nbatch: int, protect: float, log=print, s
     model.out_bias.zero_()
     bias, rmse = sampled_energy_bias(model, ds, frames, len(model.type_map))
     model.out_bias.copy_(torch.as_tensor(bias, dtype=model.dtype))
-    log(f"energy bias per type {dict(zip(model.type_map, np.round(bias, 4).tolist()))} from {sum(map(len, frames))} "
-        f"sampled frames; RMSE of energy per atom after linear regression: {rmse:.4g} eV")
+    log(f"energy bias per type {dict(zip(model.type_map, np.round(bias, 4).tolist()))} (network energies of "
+        f"{sum(map(len, frames))} sampled frames); RMSE of energy per atom after linear regression: {rmse:.4g} eV")
     return {"bias_rmse_e_per_atom": rmse}
 
 
