@@ -91,16 +91,27 @@ class FrameArray(NDArrayOperatorsMixin):
             except OSError:
                 pass
 
-    def read(self, p: int, start: int, stop: int) -> np.ndarray:
-        """Rows start:stop of part p, [stop - start, width] in the file's dtype, copied into memory."""
+    def read(self, p: int, start: int, stop: int, keep_open: bool = True) -> np.ndarray:
+        """Rows start:stop of part p, [stop - start, width] in the file's dtype, copied into memory.
+        Up to MAX_OPEN files stay open per array (random reads); keep_open=False (a scan) closes it."""
         src = self.parts[p]
         if isinstance(src, np.ndarray) or src.fortran or self.counts[p] == 0:
             return np.array(self.part(p)[start:stop])
-        fd = self._fds.get(p)
+        fd = self._fds.pop(p, None)
         if fd is None:
-            fd = self._fds[p] = os.open(src.path, os.O_RDONLY)
-        row = self.width * src.dtype.itemsize
-        buf = os.pread(fd, (stop - start) * row, src.offset + start * row)
+            fd = os.open(src.path, os.O_RDONLY)
+        try:
+            row = self.width * src.dtype.itemsize
+            buf = os.pread(fd, (stop - start) * row, src.offset + start * row)
+        finally:
+            if keep_open:
+                self._fds[p] = fd  # most recently used last
+                while len(self._fds) > self.MAX_OPEN:
+                    os.close(self._fds.pop(next(iter(self._fds))))
+            else:
+                os.close(fd)
+        if len(buf) < (stop - start) * row:
+            raise DataError(f"{src.path}: truncated (rows {start}:{stop} cannot be read)")
         return np.frombuffer(buf, dtype=src.dtype).reshape(stop - start, self.width)
 
     @property
@@ -112,6 +123,7 @@ class FrameArray(NDArrayOperatorsMixin):
         return 1 + len(self.frame_shape)
 
     dtype = np.dtype(np.float64)
+    MAX_OPEN = 64  # open files per array (a system with many set.* folders stays under the fd limit)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -161,7 +173,7 @@ class FrameArray(NDArrayOperatorsMixin):
         step = max(1, CHUNK_VALUES // max(1, self.width))
         for p in range(len(self.parts)):
             for s in range(0, self.counts[p], step):
-                yield int(self.offsets[p]) + s, self.read(p, s, min(s + step, self.counts[p]))
+                yield int(self.offsets[p]) + s, self.read(p, s, min(s + step, self.counts[p]), keep_open=False)
 
     def __array__(self, dtype=None, copy=None):
         a = np.concatenate([np.asarray(b, dtype=np.float64) for _, b in self.chunks()] or [np.zeros((0, self.width))])
