@@ -17,13 +17,14 @@ to the host); on CPU in the worker process, next to the reading, so it overlaps 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 
 import numpy as np
 import torch
 
-from .data import DataSet, RawBatch, make_batch
+from .data import Batch, DataSet, RawBatch, make_batch
 from .errors import LamflowError
 
 
@@ -65,18 +66,33 @@ class StepPlan:
         return self.pending.popleft()
 
 
+def to_numpy(b: Batch | RawBatch) -> tuple:
+    """A batch as (class, fields) with numpy arrays: a worker's result crosses the process boundary
+    pickled (a copy of ~100 kB, 0.4 ms measured) instead of one shared-memory segment per tensor
+    (3.5 ms per batch in the training process)."""
+    conv = lambda v: v.numpy() if isinstance(v, torch.Tensor) else [conv(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v  # noqa: E731
+    return type(b), {f.name: conv(getattr(b, f.name)) for f in dataclasses.fields(b)}
+
+
+def from_numpy(payload: tuple) -> Batch | RawBatch:
+    cls, d = payload
+    conv = lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else [conv(x) for x in v] if isinstance(v, list) and v and isinstance(v[0], np.ndarray) else v  # noqa: E731
+    return cls(**{k: conv(v) for k, v in d.items()})
+
+
 class _Reader(torch.utils.data.Dataset):
     """Reads and pads one planned batch (in a worker process); builds its graph too when asked."""
 
-    def __init__(self, datasets: list[DataSet], graph: bool):
-        self.datasets, self.graph = datasets, graph
+    def __init__(self, datasets: list[DataSet], graph: bool, numpy: bool):
+        self.datasets, self.graph, self.numpy = datasets, graph, numpy
 
     def __getitem__(self, key):
         ti, i, ks = key
         ds = self.datasets[ti]
         try:
             raw = ds.raw(i, ks)
-            return ti, (make_batch(raw, ds.requests, ds.truncate) if self.graph else raw)
+            out = make_batch(raw, ds.requests, ds.truncate) if self.graph else raw
+            return ti, to_numpy(out) if self.numpy else out
         except LamflowError as e:  # handed to the main process as it is (a worker's re-raise adds a traceback)
             return ti, e
 
@@ -94,9 +110,10 @@ class BatchStream:
         self.datasets, self.device = datasets, device
         cuda = device.type == "cuda"
         self.graph_in_worker = num_workers > 0 and not cuda
+        self.cuda = cuda
         self.loader = torch.utils.data.DataLoader(
-            _Reader(datasets, self.graph_in_worker), batch_size=None, sampler=self.plan, num_workers=num_workers,
-            collate_fn=_as_is, pin_memory=cuda, prefetch_factor=prefetch if num_workers > 0 else None,
+            _Reader(datasets, self.graph_in_worker, num_workers > 0), batch_size=None, sampler=self.plan,
+            num_workers=num_workers, collate_fn=_as_is, prefetch_factor=prefetch if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(0),  # never draws from the global torch rng (restarts stay exact)
             multiprocessing_context="fork" if num_workers > 0 and "fork" in torch.multiprocessing.get_all_start_methods() else None,
         )
@@ -107,7 +124,11 @@ class BatchStream:
             self.consumed = self.plan.take()
             if isinstance(item, LamflowError):
                 raise item
+            if isinstance(item, tuple):
+                item = from_numpy(item)
             if isinstance(item, RawBatch):
+                if self.cuda:
+                    item = item.pin_memory()  # page-locked, so the copy below runs asynchronously
                 ds = self.datasets[ti]
                 item = make_batch(item.to(self.device, non_blocking=True), ds.requests, ds.truncate)
             else:
