@@ -568,7 +568,7 @@ def inspect_missing_checkpoint(tmp):
 
 
 @case
-def inspect_truncated_checkpoint(tmp, ckpt=None):
+def inspect_truncated_checkpoint(tmp):
     src = trained_checkpoint()
     (tmp / "cut.ckpt").write_bytes(src.read_bytes()[:2000])
     return Case(["inspect", str(tmp / "cut.ckpt")], ["cut.ckpt", "not a lamflow checkpoint"])
@@ -702,7 +702,7 @@ def test_train_warns_once_per_dataset_and_goes_on(tmp_path, capsys):
     assert "training data" in w and "`lamflow clean`" in w
     assert f"1 exact duplicate frame(s) (first: {d} frame 9)" in w
     assert f"1 frame(s) with an atomic force above 200 eV/A (first: {d} frame 11)" in w
-    assert f"1 energy outlier(s)" in w and f"(first: {d} frame 20)" in w
+    assert "1 energy outlier(s)" in w and f"(first: {d} frame 20)" in w
     assert (tmp_path / "out" / "model.ckpt").is_file()
 
 
