@@ -599,7 +599,7 @@ def data_second_set_with_other_atom_count(tmp):
 
 @case
 def data_type_map_raw_lists_an_element_twice(tmp):
-    return train_on(tmp, ch4(tmp, mutate=lambda d: (d / "type_map.raw").write_text("H\nH\n")), ["type_map.raw", "H"])
+    return train_on(tmp, ch4(tmp, mutate=lambda d: (d / "type_map.raw").write_text("H\nH\n")), ["type_map.raw", "H", "twice"])
 
 
 @case
@@ -611,7 +611,7 @@ def data_text_file_saved_as_coord_npy(tmp):
 
 @case
 def data_minus_one_in_type_raw(tmp):
-    return train_on(tmp, ch4(tmp, mutate=lambda d: (d / "type.raw").write_text("0\n0\n0\n0\n-1\n")), ["type.raw", "-1"])
+    return train_on(tmp, ch4(tmp, mutate=lambda d: (d / "type.raw").write_text("0\n0\n0\n0\n-1\n")), ["type.raw", "index -1"])
 
 
 @case
