@@ -763,7 +763,7 @@ def test_render_imports_dflow_offline_with_a_repo_key_in_the_environment(tmp_pat
 
     p = pipeline(tmp_path, resources={"image": "reg/lamflow:1.0"})
     env = {**os.environ, "DFLOW_S3_REPO_KEY": "lamflow-s3", "DFLOW_K8S_API_SERVER": "https://192.0.2.1:6443",
-           "DFLOW_REGISTER_TASKS": "1"}
+           "DFLOW_REGISTER_TASKS": "1", "DFLOW_LINEAGE": "no_such_module.Lineage"}
     r = subprocess.run([sys.executable, "-m", "lamflow.workflows.cli", "render", str(p), "-o", str(tmp_path / "wf.yaml")],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr

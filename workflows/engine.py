@@ -122,9 +122,10 @@ def scrubbed():
         s3_config.update(saved[1])
 
 
-# dflow acts on these when it is imported or a Workflow is made: with DFLOW_S3_REPO_KEY set, `import
-# dflow` reads the artifact-repositories ConfigMap from Kubernetes (a traceback when no cluster answers)
-CLUSTER_ENV = ("DFLOW_S3_REPO_KEY",)
+# dflow acts on these when it is imported: with DFLOW_S3_REPO_KEY set, `import dflow` reads the
+# artifact-repositories ConfigMap from Kubernetes (a traceback when no cluster answers); the lineage
+# and storage-client variables import and build cluster clients
+CLUSTER_ENV = ("DFLOW_S3_REPO_KEY", "DFLOW_LINEAGE", "DFLOW_S3_STORAGE_CLIENT")
 
 
 def import_dflow_offline():
