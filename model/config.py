@@ -391,6 +391,8 @@ class TrainingLoopConfig(Strict):
     max_ckpt_keep: int = Field(2, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # DataLoader workers (auto: min(4, cores - 1) on CPU)
+    stat_file: str | None = None  # cached data statistics (deepmd-kit's stat_file); None: OUT/stat_file.pt
 
 
 class TrainingConfig(TrainingLoopConfig):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import resolve_device
-from .data import Batch, DataSet
+from .data import DataSet
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -54,19 +54,19 @@ def lr_scale(scale_by_worker: str, world: int) -> float:
 
 
 class ShardedDataSet(DataSet):
-    """A DataSet whose `sample` returns this rank's share of a global batch (see module docstring).
-    Built from an existing DataSet, sharing its systems and neighbour graphs."""
+    """A DataSet whose `pick` returns this rank's share of a global batch (see module docstring).
+    Built from an existing DataSet, sharing its systems."""
 
     def __init__(self, base: DataSet, rank: int, world: int):
         self.__dict__.update(base.__dict__)
         self.rank, self.world = rank, world
         self.set_batch_sizes([b * world for b in base.batch_sizes])  # global batch per system
 
-    def sample(self, rng: np.random.Generator) -> Batch:
-        # the same draw as DataSet.sample with the global batch size, on every rank
+    def pick(self, rng: np.random.Generator) -> tuple[int, list[int]]:
+        # the same draw as DataSet.pick with the global batch size, on every rank
         i, picks = self.draw(rng)
         mine = picks[self.rank :: self.world] or [picks[self.rank % len(picks)]]  # a system smaller than world: repeat a frame
-        return self.frames(i, mine)
+        return i, mine
 
 
 def sync_rng(rng: np.random.Generator) -> None:

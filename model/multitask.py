@@ -63,7 +63,7 @@ from .fitting import EnergyFitting
 from .loss import EnergyLoss
 from .network import DTYPES
 from .potential import EnergyModel
-from .stats import energy_bias, network_energies, stat_samples
+from .stats import neighbor_counter, sampled_energy_bias, stat_frames, stat_samples
 from .train import Task, Trainer, TrainResult, plot_lcurve, resolve_sel, seed_everything, set_threads
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -490,7 +490,7 @@ def load_branch_data(cfg: MultiTaskTrainConfig) -> dict[str, tuple[list[System],
                 parts.append(None)
                 continue
             try:
-                systems = load_systems(dc.system_list, tm, dc.fmt, labeled)
+                systems = load_systems(dc.system_list, tm, dc.fmt, labeled, lazy=True)
             except DataError as e:
                 raise DataError(f"branch {name!r}: {e}") from None
             for s in systems:
@@ -510,7 +510,8 @@ def load_branch_data(cfg: MultiTaskTrainConfig) -> dict[str, tuple[list[System],
 def build_multitask_model(cfg: MultiTaskTrainConfig, train: dict[str, list[System]]) -> MultiTaskModel:
     """Resolve sel on all branches' training data together, then build the model."""
     type_map = cfg.type_map + ([MASK] if cfg.masks_types else [])
-    desc = resolve_sel(cfg.descriptor, list(chain(*train.values())), len(type_map))
+    systems = list(chain(*train.values()))
+    desc = resolve_sel(cfg.descriptor, systems, len(type_map), neighbor_counter(systems, len(type_map), seed=cfg.training.seed or 0))
     heads = {}
     for name in cfg.branches:
         b = cfg.model.model_dict[name]
@@ -538,8 +539,8 @@ def fit_multitask_statistics(model: MultiTaskModel, datasets: dict[str, DataSet]
     out = {}
     for name in model.energy_branches:  # N b = E - E_net on the branch's data, as stats.fit_statistics
         model.heads[name].out_bias.zero_()
-        e_net = network_energies(model.branch(name), datasets[name])
-        bias, rmse = energy_bias(datasets[name].systems, len(model.type_map), residual=e_net)
+        frames = stat_frames(datasets[name], cfg.data_stat_nbatch * world)  # a bounded sample, as the env stats
+        bias, rmse = sampled_energy_bias(model.branch(name), datasets[name], frames, len(model.type_map))
         model.heads[name].out_bias.copy_(torch.as_tensor(bias, dtype=model.dtype))
         used = [i for i, e in enumerate(model.type_map) if e in cfg.branches[name].type_map]
         log(f"{name}: energy bias {dict((model.type_map[i], round(float(bias[i]), 4)) for i in used)}; "

@@ -28,10 +28,11 @@ from .config import ModelConfig, TrainConfig
 from .data import DataSet, System, load_systems, max_neighbor_counts
 from .data_warnings import warn_suspicious
 from .errors import ConfigError, DataError, TrainingError
+from .loader import BatchStream, auto_workers, state_dict
 from .loss import EnergyLoss, ExpDecayLR
 from .network import DTYPES
 from .potential import EnergyModel
-from .stats import fit_statistics
+from .stats import StatFile, fit_statistics, neighbor_counter
 
 
 @dataclass
@@ -56,21 +57,28 @@ class TrainResult:
 # ----------------------------------------------------------------------------- preparation
 
 
-def resolve_sel(desc_cfg, systems: list[System], ntypes: int):
-    """Replace sel "auto"/"auto:r" by counts from the data (deepmd-kit's neighbour stat)."""
+def resolve_sel(desc_cfg, systems: list[System], ntypes: int, counter: Callable | None = None):
+    """Replace sel "auto"/"auto:r" by counts from the data (deepmd-kit's neighbour stat): every
+    frame, or `counter(rcut)` (stats.neighbor_counter: a sample, cached in the stat file)."""
     from .descriptor import REGISTRY
 
     cls = REGISTRY[desc_cfg.type]
-    return cls.resolve_sel(desc_cfg, lambda rcut: max_neighbor_counts(systems, rcut, ntypes))
+    return cls.resolve_sel(desc_cfg, counter or (lambda rcut: max_neighbor_counts(systems, rcut, ntypes)))
 
 
 def load_data(cfg: TrainConfig, labeled: bool = True) -> tuple[list[System], list[System] | None]:
+    """Training and validation systems, indexed and validated, frames left on disk."""
     tm = cfg.model.type_map
     td = cfg.training.training_data
-    train = load_systems(td.system_list, tm, td.fmt, labeled)
+    train = load_systems(td.system_list, tm, td.fmt, labeled, lazy=True)
     vd = cfg.training.validation_data
-    valid = load_systems(vd.system_list, tm, vd.fmt, labeled) if vd else None
+    valid = load_systems(vd.system_list, tm, vd.fmt, labeled, lazy=True) if vd else None
     return train, valid
+
+
+def stat_file(cfg, out: Path, rank: int = 0) -> StatFile:
+    """training.stat_file, default `stat_file.pt` in the output folder."""
+    return StatFile(cfg.training.stat_file or out / "stat_file.pt", writable=rank == 0)
 
 
 def seed_everything(seed: int | None) -> np.random.Generator:
@@ -106,6 +114,9 @@ class Trainer:
         self.step_hook: Callable | None = None  # called with (step, task, loss) after each step (DDP sync, tests)
         self.train_time, self.timed_steps = 0.0, 0  # training steps (+ display), first 10 excluded, checkpoints not
         self.lr_scale = 1.0
+        self.stream: BatchStream | None = None  # the running batch stream (its consumed sampler state is checkpointed)
+        nw = cfg.training.num_workers
+        self.num_workers = auto_workers(self.device) if nw == "auto" else int(nw)
         if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
             from .distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
 
@@ -119,12 +130,17 @@ class Trainer:
 
     # -- state
     def state(self) -> dict:
+        snap = self.stream.consumed if self.stream is not None else None  # the loader runs ahead: save what was used
+        if snap is None:
+            rng, samplers = self.rng.bit_generator.state, {t.name: t.train.state() for t in self.tasks}
+        else:
+            rng, samplers = snap["rng"], {t.name: state_dict(s) for t, s in zip(self.tasks, snap["samplers"])}
         return {
             "step": self.step,
             "optimizer": self.opt.state_dict(),
-            "rng": self.rng.bit_generator.state,
+            "rng": rng,
             "torch_rng": torch.get_rng_state(),
-            "samplers": {t.name: t.train.state() for t in self.tasks},
+            "samplers": samplers,
             "history": self.history,
         }
 
@@ -167,15 +183,17 @@ class Trainer:
         tcfg = self.cfg.training
         lcurve = self.out / "lcurve.csv"
         start_lr = self.cfg.learning_rate.start_lr
+        self.stream = BatchStream([t.train for t in self.tasks], self.task_prob, self.rng, self.numb_steps - self.step,
+                                  self.device, self.num_workers)
+        batches = iter(self.stream)
         while self.step < self.numb_steps:
             step = self.step
             t_step = time.perf_counter()
             lr = self.lr(step)
             for g in self.opt.param_groups:
                 g["lr"] = lr * self.lr_scale
-            ti = int(self.rng.choice(len(self.tasks), p=self.task_prob)) if len(self.tasks) > 1 else 0
+            ti, batch = next(batches)  # the task and batch an unbuffered loop would draw now (loader.py)
             task = self.tasks[ti]
-            batch = task.train.sample(self.rng).to(self.device)
             self.root.train()
             loss, metrics = task.loss(task.model, batch, lr / start_lr, True)
             if not torch.isfinite(loss):
@@ -199,6 +217,7 @@ class Trainer:
                 self.save(self.out / "model.ckpt")
                 if not last:
                     self._keep_numbered()
+        self.stream = None
         return self.history
 
     def _display(self, step, task, loss, metrics, lr, t0, step0, lcurve):
@@ -281,9 +300,9 @@ def plot_lcurve(history: list[dict], png: Path) -> Path | None:
 # ----------------------------------------------------------------------------- single-task entry point
 
 
-def build_energy_model(cfg: TrainConfig, train_sys: list[System]) -> EnergyModel:
+def build_energy_model(cfg: TrainConfig, train_sys: list[System], counter: Callable | None = None) -> EnergyModel:
     ntypes = len(cfg.model.type_map)
-    desc = resolve_sel(cfg.model.descriptor, train_sys, ntypes)
+    desc = resolve_sel(cfg.model.descriptor, train_sys, ntypes, counter)
     mcfg = cfg.model.model_copy(update={"descriptor": desc})
     return EnergyModel(mcfg)
 
@@ -319,7 +338,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
         model = EnergyModel(ModelConfig.model_validate(payload["config"]))
         model.load_state_dict(payload["state_dict"])
     else:
-        model = build_energy_model(cfg, train_sys)
+        stats = stat_file(cfg, out, rank)
+        seed = cfg.training.seed or 0
+        model = build_energy_model(cfg, train_sys, neighbor_counter(train_sys, len(cfg.model.type_map), stats, seed))
     model.to(device)
     dtype = DTYPES[model.cfg.dtype_name]
     reqs = model.nlist_requests()
@@ -332,7 +353,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, *, restart: str | os.Pat
         if init is not None:
             init(model, train_sys)
         else:
-            fit_statistics(model, train_ds, cfg.model.data_stat_nbatch * world, cfg.model.data_stat_protect, log)  # global batches
+            fit_statistics(model, train_ds, cfg.model.data_stat_nbatch * world, cfg.model.data_stat_protect, log,
+                           stats, seed)  # global batches
     nparam = sum(p.numel() for p in model.parameters())
     log(f"model: {model.cfg.descriptor.type}, {nparam} parameters, {model.cfg.dtype_name}, device {device}")
     task = Task("default", model, EnergyLoss(cfg.loss), train_ds, valid_ds, 1.0, vd.numb_btch if vd else 1)
@@ -358,7 +380,16 @@ def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0."""
 
 
+FINAL_FRAMES = 2000  # the closing metrics of a larger dataset come from a random sample of this many frames
+
+
 def final_metrics(model, ds: DataSet) -> dict:
     from .evaluate import dataset_metrics
+    from .stats import sample_frames
 
+    if ds.nframes > FINAL_FRAMES:
+        frames = sample_frames(ds.systems, [max(1, FINAL_FRAMES // len(ds.systems))] * len(ds.systems))
+        sub = DataSet([s.subset(f) for s, f in zip(ds.systems, frames)], ds.requests, 1, ds.dtype)
+        sub.set_batch_sizes(ds.batch_sizes)
+        ds = sub
     return dataset_metrics(model, ds)["overall"]

@@ -159,3 +159,48 @@ def test_config_rejects_bad_values_with_key_path(tmp_path):
     p = write_config(tmp_path, descriptor={"type": "se_e2_a", "rcut": 3.0, "rcut_smth": 4.0})
     with pytest.raises(ConfigError, match=r"model\.descriptor: Value error, rcut_smth 4.0 must be < rcut 3.0"):
         load_train_config(p)
+
+
+def test_loader_workers_do_not_change_the_run(tmp_path):
+    runs = []
+    for workers in (0, 2):
+        cfg = load_train_config(write_config(tmp_path, steps=12, lr=0.005, batch=4, disp_freq=4, save_freq=6,
+                                             num_workers=workers))
+        runs.append(train(cfg, tmp_path / f"w{workers}", log=lambda *a: None))
+    rows = [[{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")} for r in
+             __import__("csv").DictReader((r.out_dir / "lcurve.csv").read_text().splitlines())] for r in runs]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+    for (k, v), (_, w) in zip(load_model(runs[0].checkpoint).state_dict().items(), load_model(runs[1].checkpoint).state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_a_frame_with_more_neighbours_than_sel_met_in_training_names_system_and_frame(tmp_path, monkeypatch):
+    """sel: auto comes from a sample; a denser frame outside it stops training with one line."""
+    import shutil
+
+    from lamflow.model import stats
+    from lamflow.model.data import DataSet
+    from lamflow.model.errors import DataError
+
+    monkeypatch.setattr(stats, "NEIGHBOR_FRAMES", 8)
+    p = tmp_path / "water"
+    shutil.copytree(data_path("water_h2o", "valid"), p)
+    systems = load_systems(str(p), ["O", "H"], lazy=True)
+    sampled = set(stats.neighbor_frames(systems, 1)[0]) | set(stats.stat_frames(DataSet(systems, [], 1, torch.float64), 1, 1)[0])
+    k = next(k for k in range(80) if k not in sampled)
+    for name in ("coord", "box"):  # frame k compressed to 0.8 of its size: about twice the neighbours
+        f = p / "set.000" / f"{name}.npy"
+        a = np.load(f)
+        a[k] *= 0.8
+        f.chmod(0o644)
+        np.save(f, a)
+    cfg = {"model": {"type_map": ["O", "H"], "data_stat_nbatch": 1,
+                     "descriptor": {"type": "se_e2_a", "rcut": 3.0, "rcut_smth": 0.5, "sel": "auto", "neuron": [4, 8],
+                                    "axis_neuron": 2, "seed": 1},
+                     "fitting_net": {"neuron": [8], "seed": 1}},
+           "training": {"training_data": {"systems": str(p), "batch_size": 1}, "numb_steps": 100, "seed": 1,
+                        "disp_freq": 100, "save_freq": 100}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(DataError, match=rf"^{p} frame {k}: atom \d+ has \[\d+, \d+\] neighbours within rcut but sel is "
+                                        rf"\[\d+, \d+\]; raise sel or use sel: auto$"):
+        train(load_train_config(tmp_path / "t.yaml"), tmp_path / "out", log=lambda *a: None)

@@ -663,7 +663,7 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
                         continue
                     where = f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(getattr(ds, split), list) else "")
                     try:
-                        loaded = load_systems([p], type_map, ds.fmt)
+                        loaded = load_systems([p], type_map, ds.fmt, lazy=True)
                     except LamflowError as e:
                         problems.append(f"{source}: {where}: {e}")
                         continue
