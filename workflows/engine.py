@@ -123,9 +123,10 @@ def scrubbed():
         s3_config.update(saved[1])
 
 
-# dflow acts on these when it is imported or a Workflow is made: with DFLOW_S3_REPO_KEY set, `import
-# dflow` reads the artifact-repositories ConfigMap from Kubernetes (a traceback when no cluster answers)
-CLUSTER_ENV = ("DFLOW_S3_REPO_KEY",)
+# dflow acts on these when it is imported: with DFLOW_S3_REPO_KEY set, `import dflow` reads the
+# artifact-repositories ConfigMap from Kubernetes (a traceback when no cluster answers); the lineage
+# and storage-client variables import and build cluster clients
+CLUSTER_ENV = ("DFLOW_S3_REPO_KEY", "DFLOW_LINEAGE", "DFLOW_S3_STORAGE_CLIENT")
 
 
 def import_dflow_offline():
@@ -830,12 +831,6 @@ def run_status(run: Run) -> str:
 # ----------------------------------------------------------------------------- retry
 
 
-def reusable_steps(run: Run, from_stage: str | None) -> list:
-    """Succeeded keyed steps of the run, minus those of `from_stage` and every later stage."""
-    rerun = keys_from(run.spec, from_stage) if from_stage else set()
-    return [i.step for i in steps_of(run) if i.phase == "Succeeded" and i.stage not in rerun]
-
-
 def retry(run: Run, from_stage: str | None = None, progress=print, spec: PipelineSpec | None = None,
           check_data: bool = True) -> tuple[str | None, str | None]:
     """A new run that reuses every succeeded step whose inputs did not change (dflow reuse_step;
@@ -858,11 +853,11 @@ def retry(run: Run, from_stage: str | None = None, progress=print, spec: Pipelin
         problems = check_spec(spec, data=check_data)
         if problems:
             raise SpecError(problems)
-    if from_stage is not None and not any(stage_of(k) in keys_from(spec, from_stage) for k in run_keys(run, spec)):
-        raise EngineError(f"--from {from_stage}: the pipeline has no {from_stage} step "
-                          f"(stages: {', '.join(spec.stages.enabled())}, report)")
     rerun = keys_from(spec, from_stage) if from_stage else set()
     keys = run_keys(run, spec)
+    if from_stage is not None and from_stage not in {stage_of(k) for k in keys}:
+        raise EngineError(f"--from {from_stage}: the pipeline has no {from_stage} step "
+                          f"(stages: {', '.join(spec.stages.enabled())}, report)")
     reuse = [i.step for i in steps_of(run) if i.phase == "Succeeded" and i.stage not in rerun and i.step.key in keys]
     if not rerun and set(keys) <= {st.key for st in reuse}:
         progress(f"{run.id}: nothing to retry: every step succeeded with these inputs "
