@@ -49,7 +49,9 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     net = load_model(_ckpt(model), device)
     tm = list(net.type_map)
     systems = load_systems(paths, tm, fmt)
-    train = load_systems(split_paths(root, system, "train"), tm, fmt) if split != "train" else systems
+    train_paths = split_paths(root, system, "train") if split != "train" else []
+    # the baseline is fitted on the training split; without one, on the tested frames (strict on the model)
+    train = load_systems(train_paths, tm, fmt) if train_paths else systems
     res = _evaluate_finite(net, systems, out, f"test {system}", f"{split} split: {role} model vs DFT", system)
     base = baseline_errors(fit_baseline(train, len(tm)), systems)
     write_json(out / "baseline.json", base)
