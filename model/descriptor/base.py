@@ -74,3 +74,20 @@ class EnvMatBlock(nn.Module):
         mean, std = acc.mean_std(self.nnei, protect, self.set_davg_zero)
         self.mean.copy_(mean.to(self.mean))
         self.stddev.copy_(std.to(self.stddev))
+
+
+# deepmd-kit state-dict entries that hold no weight in lamflow's modules: the second registration of
+# each network list, and the (empty) compression tables
+DEEPMD_BOOKKEEPING = ("_networks", "compress_info", "compress_data", "type_embd_data")
+
+
+def rename_deepmd_key(key: str, prefixes: tuple[tuple[str, str], ...]) -> str | None:
+    """A deepmd-kit descriptor state-dict key (without the model's `descriptor.` prefix) -> the
+    lamflow name: the first (theirs, ours) prefix that matches is replaced, other keys keep their
+    name; None for bookkeeping entries (DEEPMD_BOOKKEEPING)."""
+    if any(part in DEEPMD_BOOKKEEPING for part in key.split(".")):
+        return None
+    for theirs, ours in prefixes:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    return key

@@ -85,7 +85,7 @@ from ..env_mat import gather_neighbors
 from ..errors import ConfigError
 from ..network import ACTIVATIONS, DTYPES, EmbeddingNet, Layer, make_generator
 from ..neighbor import NlistRequest
-from .base import DescriptorOutput, EnvMatBlock, TypeEmbedding
+from .base import DescriptorOutput, EnvMatBlock, TypeEmbedding, rename_deepmd_key
 
 ATTN_SHIFT = 20.0
 NNEI_EPS = 1e-4  # protection of 1/n_i in the non-smooth normalisation
@@ -425,12 +425,7 @@ def from_deepmd_key(key: str) -> str | None:
     """Name in DPA2.state_dict() of a deepmd-kit DescrptDPA2 state_dict key (without the model's
     `descriptor.` prefix); None for entries that hold no weights here (duplicate `_networks`
     views, compression tables)."""
-    if any(part in ("_networks", "compress_info", "compress_data", "type_embd_data") for part in key.split(".")):
-        return None
-    for theirs, ours in DEEPMD_PREFIXES:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    return key
+    return rename_deepmd_key(key, DEEPMD_PREFIXES)
 
 
 class DPA2(nn.Module):

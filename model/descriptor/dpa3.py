@@ -65,7 +65,7 @@ from ..env_mat import EnvStat, gather_neighbors, switch
 from ..errors import ConfigError
 from ..network import ACTIVATIONS, DTYPES, make_generator
 from ..neighbor import NlistRequest
-from .base import DescriptorOutput, TypeEmbedding
+from .base import DescriptorOutput, TypeEmbedding, rename_deepmd_key
 from .dpa2 import linear, residual_vector
 
 ANGLE_EPS = 1e-6  # deepmd-kit's protection of u = r / (|r| + eps) and cos * (1 - eps)
@@ -301,12 +301,7 @@ DEEPMD_PREFIXES = (
 def from_deepmd_key(key: str) -> str | None:
     """Name in DPA3.state_dict() of a deepmd-kit DescrptDPA3 state_dict key (without the model's
     `descriptor.` prefix); None for entries that hold no weights here."""
-    if any(part in ("_networks", "compress_info", "compress_data", "type_embd_data") for part in key.split(".")):
-        return None
-    for theirs, ours in DEEPMD_PREFIXES:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    return key
+    return rename_deepmd_key(key, DEEPMD_PREFIXES)
 
 
 class DPA3(nn.Module):
