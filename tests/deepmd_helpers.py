@@ -169,3 +169,16 @@ def deeppot_eval(python: Path, jobs: list[dict], workdir: Path) -> list[dict[str
     if r.returncode != 0:
         raise RuntimeError(f"DeepPot evaluation failed:\n{r.stderr[-3000:]}")
     return [dict(np.load(s["out"])) for s in spec]
+
+
+def load_frames(frames: dict[tuple, list[int]], type_map: list[str]) -> dict[str, tuple]:
+    """{data path parts: frame indices} -> {"a/b/c": (coord, box or None, atype over type_map)}."""
+    from conftest import data_path
+
+    from lamflow.model.data import load_systems
+
+    out = {}
+    for parts, idx in frames.items():
+        s = load_systems([str(data_path(*parts))], type_map)[0]
+        out["/".join(parts)] = (s.coord[idx], None if s.box is None else s.box[idx], s.atype)
+    return out

@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import data_path
-from deepmd_helpers import REPO, _env, deeppot_eval, ensure_deepmd_venv
+from deepmd_helpers import load_frames, REPO, _env, deeppot_eval, ensure_deepmd_venv
 
 from lamflow.model.checkpoint import load_model, save_model
 from lamflow.model.compress import compress
-from lamflow.model.data import load_systems
 from lamflow.model.deepmd_export import export_deepmd, export_payload
 from lamflow.model.deepmd_import import convert_state
 from lamflow.model.errors import CheckpointError
@@ -103,11 +101,8 @@ def deepmd_python():
 
 @pytest.fixture(scope="session")
 def frames() -> dict[str, tuple]:
-    out = {}
-    for parts, idx in FRAMES.items():
-        s = load_systems([str(data_path(*parts))], TYPE_MAP)[0]
-        out["/".join(parts)] = (s.coord[idx], None if s.box is None else s.box[idx], s.atype)
-    return out
+    """system name -> (coord, box or None, atype over TYPE_MAP)."""
+    return load_frames(FRAMES, TYPE_MAP)
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_path
-from deepmd_helpers import DeepmdUnavailable, deeppot_eval, dp_train, ensure_deepmd_venv, train_input
+from deepmd_helpers import load_frames, DeepmdUnavailable, deeppot_eval, dp_train, ensure_deepmd_venv, train_input
 
 from lamflow.model.checkpoint import load_model, read_checkpoint
-from lamflow.model.data import load_systems
 from lamflow.model.deepmd_import import branches, convert, import_deepmd, load_any, read_deepmd
 from lamflow.model.errors import CheckpointError
 from lamflow.model.infer import evaluate
@@ -134,11 +133,7 @@ def trained(deepmd_python, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def frames() -> dict[str, tuple]:
     """system name -> (coord, box or None, atype over TYPE_MAP)."""
-    out = {}
-    for parts, idx in FRAMES.items():
-        s = load_systems([str(data_path(*parts))], TYPE_MAP)[0]
-        out["/".join(parts)] = (s.coord[idx], None if s.box is None else s.box[idx], s.atype)
-    return out
+    return load_frames(FRAMES, TYPE_MAP)
 
 
 @pytest.fixture(scope="session")
