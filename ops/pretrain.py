@@ -97,6 +97,14 @@ def _headline(m: dict) -> dict:
     return {k: m[k] for k in keys if m.get(k) is not None}
 
 
+def pretrain_outputs() -> OPIOSign:
+    """What a pretrain step hands on (also the multi-node stage's collect step, ops/trainjob.py)."""
+    return OPIOSign({
+        "model": Artifact(Path),                        # folder: model.ckpt, lcurve.csv/png, train.json, summary.json
+        "summary": Parameter(dict),                     # headline numbers (validation RMSEs per head)
+    })
+
+
 class Pretrain(OP):
     @classmethod
     def get_input_sign(cls):
@@ -114,10 +122,7 @@ class Pretrain(OP):
 
     @classmethod
     def get_output_sign(cls):
-        return OPIOSign({
-            "model": Artifact(Path),                        # folder: model.ckpt, lcurve.csv/png, train.json, summary.json
-            "summary": Parameter(dict),                     # headline numbers (validation RMSEs per head)
-        })
+        return pretrain_outputs()
 
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:

@@ -21,6 +21,7 @@ from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
 from .checkpoint_store import CheckpointStore, StoreConfig
 from .common import trace, user_errors_are_fatal
+from .pretrain import pretrain_outputs
 
 JOB_ENV = "LAMFLOW_JOB"  # base64 JSON: stage parameters (no secrets)
 KEY_ENV = "LAMFLOW_CHECKPOINT_KEY"  # the store key (Argo fills in the workflow name)
@@ -81,10 +82,7 @@ class CollectModel(OP):
 
     @classmethod
     def get_output_sign(cls):
-        return OPIOSign({
-            "model": Artifact(Path),                        # folder: model.ckpt, lcurve.csv/png, train.json, summary.json
-            "summary": Parameter(dict),                     # headline numbers (validation RMSEs per head)
-        })
+        return pretrain_outputs()
 
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
