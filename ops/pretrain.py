@@ -32,7 +32,7 @@ def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *
     data-parallel training (None: this process)."""
     out = Path(out_dir)
     work = training_dir(out, resume_dir)
-    if len(datasets) > 1:
+    if len(datasets) > 1 or config.get("denoise"):  # denoise heads train only in a multi-task model
         return _run_multitask(config, data, datasets, out, work, type_map=type_map, cleaned=cleaned, store=store,
                               launcher=launcher, threads=threads, log=log)
     name = datasets[0]
@@ -51,7 +51,8 @@ def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[s
     """The stage's single-model settings -> deepmd-kit's multi-task layout: one shared descriptor
     (`model.descriptor`), one energy branch per dataset with `model.fitting_net`, the same loss
     for every branch, and `training` with a data_dict. `model.model_prob` is not a key here:
-    `training.model_prob` (optional) weights the branches."""
+    `training.model_prob` (optional) weights the branches. `config["denoise"]` (head -> {loss,
+    fitting_net}) makes those heads denoise branches (task denoise, loss type denoise)."""
     model = dict(config.get("model") or {})
     tr = {k: v for k, v in (config.get("training") or {}).items() if k not in ("training_data", "validation_data")}
     td = (config.get("training") or {}).get("training_data") or {}
@@ -65,13 +66,18 @@ def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[s
     if threads and "num_threads" not in tr:
         tr["num_threads"] = int(threads)
     extra = {k: model[k] for k in ("data_stat_nbatch", "data_stat_protect") if k in model}
+    model_dict = {name: {"type_map": "type_map_all", "descriptor": "descriptor", "fitting_net": model.get("fitting_net", {})}
+                  for name in heads}
+    loss_dict = {name: config.get("loss") or {} for name in heads}
+    for name, dn in (config.get("denoise") or {}).items():
+        model_dict[name] = {"task": "denoise", "type_map": "type_map_all", "descriptor": "descriptor",
+                            "fitting_net": dn.get("fitting_net") or {}}
+        loss_dict[name] = {"type": "denoise", **(dn.get("loss") or {})}
     return {
         "model": {"shared_dict": {"type_map_all": list(model.get("type_map") or type_map), "descriptor": model.get("descriptor", {})},
-                  "model_dict": {name: {"type_map": "type_map_all", "descriptor": "descriptor",
-                                        "fitting_net": model.get("fitting_net", {})} for name in heads},
-                  **extra},
+                  "model_dict": model_dict, **extra},
         "learning_rate": config.get("learning_rate") or {},
-        "loss_dict": {name: config.get("loss") or {} for name in heads},
+        "loss_dict": loss_dict,
         "training": {**tr, "data_dict": data_dict},
     }
 
@@ -83,6 +89,8 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
         root = pick_root(name, data, cleaned)
         heads[name] = {"train": split_paths(root, name, "train"), "valid": split_paths(root, name, "valid"),
                        "fmt": dataset_fmt(root, name)}
+        if name in (config.get("denoise") or {}):
+            heads[name] = _structures(heads[name])
     cfg = multitask_config_dict(config, heads, type_map, threads)
     metrics = run_training("multitask", cfg, work, source="stages.pretrain", store=store, launcher=launcher, log=log)
     copy_outputs(work, out, OUTPUT_FILES)
@@ -92,8 +100,18 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
     return summary
 
 
+def _structures(head: dict) -> dict:
+    """A denoise head's paths as deepmd/npy structure folders (CIF, POSCAR, extxyz converted once,
+    cached; lamflow.model.structures)."""
+    from lamflow.model.structures import structure_paths
+
+    train, fmt = structure_paths(head["train"], head["fmt"])
+    valid = structure_paths(head["valid"], head["fmt"])[0] if head["valid"] else []
+    return {"train": train, "valid": valid, "fmt": fmt}
+
+
 def _headline(m: dict) -> dict:
-    keys = ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom")
+    keys = ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom", "rmse_coord", "ce_type", "acc_type")  # energy, denoise heads
     return {k: m[k] for k in keys if m.get(k) is not None}
 
 
@@ -109,7 +127,7 @@ class Pretrain(OP):
     @classmethod
     def get_input_sign(cls):
         return OPIOSign({
-            "config": Parameter(dict),                      # model/learning_rate/loss/training (deepmd-kit keys)
+            "config": Parameter(dict),                      # model/learning_rate/loss/training (deepmd-kit keys), denoise
             "datasets": Parameter(List[str]),               # pretraining datasets: one head each
             "type_map": Parameter(List[str]),               # the pipeline's elements
             "resume_dir": Parameter(str, default=""),       # checkpoint folder that survives a failed step

@@ -100,6 +100,7 @@ class Dataset(Strict):
     valid: Paths | None = None
     test: Paths | None = None  # test-only systems (e.g. out-of-distribution)
     fmt: str = "auto"  # dpdata format; auto detects deepmd/npy and deepmd/raw
+    label_free: bool = False  # structures only (CIF, POSCAR, extxyz, ...): a pretrain denoise head (workflows/label_free.py)
 
 
 class StageBase(Strict):
@@ -124,8 +125,21 @@ class CleanStage(StageBase):
     config: dict[str, Any] = {}  # lamflow.model.clean.CleanConfig keys (inline, or a YAML file's path)
 
 
+class DenoiseSettings(Strict):
+    """One denoise head of the pretrain stage: the keys `lamflow train` takes for a denoise branch."""
+
+    loss: dict[str, Any] = {}  # loss_dict.<branch>: noise, noise_ratio, mask_ratio, pref_coord, pref_type (model/denoise.py)
+    fitting_net: dict[str, Any] = {}  # model_dict.<branch>.fitting_net: neuron, activation_function, precision, seed
+
+
 class PretrainStage(ModelSettings):
     datasets: list[str] = []  # one head per dataset (multi-task); one dataset: single-task
+    denoise: dict[str, DenoiseSettings] = {}  # which of `datasets` are denoise heads (a list of names: default settings)
+
+    @field_validator("denoise", mode="before")
+    @classmethod
+    def _denoise_list(cls, v):
+        return {n: {} for n in v} if isinstance(v, list) and all(isinstance(n, str) for n in v) else v
 
 
 class FinetuneStage(ModelSettings):
@@ -275,14 +289,14 @@ class PipelineSpec(Strict):
             return []
         if t.systems is not None:
             return list(t.systems)
-        return self.finetune_systems or list(self.stages.pretrain.datasets)
+        return self.finetune_systems or [d for d in self.stages.pretrain.datasets if not self.datasets[d].label_free]
 
     @property
     def clean_datasets(self) -> list[str]:
         c = self.stages.clean
         if not c.enabled:
             return []
-        return list(c.datasets) if c.datasets is not None else list(self.datasets)
+        return list(c.datasets) if c.datasets is not None else [d for d in self.datasets if not self.datasets[d].label_free]
 
     @property
     def distill_teacher(self) -> str | None:
@@ -373,6 +387,9 @@ def reference_problems(spec: PipelineSpec) -> list[str]:
             out.append(f"stages.{name}.model.type_map: {tm} differs from the pipeline's type_map {spec.type_map}")
     for name in STAGES:
         out += resource_problems(spec, name)
+    from .label_free import label_free_problems
+
+    out += label_free_problems(spec)
     return out
 
 
@@ -542,6 +559,9 @@ def spec_from_dict(raw: dict, base: Path, source: str = "pipeline") -> PipelineS
             if isinstance(stages.get(name), dict) and isinstance(stages[name].get("config"), str):
                 stages[name]["config"] = read_stage_config(stages[name]["config"], base, source, f"stages.{name}", problems)
     resolve_paths(raw, base)
+    from .label_free import expand_globs
+
+    expand_globs(raw, source, problems)  # label-free datasets may name files by pattern ("structures/*.cif")
     config_files = {}
     if isinstance(stages, dict):
         for name in ("pretrain", "finetune"):
@@ -566,8 +586,12 @@ def spec_source(spec: PipelineSpec) -> str:
 
 
 def model_settings(settings: ModelSettings) -> dict:
-    """The `model/learning_rate/loss/training` dicts of a training stage (what its OP receives)."""
-    return {k: copy.deepcopy(getattr(settings, k)) for k in MODEL_KEYS}
+    """The `model/learning_rate/loss/training` dicts of a training stage (what its OP receives),
+    and `denoise` (head -> {loss, fitting_net}) when the pretrain stage has denoise heads."""
+    out = {k: copy.deepcopy(getattr(settings, k)) for k in MODEL_KEYS}
+    if getattr(settings, "denoise", None):
+        out["denoise"] = {n: d.model_dump() for n, d in settings.denoise.items()}
+    return out
 
 
 def finetune_settings(spec: PipelineSpec) -> dict:
@@ -591,7 +615,8 @@ def zero_shot_branch(spec: PipelineSpec) -> str:
     if b and b != "RANDOM":
         return b
     pre = spec.stages.pretrain
-    return pre.datasets[0] if pre.enabled and len(pre.datasets) > 1 else ""
+    energy = [d for d in pre.datasets if d not in pre.denoise]  # a denoise head has no energy to re-fit
+    return energy[0] if pre.enabled and (len(pre.datasets) > 1 or pre.denoise) and energy else ""
 
 
 def train_config_dict(settings: ModelSettings, type_map: list[str], train: list[str], valid: list[str] | None,
@@ -664,7 +689,11 @@ def resolved_type_map(spec: PipelineSpec, elements: dict[str, list[str]] | None 
             if not paths:
                 continue
             els = elements.get(f"{name}.{split}") if elements else None
-            if els is None:
+            if els is None and ds.label_free:
+                from lamflow.model.structures import structure_paths
+
+                els = elements_in(*structure_paths(paths, ds.fmt))
+            elif els is None:
                 els = elements_in(paths, ds.fmt)
             seen += [e for e in els if e not in seen]
     return seen
@@ -686,6 +715,11 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
     used = spec.used_datasets()
     for name in used:
         ds = spec.datasets[name]
+        if ds.label_free and data:  # structures only (workflows/label_free.py reads them)
+            from .label_free import label_free_elements
+
+            problems += label_free_elements(spec, name, elements)
+            continue
         for split in ("train", "valid", "test"):
             for i, p in enumerate(as_list(getattr(ds, split))):
                 where = f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(getattr(ds, split), list) else "")
@@ -709,6 +743,11 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
     if data:
         for name in used:
             ds = spec.datasets[name]
+            if ds.label_free:
+                from .label_free import label_free_systems
+
+                problems += label_free_systems(spec, name, type_map)
+                continue
             for split in ("train", "valid", "test"):
                 for i, p in enumerate(as_list(getattr(ds, split))):
                     if is_s3(p):
@@ -787,7 +826,8 @@ def stage_config_problems(spec: PipelineSpec, type_map: list[str], models: bool 
     dummy = ["data"]
     from . import stage_configs
 
-    if st.pretrain.enabled and models and len(st.pretrain.datasets) > 1 and stage_configs.multitask_available():
+    if (st.pretrain.enabled and models and (len(st.pretrain.datasets) > 1 or st.pretrain.denoise)
+            and stage_configs.multitask_available()):
         out += stage_configs.multitask_problems(spec, type_map)  # the multi-task trainer's own config model
     elif st.pretrain.enabled:
         out += model_config_problems(source, "stages.pretrain", train_config_dict(st.pretrain, type_map, dummy, dummy))

@@ -75,7 +75,7 @@ def problems(spec: "PipelineSpec", load: bool = True) -> list[str]:
             out.append(f"{source}: stages.{stage}: this build of lamflow has no {MODULES[stage][0]}; "
                        f"disable the stage (enabled: false)")
     st = spec.stages
-    if st.pretrain.enabled and len(st.pretrain.datasets) > 1 and not multitask_available():
+    if st.pretrain.enabled and (len(st.pretrain.datasets) > 1 or st.pretrain.denoise) and not multitask_available():
         out.append(f"{source}: stages.pretrain.datasets: multi-task pretraining (lamflow.model.multitask) is not in "
                    "this build; name one dataset")
     if load and st.clean.enabled and available("clean"):
@@ -150,12 +150,19 @@ def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str])
 
     from .spec import as_list, is_s3
 
-    paths = [(p, spec.datasets[d].fmt) for d in spec.stages.pretrain.datasets for p in as_list(spec.datasets[d].train)]
+    free = [d for d in spec.stages.pretrain.datasets if spec.datasets[d].label_free]
+    paths = [(p, spec.datasets[d].fmt) for d in spec.stages.pretrain.datasets if d not in free
+             for p in as_list(spec.datasets[d].train)]
     if any(is_s3(p) for p, _ in paths):
         return None
-    cache = json.dumps([desc, type_map, paths], sort_keys=True, default=str)
+    cache = json.dumps([desc, type_map, paths, free], sort_keys=True, default=str)
     if cache not in _RESOLVED:
         systems = [s for p, fmt in paths for s in load_systems([p], type_map, fmt)]
+        for d in free:  # label-free structures (workflows/label_free.py), for sel only
+            from lamflow.model.structures import structure_paths
+
+            paths_d, fmt_d = structure_paths(as_list(spec.datasets[d].train), spec.datasets[d].fmt)
+            systems += load_systems(paths_d, type_map, fmt_d, labeled=False)
         try:
             _RESOLVED[cache] = resolved_descriptor(desc, type_map, systems)
         except (LamflowError, ValidationError):
@@ -186,6 +193,9 @@ def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
         out = []
         for line in str(e).splitlines():
             line = line.replace("@: ", f"{spec_source(spec)}: stages.pretrain.", 1)
+            for n in st.denoise:  # a denoise head's settings live under stages.pretrain.denoise.<name>
+                line = line.replace(f"pretrain.loss_dict.{n}", f"pretrain.denoise.{n}.loss")
+                line = line.replace(f"pretrain.model.model_dict.{n}.fitting_net", f"pretrain.denoise.{n}.fitting_net")
             for pat, rep in MULTITASK_PATHS:
                 line = pat.sub(rep, line)
             if line not in out and ".systems" not in line:
