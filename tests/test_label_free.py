@@ -98,6 +98,14 @@ def test_label_free_misuse_is_one_line_each(tmp_path, structs):
     assert any("stages.pretrain.denoise.ch4x: not one of stages.pretrain.datasets" in ln for ln in got), got
     got = problems_of(tmp_path, pipeline(tmp_path, files, denoise={"crystals": {"loss": {"noise": -1}}}))
     assert any(ln.startswith(f"{src}: stages.pretrain.denoise.crystals.loss.noise:") for ln in got), got
+    got = problems_of(tmp_path, pipeline(tmp_path, files, denoise=["crystals"]))  # default mask_ratio 0.15, se_e2_a
+    assert got == [f"{src}: stages.pretrain.denoise.crystals.loss.mask_ratio: mask_ratio > 0 needs a mixed-type descriptor "
+                   "(se_atten, dpa2, dpa3); se_e2_a sorts neighbours by element and cannot hide one (set mask_ratio: 0)"], got
+    doc = pipeline(tmp_path, files)
+    doc["stages"]["pretrain"]["datasets"] = ["crystals"]  # denoise only: fine-tuning starts from the descriptor
+    doc["stages"]["test"] = {}
+    assert problems_of(tmp_path, doc) == [f"{src}: stages.test.zero_shot: every pretrain head is a denoise head "
+                                          "(no energy head to re-fit); set zero_shot: false"]
 
 
 def test_label_free_bad_files_name_the_file_before_training(tmp_path, structs):

@@ -121,6 +121,14 @@ def label_free_problems(spec: "PipelineSpec") -> list[str]:
     return out
 
 
+def structure_elements(paths: list[str], fmt: str) -> list[str]:
+    """Elements of label-free structures, in order of first appearance (converted once, cached)."""
+    from lamflow.model.data import elements_in
+    from lamflow.model.structures import structure_paths
+
+    return list(dict.fromkeys(elements_in(*structure_paths(paths, fmt))))
+
+
 def _where(name: str, split: str, value, i: int) -> str:
     return f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(value, list) else "")
 
@@ -129,9 +137,6 @@ def label_free_elements(spec: "PipelineSpec", name: str, elements: dict[str, lis
     """check_spec's first pass for a label-free dataset: each file exists and parses (converted once
     into the cache); its elements are added to `elements` ("dataset.split" -> elements)."""
     from pathlib import Path
-
-    from lamflow.model.data import elements_in
-    from lamflow.model.structures import structure_paths
 
     from .spec import as_list, is_s3, spec_source
 
@@ -147,7 +152,7 @@ def label_free_elements(spec: "PipelineSpec", name: str, elements: dict[str, lis
                 out.append(f"{source}: {where}: no such file or directory: {p}")
                 continue
             try:
-                els = elements_in(*structure_paths([p], ds.fmt))
+                els = structure_elements([p], ds.fmt)
             except LamflowError as e:
                 out.append(f"{source}: {where}: {e}")
                 continue

@@ -690,9 +690,9 @@ def resolved_type_map(spec: PipelineSpec, elements: dict[str, list[str]] | None 
                 continue
             els = elements.get(f"{name}.{split}") if elements else None
             if els is None and ds.label_free:
-                from lamflow.model.structures import structure_paths
+                from .label_free import structure_elements
 
-                els = elements_in(*structure_paths(paths, ds.fmt))
+                els = structure_elements(paths, ds.fmt)
             elif els is None:
                 els = elements_in(paths, ds.fmt)
             seen += [e for e in els if e not in seen]
@@ -785,7 +785,11 @@ def spec_elements(spec: PipelineSpec) -> dict[str, list[str]]:
         ds = spec.datasets[name]
         for split in ("train", "valid", "test"):
             paths = [p for p in as_list(getattr(ds, split)) if not is_s3(p)]
-            if paths:
+            if paths and ds.label_free:
+                from .label_free import structure_elements
+
+                out[f"{name}.{split}"] = structure_elements(paths, ds.fmt)
+            elif paths:
                 out[f"{name}.{split}"] = list(dict.fromkeys(elements_in(paths, ds.fmt)))
     return out
 

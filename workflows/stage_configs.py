@@ -195,6 +195,8 @@ def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
             line = line.replace("@: ", f"{spec_source(spec)}: stages.pretrain.", 1)
             for n in st.denoise:  # a denoise head's settings live under stages.pretrain.denoise.<name>
                 line = line.replace(f"pretrain.loss_dict.{n}", f"pretrain.denoise.{n}.loss")
+                if len(st.denoise) == 1:  # the multi-task config's own checks name no branch
+                    line = line.replace("pretrain.loss_dict: mask_ratio", f"pretrain.denoise.{n}.loss.mask_ratio: mask_ratio")
                 line = line.replace(f"pretrain.model.model_dict.{n}.fitting_net", f"pretrain.denoise.{n}.fitting_net")
             for pat, rep in MULTITASK_PATHS:
                 line = pat.sub(rep, line)
