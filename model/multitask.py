@@ -63,8 +63,8 @@ from .fitting import EnergyFitting
 from .loss import EnergyLoss
 from .network import DTYPES
 from .potential import EnergyModel
-from .stats import neighbor_counter, sampled_energy_bias, stat_frames, stat_samples
-from .train import Task, Trainer, TrainResult, plot_lcurve, resolve_sel, seed_everything, set_threads
+from .stats import data_fingerprint, neighbor_counter, sampled_energy_bias, stat_buffers, stat_frames, stat_samples
+from .train import Task, Trainer, TrainResult, plot_lcurve, resolve_sel, seed_everything, set_threads, stat_file
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -507,11 +507,13 @@ def load_branch_data(cfg: MultiTaskTrainConfig) -> dict[str, tuple[list[System],
     return out
 
 
-def build_multitask_model(cfg: MultiTaskTrainConfig, train: dict[str, list[System]]) -> MultiTaskModel:
-    """Resolve sel on all branches' training data together, then build the model."""
+def build_multitask_model(cfg: MultiTaskTrainConfig, train: dict[str, list[System]], stat=None) -> MultiTaskModel:
+    """Resolve sel on all branches' training data together, then build the model. `stat`: a
+    stats.StatFile caching the neighbour statistic (sel: auto)."""
     type_map = cfg.type_map + ([MASK] if cfg.masks_types else [])
     systems = list(chain(*train.values()))
-    desc = resolve_sel(cfg.descriptor, systems, len(type_map), neighbor_counter(systems, len(type_map), seed=cfg.training.seed or 0))
+    counter = neighbor_counter(systems, len(type_map), stat, seed=cfg.training.seed or 0)
+    desc = resolve_sel(cfg.descriptor, systems, len(type_map), counter)
     heads = {}
     for name in cfg.branches:
         b = cfg.model.model_dict[name]
@@ -523,19 +525,35 @@ def build_multitask_model(cfg: MultiTaskTrainConfig, train: dict[str, list[Syste
 
 
 @torch.no_grad()
-def fit_multitask_statistics(model: MultiTaskModel, datasets: dict[str, DataSet], log=print, world: int = 1) -> dict:
+def fit_multitask_statistics(model: MultiTaskModel, datasets: dict[str, DataSet], log=print, world: int = 1,
+                             stat=None) -> dict:
     """Env-matrix stats of the shared descriptor over every branch's data (data_stat_nbatch global
-    batches of each); per-branch energy bias."""
+    batches of each; cached in `stat`, a stats.StatFile, keyed by each branch's sample); per-branch
+    energy bias."""
     cfg = model.cfg
     dev = next(model.buffers()).device
-    samples = [x for ds in datasets.values() for x in stat_samples(ds, cfg.data_stat_nbatch * world, dev, model.dtype)]
-    model.descriptor.set_stats(samples, cfg.data_stat_protect)
+    nbatch = cfg.data_stat_nbatch * world
+    frames = {n: stat_frames(ds, nbatch) for n, ds in datasets.items()}  # the sample stat_samples draws
+    key = None if stat is None else stat.key(
+        "env-multitask", {n: data_fingerprint(ds.systems, frames[n]) for n, ds in datasets.items()},
+        cfg.descriptor.model_dump(mode="json"), cfg.data_stat_protect, len(model.type_map))
+    cached = None if stat is None else stat.get(key)
+    bufs = stat_buffers(model.descriptor)
+    if cached is not None and set(cached) == set(bufs):
+        for k, v in cached.items():
+            bufs[k].copy_(v)
+        log(f"env-matrix statistics from {stat.path}")
+    else:
+        samples = [x for n, ds in datasets.items() for x in stat_samples(ds, nbatch, dev, model.dtype, frames[n])]
+        model.descriptor.set_stats(samples, cfg.data_stat_protect)
     if cfg.mask_type is not None:  # the MASK pseudo-type is never a centre in the data: give it the mean statistics
         present = sorted({int(t) for ds in datasets.values() for s in ds.systems for t in np.unique(s.atype)})
         for m in model.descriptor.modules():
             if isinstance(m, EnvMatBlock):
                 m.mean[cfg.mask_type] = m.mean[present].mean(0)
                 m.stddev[cfg.mask_type] = m.stddev[present].mean(0)
+    if stat is not None and cached is None:
+        stat.put(key, {k: v.detach().cpu().clone() for k, v in bufs.items()})
     out = {}
     for name in model.energy_branches:  # N b = E - E_net on the branch's data, as stats.fit_statistics
         model.heads[name].out_bias.zero_()
@@ -588,7 +606,8 @@ def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, re
         if list(model.cfg.branches) != cfg.branches:
             raise ConfigError(f"{restart}: branches {list(model.cfg.branches)} differ from the config's {cfg.branches}")
     else:
-        model = build_multitask_model(cfg, train_sys)
+        stats = stat_file(cfg, out, rank)  # training.stat_file, default OUT/stat_file.pt
+        model = build_multitask_model(cfg, train_sys, stats)
     model.to(device)
     dtype, reqs = model.dtype, model.nlist_requests()
     sets = {}
@@ -599,7 +618,7 @@ def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, re
         log(f"{name}: {sets[name][0].nframes} training frames in {len(tr)} systems"
             + (f", {sets[name][1].nframes} validation frames" if va else ""))
     if payload is None:
-        fit_multitask_statistics(model, {n: s[0] for n, s in sets.items()}, log, world)
+        fit_multitask_statistics(model, {n: s[0] for n, s in sets.items()}, log, world, stats)
     prob = branch_probabilities(cfg, train_sys)
     tasks = []
     for name in cfg.branches:
