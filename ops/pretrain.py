@@ -2,10 +2,12 @@
 
 Several datasets train one multi-task model (one fitting head per dataset, shared descriptor)
 when lamflow.model.multitask is available; a single dataset trains one energy model with
-lamflow.model.train.train. Either way the run continues from its last checkpoint when the step
-is rerun (`restart="auto"` in `resume_dir`, or in the step's own output folder), and on Argo
-from the checkpoint synced to the store (`checkpoint_store`, ops/checkpoint_store.py) when the
-pod is gone. `nproc > 1` trains data-parallel under torchrun in the pod (ops/torchrun.py).
+lamflow.model.train.train. Heads named in `config["denoise"]` (the spec's stages.pretrain.denoise)
+are denoise branches on structures alone (label-free files converted by lamflow.model.structures);
+they make the model multi-task even with one dataset. Either way the run continues from its last
+checkpoint when the step is rerun (`restart="auto"` in `resume_dir`, or in the step's own output
+folder), and on Argo from the checkpoint synced to the store (`checkpoint_store`,
+ops/checkpoint_store.py) when the pod is gone. `nproc > 1` trains data-parallel under torchrun in the pod (ops/torchrun.py).
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def test_label_free_misuse_is_one_line_each(tmp_path, structs):
     doc["stages"]["test"] = {"systems": ["crystals"], "zero_shot": False}
     doc["stages"]["clean"] = {"datasets": ["crystals"]}
     got = problems_of(tmp_path, doc)
-    assert any(ln.startswith(f"{src}: stages.finetune.systems[0]: dataset 'crystals' is label-free") and "fine-tuning needs labels"
-               in ln for ln in got), got
+    assert any(ln.startswith(f"{src}: stages.finetune.systems[0]: dataset 'crystals' is label-free")
+               and "fine-tuning needs labels" in ln for ln in got), got
     assert any(ln.startswith(f"{src}: stages.clean.datasets[0]: dataset 'crystals' is label-free") for ln in got), got
     assert any(ln.startswith(f"{src}: stages.test.systems[0]") for ln in got), got
     got = problems_of(tmp_path, pipeline(tmp_path, files, denoise=["ch4x"]))
@@ -157,7 +157,8 @@ def test_pretrain_with_energy_and_label_free_denoise_head_then_finetune(tmp_path
     ckpt = next(p for p in (got / "pre").rglob("model.ckpt") if p.parent.name != "checkpoints")
     payload = read_checkpoint(ckpt)
     branches = payload["config"]["branches"]
-    assert payload["kind"] == "multitask" and {n: b["task"] for n, b in branches.items()} == {"ch4": "ener", "crystals": "denoise"}
+    assert payload["kind"] == "multitask"
+    assert {n: b["task"] for n, b in branches.items()} == {"ch4": "ener", "crystals": "denoise"}
     rows = list(csv.DictReader(next((got / "pre").rglob("lcurve.csv")).read_text().splitlines()))
     coord = [float(r["crystals:rmse_coord_val"]) for r in rows]  # the denoise loss, on the CIF at every display step
     assert len(coord) == len(rows) >= 3 and all(0 < c < 0.35 for c in coord), coord  # 0.2 A noise: rmse about 0.2

@@ -96,7 +96,8 @@ def label_free_problems(spec: "PipelineSpec") -> list[str]:
     if st.pretrain.enabled:
         for n in st.pretrain.denoise:
             if n not in st.pretrain.datasets:
-                out.append(f"stages.pretrain.denoise.{n}: not one of stages.pretrain.datasets ({', '.join(st.pretrain.datasets)})")
+                out.append(f"stages.pretrain.denoise.{n}: not one of stages.pretrain.datasets "
+                           f"({', '.join(st.pretrain.datasets)})")
         for i, n in enumerate(st.pretrain.datasets):
             if n in free and n not in st.pretrain.denoise:
                 out.append(f"stages.pretrain.datasets[{i}]: {why(n)}: it can only be a denoise head; "
