@@ -10,7 +10,9 @@ reference (DFT codes, pseudopotentials and functionals differ by ~100 eV/atom).
 
 Statistics: the env-matrix mean/std of the shared descriptor pool all branches' data; each
 energy branch's bias is the least-squares fit of ITS data's energies on composition (on the
-residual of its untrained head, as stats.fit_statistics does for a single-task model).
+residual of its untrained head, as stats.fit_statistics does for a single-task model). The
+neighbour statistic (sel: auto) and the env-matrix statistics are cached in the stat file
+(`training.stat_file`, default OUT/stat_file.pt), keyed by every branch's sample, as single-task.
 
 The config mirrors deepmd-kit's multi-task input (doc/train/multi-task-training.md):
 
