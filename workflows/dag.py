@@ -329,7 +329,8 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
         teacher = systems.index(spec.distill_teacher)
         dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key=step_key("distill", h),
                        parameters={"config": dict(st.distill.config), "dataset": spec.distill_dataset,
-                                   "teacher_index": teacher, "threads": threads_of(res("distill"), opts)},
+                                   "teacher_index": teacher, "threads": threads_of(res("distill"), opts),
+                                   "nproc": max(1, res("distill").gpus)},  # > 1: the student trains under torchrun
                        artifacts={**common, "teachers": ft.outputs.artifacts["model"]}))
 
     if st.compress.enabled:
