@@ -78,8 +78,10 @@ def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, 
 
 def write_fanout_systems(cleaned: Path, systems_dir: Path, fanout: dict) -> Path:
     """systems_dir/<fanout>/<i>/system.json ({"dataset", "cleaned"}) and, when the dataset was
-    cleaned, systems_dir/<fanout>/<i>/<dataset>/ (hard links into `cleaned` where possible)."""
+    cleaned, systems_dir/<fanout>/<i>/<dataset>/ (hard links into `cleaned` where possible);
+    systems_dir/fanout.json names them all (and keeps an unarchived artifact from being empty)."""
     systems_dir.mkdir(parents=True, exist_ok=True)
+    write_json(systems_dir / "fanout.json", fanout)
     for kind, names in fanout.items():
         for i, name in enumerate(names):
             item = systems_dir / kind / str(i)

@@ -76,3 +76,19 @@ def test_debug_finetune_steps_receive_only_their_systems_cleaned_data(tmp_path, 
             assert sorted(p.name for p in got.iterdir()) == [name, "system.json"], (stage, i)
             assert json.loads((got / "system.json").read_text()) == {"dataset": name, "cleaned": True}
             assert pick_root(name, step / "inputs" / "artifacts" / "data", got) == got  # the OP reads this copy
+
+
+def test_a_fanout_system_that_was_not_cleaned_falls_back_to_its_raw_data(tmp_path):
+    from lamflow.ops.clean import write_fanout_systems
+    from lamflow.ops.common import stage_dataset
+
+    cleaned, raw = tmp_path / "cleaned", tmp_path / "raw"
+    stage_dataset(cleaned, "ch4a", {"train": [CH4["train"]]}, link=False)
+    stage_dataset(raw, "ch4b", {"train": [CH4["train"]]})
+    out = write_fanout_systems(cleaned, tmp_path / "systems", {"test": ["ch4a", "ch4b"]})
+    assert json.loads((out / "fanout.json").read_text()) == {"test": ["ch4a", "ch4b"]}
+    assert sorted(p.name for p in (out / "test" / "0").iterdir()) == ["ch4a", "system.json"]
+    assert (out / "test" / "0" / "ch4a" / "train" / "0" / "type.raw").is_file()
+    assert sorted(p.name for p in (out / "test" / "1").iterdir()) == ["system.json"]  # the item exists, holding no data
+    assert json.loads((out / "test" / "1" / "system.json").read_text()) == {"dataset": "ch4b", "cleaned": False}
+    assert pick_root("ch4b", raw, out / "test" / "1") == raw
