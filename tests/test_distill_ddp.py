@@ -26,7 +26,8 @@ STUDENT = {"model": {"descriptor": {"rcut": 4.0, "rcut_smth": 0.5, "sel": [8, 4]
 def distill_config(batch: int) -> dict:
     student = json.loads(json.dumps(STUDENT))
     student["training"]["batch_size"] = batch
-    return {"exploration": {"steps": 10, "sample_every": 5, "max_frames": 12, "temperatures": [300.0]},
+    return {"exploration": {"steps": 20, "sample_every": 5, "starts_per_system": 3, "max_frames": 30,
+                            "temperatures": [300.0]},  # 15 frames: more than one batch of 4
             "student": student, "test_fraction": 0.25, "seed": 1}
 
 
@@ -44,7 +45,7 @@ def test_two_process_student_matches_one_process_with_the_doubled_batch(tmp_path
     assert any("--nproc_per_node=2" in ln and "lamflow.ops.torchrun" in ln for ln in lines)  # it really ran under torchrun
     assert sum(ln.startswith("explore ") and ln.endswith("frames") for ln in lines) >= 1  # exploration ran here, once
     assert sum("model: se_e2_a" in ln for ln in lines) == 1  # one rank logs
-    assert one["counts"] == two["counts"] and one["counts"]["train_frames"] > 0  # the same teacher-labelled data
+    assert one["counts"] == two["counts"] and one["counts"]["train_frames"] > 8  # the same teacher-labelled data
     ma, mb = load_model(tmp_path / "one" / "model.ckpt"), load_model(tmp_path / "two" / "model.ckpt")
     for (k, v), (_, w) in zip(ma.state_dict().items(), mb.state_dict().items()):
         torch.testing.assert_close(w, v, rtol=1e-7, atol=1e-9, msg=k)
