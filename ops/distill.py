@@ -81,7 +81,7 @@ class Distill(OP):
             "teacher_index": Parameter(int),                # which of `teachers` teaches
             "device": Parameter(str, default="auto"),       # teacher MD/labelling: the pod's GPU when it has one
             "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
-            "nproc": Parameter(int, default=1),             # processes (GPUs) of the pod: > 1 trains the student under torchrun
+            "nproc": Parameter(int, default=1),             # processes (GPUs) of the pod: > 1, student under torchrun
             "data": Artifact(Path),                         # staged datasets
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "teachers": Artifact(List[Path]),               # fine-tuned model folders, one per system
