@@ -375,10 +375,12 @@ def student_train_config(cfg: StudentConfig, type_map: list[str], train: list[st
 
 def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, out_dir: str | os.PathLike, *,
             dft_train: list[str] | None = None, dft_valid: list[str] | None = None, teacher_branch: str | None = None,
-            device: str = "auto", log: Callable = print) -> DistillResult:
+            device: str = "auto", log: Callable = print, train_student: Callable | None = None) -> DistillResult:
     """Explore with the teacher, label, train the se_e2_a student, report (module docstring).
     `systems`: training structures (any dpdata format, `cfg.fmt`); dft_train / dft_valid: DFT-labelled
-    deepmd systems added to the student's training data / used for the student-vs-DFT report."""
+    deepmd systems added to the student's training data / used for the student-vs-DFT report.
+    `train_student(train_config, out_dir, log) -> TrainResult` trains the student (default: train
+    in this process; the distill OP passes one that runs it data-parallel under torchrun)."""
     from .data import elements_in
     from .evaluate import evaluate_systems
     from .train import train as train_model
@@ -418,7 +420,7 @@ def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, 
     log(f"distill data: {counts.train_frames} training / {counts.test_frames} held-out teacher-labelled frames in {data_dir}")
 
     tcfg = student_train_config(cfg.student, student_tm, train_dirs + [str(p) for p in (dft_train or [])], test_dirs)
-    res = train_model(tcfg, out / "student", log=log)
+    res = (train_student or (lambda c, o, lg: train_model(c, o, log=lg)))(tcfg, out / "student", log)
     t3 = time.time()
     student = load_model(res.checkpoint, device)
     stamp_min_nbor_dist(res.checkpoint, labelled + dft_tr, student.descriptor.cfg.rcut)

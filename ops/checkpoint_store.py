@@ -15,6 +15,13 @@ reader sees either the old manifest or the new one, and each manifest names comp
 whose size and sha256 it checks on download: a partial or corrupted generation is never used
 (restore falls back to manifest.prev.json, then to a fresh start).
 
+Uploads run in the background (`hook()`, `AsyncSync`): at each save the training thread only
+snapshots model.ckpt and lcurve.csv (hard links: the trainer replaces those files atomically, so
+a link keeps the saved bytes) and goes on training; one thread uploads the snapshot. The next
+save first waits for the previous upload (one at a time, generations in order) and re-raises its
+error. A kill mid-upload leaves the old manifest in place (above). The thread is not a daemon, so
+a step's process does not exit before its last upload; `wait()` joins it explicitly.
+
 Credentials come from the environment (LAMFLOW_S3_ACCESS_KEY / LAMFLOW_S3_SECRET_KEY, the
 names the CLI uses; in a pod they are set from the artifact repository's Secret); endpoint,
 bucket and key are plain step parameters. This module imports neither torch nor dflow.
@@ -26,6 +33,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +219,12 @@ class CheckpointStore:
             raise FileNotFoundError(f"s3://{self.cfg.bucket}/{self.cfg.key}: no verified checkpoint stored")
         return Path(dest) / "model.ckpt"
 
-    def hook(self):
-        """An `on_checkpoint(path, step)` for lamflow.model.train: sync after each save."""
+    def hook(self, background: bool = True):
+        """An `on_checkpoint(path, step)` for lamflow.model.train: sync after each save, in a
+        background thread (`AsyncSync`) or, with background=False, before training goes on."""
+        if background:
+            return AsyncSync(self)
+
         def on_checkpoint(path: Path, step: int) -> None:
             self.save(Path(path).parent, step)
         return on_checkpoint
@@ -241,3 +254,53 @@ class CheckpointStore:
             tar.extractall(dest, filter="data")
         tgz.unlink()
         return dest
+
+
+class AsyncSync:
+    """on_checkpoint hook whose uploads run in one background thread (module docstring)."""
+
+    SNAPSHOT = ".ckpt-sync"  # work/.ckpt-sync/: the files of the generation being uploaded
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, path: Path, step: int) -> None:
+        self.wait()  # the previous upload first: one at a time, and its failure fails the step here
+        snap = self.snapshot(Path(path).parent)
+        self.thread = threading.Thread(target=self._upload, args=(snap, int(step)), name=f"ckpt-sync-{step}", daemon=False)
+        self.thread.start()
+
+    def snapshot(self, work: Path) -> Path:
+        snap = work / self.SNAPSHOT
+        shutil.rmtree(snap, ignore_errors=True)  # left by a killed process
+        snap.mkdir(parents=True)
+        for name in FILES:
+            f = work / name
+            if not f.is_file():
+                continue
+            try:
+                os.link(f, snap / name)  # O(1); the trainer's next save replaces f, not this inode
+            except OSError:
+                shutil.copy2(f, snap / name)
+        return snap
+
+    def _upload(self, snap: Path, step: int) -> None:
+        try:
+            self.store.save(snap, step)
+        except BaseException as e:  # handed to the training thread at the next save or wait()
+            self.error = e
+            self.store.log(f"checkpoint store: sync of step {step} to s3://{self.store.cfg.bucket}/{self.store.cfg.key} "
+                           f"failed: {e}")
+        finally:
+            shutil.rmtree(snap, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Block until the running upload (if any) is done; raise its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err

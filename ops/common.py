@@ -168,17 +168,25 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
     if kind == "multitask":
         from lamflow.model.multitask import train_multitask
 
-        return train_multitask(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics
+        return synced(hook, train_multitask(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics)
     if kind == "finetune":
         from lamflow.model.finetune import finetune as run_ft
 
         ft = finetune or {}
-        return run_ft(parsed, ft["pretrained"], work, branch=ft.get("branch") or None,
-                      freeze_descriptor=bool(ft.get("freeze_descriptor")), restart="auto", log=log,
-                      on_checkpoint=hook).metrics
+        return synced(hook, run_ft(parsed, ft["pretrained"], work, branch=ft.get("branch") or None,
+                                   freeze_descriptor=bool(ft.get("freeze_descriptor")), restart="auto", log=log,
+                                   on_checkpoint=hook).metrics)
     from lamflow.model.train import train
 
-    return train(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics
+    return synced(hook, train(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics)
+
+
+def synced(hook, metrics: dict) -> dict:
+    """`metrics`, once the background upload of the last checkpoint (checkpoint_store.AsyncSync)
+    is done: a step hands on its outputs only with its final generation in the store."""
+    if hook is not None:
+        hook.wait()
+    return metrics
 
 
 # ----------------------------------------------------------------------------- outputs

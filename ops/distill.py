@@ -1,7 +1,13 @@
 """Distill: the fine-tuned teacher explores and labels structures of one dataset; a small
 se_e2_a student is trained on the labels (lamflow.model.distill). The report compares the
 student with the teacher (held-out teacher-labelled frames) and both with DFT (the dataset's
-valid split)."""
+valid split).
+
+With `nproc > 1` (resources.gpus: N) the exploration and labelling stay in this process (teacher
+MD is cheap next to training), and only the student's training runs data-parallel under
+`torchrun --standalone --nproc_per_node N` (ops/torchrun.py, the same launcher and DDP code as
+pretrain / finetune): one global batch of N x the student's batch_size; then the report
+continues here on the trained student."""
 
 from __future__ import annotations
 
@@ -12,13 +18,30 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
-from .common import copy_outputs, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
+from .common import (copy_outputs, launcher_for, pick_root, run_training, set_threads, split_paths, trace,
+                     user_errors_are_fatal, write_json)
+
+
+def torchrun_student(launcher: list[str]):
+    """distill()'s `train_student`: the student's TrainConfig trained under torchrun with `launcher`
+    arguments (ops/torchrun.py), from scratch in its folder; returns the TrainResult rank 0 wrote."""
+    from lamflow.model.train import TrainResult
+
+    def train_student(tcfg, out_dir, log):
+        out = Path(out_dir)
+        shutil.rmtree(out, ignore_errors=True)  # as in one process: a fresh student, never a resumed one
+        metrics = run_training("single", tcfg.model_dump(mode="json"), out, source="stages.distill.config.student",
+                               launcher=launcher, log=log)
+        return TrainResult(out, out / "model.ckpt", out / "lcurve.csv", metrics)
+
+    return train_student
 
 
 def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: Path, *, cleaned: Path | None = None,
-                device: str = "auto", log=print) -> dict:
+                device: str = "auto", launcher: list[str] | None = None, log=print) -> dict:
     """Distill `teacher` (a checkpoint, or a folder with model.ckpt) on `dataset`; write the
-    student (model.ckpt), distill.json, the report plots and summary.json into out_dir."""
+    student (model.ckpt), distill.json, the report plots and summary.json into out_dir.
+    `launcher`: torchrun arguments to train the student data-parallel (None: in this process)."""
     from lamflow.model.config import parse_config
     from lamflow.model.distill import DistillConfig, distill
 
@@ -29,7 +52,8 @@ def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: 
     ckpt = teacher / "model.ckpt" if teacher.is_dir() else teacher
     train, valid = split_paths(root, dataset, "train"), split_paths(root, dataset, "valid")
     work = out / "work"
-    res = distill(ckpt, train, cfg, work, dft_valid=valid or None, device=device, log=log)  # teacher MD + labels on `device`
+    res = distill(ckpt, train, cfg, work, dft_valid=valid or None, device=device, log=log,  # teacher MD + labels on `device`
+                  train_student=torchrun_student(launcher) if launcher else None)
     copy_outputs(res.student_checkpoint.parent, out, ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"])
     copy_outputs(work, out, ["distill.json"])
     rep = work / "report"
@@ -57,6 +81,7 @@ class Distill(OP):
             "teacher_index": Parameter(int),                # which of `teachers` teaches
             "device": Parameter(str, default="auto"),       # teacher MD/labelling: the pod's GPU when it has one
             "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
+            "nproc": Parameter(int, default=1),             # processes (GPUs) of the pod: > 1, student under torchrun
             "data": Artifact(Path),                         # staged datasets
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "teachers": Artifact(List[Path]),               # fine-tuned model folders, one per system
@@ -77,5 +102,5 @@ class Distill(OP):
         with user_errors_are_fatal():
             teacher = list(ip["teachers"])[ip["teacher_index"]]  # in slice order = stages.finetune.systems order
             summary = run_distill(ip["config"], teacher, ip["data"], ip["dataset"], out, cleaned=ip["cleaned"],
-                                  device=ip["device"])
+                                  device=ip["device"], launcher=launcher_for(ip["nproc"]))
         return OPIO({"model": out, "summary": json.loads(json.dumps(summary))})

@@ -77,6 +77,12 @@ def run_worker(job: dict) -> None:
     store = StoreConfig.from_param(job.get("store"))
     hook = CheckpointStore(store).hook() if store is not None and rank == 0 else None
     out, cfg, kind = Path(job["out"]), job["config"], job["kind"]
+    _train(kind, cfg, out, job, hook)
+    if hook is not None:
+        hook.wait()  # the last generation is in the store before rank 0 exits (a TrainJob's collect step reads it)
+
+
+def _train(kind: str, cfg: dict, out: Path, job: dict, hook) -> None:
     if kind == "multitask":
         from lamflow.model.multitask import parse_multitask_config, train_multitask
 

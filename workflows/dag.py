@@ -129,7 +129,8 @@ def input_hashes(spec: PipelineSpec, opts: BuildOptions) -> dict[str, str]:
     h: dict[str, str] = {}
     up = lambda *names: {n: h[n] for n in names if n in h}  # noqa: E731
     if st.clean.enabled:
-        h["clean"] = _digest("clean", dict(st.clean.config), data(spec.clean_datasets), opts.type_map, d.get("pretrained"))
+        h["clean"] = _digest("clean", dict(st.clean.config), data(spec.clean_datasets), opts.type_map, d.get("pretrained"),
+                             fanout_systems(spec))  # the per-system output is laid out by the fan-out
     if st.pretrain.enabled:
         h["pretrain"] = _digest("pretrain", model_settings(st.pretrain), data(st.pretrain.datasets), opts.type_map,
                                 up("clean"))
@@ -265,7 +266,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     if st.clean.enabled:
         clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key=step_key("clean", h),
                          parameters={"datasets": spec.clean_datasets, "config": dict(st.clean.config),
-                                     "type_map": opts.type_map},
+                                     "type_map": opts.type_map, "fanout": fanout_systems(spec)},
                          artifacts={**common, **({"pretrained": inputs.pretrained} if inputs.pretrained else {})}))
         common["cleaned"] = clean.outputs.artifacts["cleaned"]
 
@@ -297,13 +298,15 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                         "freeze_descriptor": st.finetune.freeze_descriptor,
                         "checkpoint_store": store_param(spec, opts, step_key("finetune", h)),
                         "nproc": max(1, res("finetune").gpus), "threads": threads_of(res("finetune"), opts)},
-            artifacts={**common, **system_data(opts, "finetune"), "pretrained": pretrained}))
+            artifacts={**common, **system_data(opts, "finetune"), **cleaned_system(tasks, "finetune"),
+                       "pretrained": pretrained}))
 
     if st.test.enabled:
         zero_shot = st.test.zero_shot and pretrained is not None
         zs_branch = zero_shot_branch(spec)
         if systems:
-            arts = {**common, **system_data(opts, "finetune"), "model": ft.outputs.artifacts["model"]}
+            arts = {**common, **system_data(opts, "finetune"), **cleaned_system(tasks, "finetune"),
+                    "model": ft.outputs.artifacts["model"]}
             if zero_shot:
                 arts["pretrained"] = pretrained
             add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
@@ -320,13 +323,14 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(tsys)),
                 parameters={"system": tsys, "branch": zs_branch, "threads": threads_of(res("test"), opts),
                             "transfer": st.test.transfer()},
-                artifacts={**common, **system_data(opts, "test"), "model": pretrained}))
+                artifacts={**common, **system_data(opts, "test"), **cleaned_system(tasks, "test"), "model": pretrained}))
 
     if st.distill.enabled:
         teacher = systems.index(spec.distill_teacher)
         dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key=step_key("distill", h),
                        parameters={"config": dict(st.distill.config), "dataset": spec.distill_dataset,
-                                   "teacher_index": teacher, "threads": threads_of(res("distill"), opts)},
+                                   "teacher_index": teacher, "threads": threads_of(res("distill"), opts),
+                                   "nproc": max(1, res("distill").gpus)},  # > 1: the student trains under torchrun
                        artifacts={**common, "teachers": ft.outputs.artifacts["model"]}))
 
     if st.compress.enabled:
@@ -357,6 +361,27 @@ def system_data(opts: BuildOptions, fanout: str) -> dict:
     from dflow import S3Artifact
 
     return {"data": S3Artifact(key=f"{opts.inputs_key}/systems/{fanout}").sub_path("{{item}}")}
+
+
+def fanout_systems(spec: PipelineSpec) -> dict[str, list[str]]:
+    """The per-system fan-out: {"finetune": systems}, or {"test": systems} without fine-tuning
+    (what upload_system_data splits the raw inputs by, and the clean stage its `systems` output)."""
+    if spec.finetune_systems:
+        return {"finetune": list(spec.finetune_systems)}
+    return {"test": list(spec.test_systems)} if spec.stages.test.enabled else {}
+
+
+def cleaned_system(tasks: dict, fanout: str) -> dict:
+    """The `cleaned` artifact of a fan-out step: only its own system's cleaned data, the item-th
+    sub-path of the clean step's `systems` output (ops/clean.py), not every cleaned dataset."""
+    if "clean" not in tasks:
+        return {}
+    from lamflow.ops.clean import SYSTEMS_DIR
+
+    systems = tasks["clean"].outputs.artifacts["systems"]
+    art = systems.sub_path(f"{SYSTEMS_DIR}/{fanout}/{{{{item}}}}")  # dflow keeps the OP's folder name in the artifact
+    art.step = systems.step  # sub_path deep-copies the producing task; the DAG's dependency must be the task itself
+    return {"cleaned": art}
 
 
 def build_workflow(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions, *, labels=None, annotations=None,

@@ -37,7 +37,8 @@ from lamflow.model.config import TrainConfig, read_yaml, strip_comments
 from lamflow.model.errors import LamflowError
 
 STAGES = ("clean", "pretrain", "finetune", "test", "distill", "compress")
-PARALLEL_STAGES = ("pretrain", "finetune")  # stages whose training runs data-parallel (torchrun / TrainJob)
+PARALLEL_STAGES = ("pretrain", "finetune", "distill")  # stages whose training runs data-parallel (torchrun;
+# distill: its student's training, after the single-process exploration and labelling)
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")  # usable in Argo names and step keys
 DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
