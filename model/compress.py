@@ -404,6 +404,7 @@ class TabulatedSeE2A(nn.Module):
         self.count_range = False
         self.register_buffer("out_of_range", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("unit", torch.tensor([1.0, 0.0, 0.0], dtype=dtype), persistent=False)  # r_ij of empty slots
+        self._slots = self._empty = None  # caches of _trim and empty_slots
         self.chunk_elems = 1 << 22  # pairs x channels per chunk of the fused path (32 MiB of float64 per [P, M1] term)
         self.requires_grad_(False)
 
@@ -491,21 +492,32 @@ class TabulatedSeE2A(nn.Module):
         return _PairTerms(R, G.view(shape), dG.view(shape), diff, r, b, da, db, ist)
 
     def empty_slots(self, slots: Tensor) -> Tensor:
-        """sum over the given (empty) slots of R^_pad^T G(s_pad), per centre type [ntypes, 4, M1]."""
+        """sum over the given (empty) slots of R^_pad^T G(s_pad), per centre type [ntypes, 4, M1]
+        (kept from the last call while the slots, the tables and the statistics are unchanged)."""
+        key = (tuple(slots.tolist()), slots.device, self.coef._version, self.env.mean._version, self.env.stddev._version,
+               self.coef.dtype)
+        if self._empty is None or self._empty[0] != key:
+            self._empty = key, self._empty_slots(slots)
+        return self._empty[1]
+
+    def _empty_slots(self, slots: Tensor) -> Tensor:
         Rp = -self.env.mean[:, slots] / self.env.stddev[:, slots]  # [ntypes, n, 4]
         G = self.table(Rp[..., 0], self.slot_table[:, slots])  # [ntypes, n, M1]
         return Rp.transpose(1, 2) @ G
 
     def _trim(self, nlist: Tensor) -> tuple[Tensor, Tensor]:
         """Slots up to the last used one of each type block (over the batch), and the rest."""
-        used = nlist >= 0
+        used = (nlist >= 0).reshape(-1, self.nnei).any(0).cpu().numpy() if nlist.numel() else np.zeros(self.nnei, bool)
         keep, drop = [], []
         for a, b in zip(self.sec[:-1], self.sec[1:]):
-            pos = torch.arange(1, b - a + 1, device=nlist.device)
-            last = int((used[..., a:b] * pos).amax()) if b > a and used.numel() else 0
-            keep.append(torch.arange(a, a + last, device=nlist.device))
-            drop.append(torch.arange(a + last, b, device=nlist.device))
-        return torch.cat(keep), torch.cat(drop)
+            hit = np.nonzero(used[a:b])[0]
+            last = int(hit[-1]) + 1 if len(hit) else 0
+            keep.append(np.arange(a, a + last))
+            drop.append(np.arange(a + last, b))
+        key = (tuple(np.concatenate(keep)), nlist.device)
+        if self._slots is None or self._slots[0] != key:  # the same split call after call: build its tensors once
+            self._slots = key, *(torch.as_tensor(np.concatenate(v), dtype=torch.long, device=nlist.device) for v in (keep, drop))
+        return self._slots[1], self._slots[2]
 
     def outside_tables(self, s: Tensor, used: Tensor, t: Tensor, keep: Tensor) -> Tensor:
         """[nf, nloc, nkeep] bool: real neighbours whose input s lies outside [lower, last knot] of
