@@ -27,13 +27,16 @@ Evaluation (`TabulatedSeE2A`): the knot of each input comes from index arithmeti
 fused path (`features`, used by `CompressedModel`) trims the empty slots at the end of each
 type block (over the batch) and adds them analytically: every empty slot around a centre of
 type t_i contributes R^_pad^T G(s_pad), R^_pad = -mean[t_i] / std[t_i], like a neighbour at
-rcut. It contracts T_i = sum_j R^_ij^T G_ij atom chunk by atom chunk (a chunk's G is ~1 MiB and
-stays in cache) into preallocated buffers. Forces come from autograd through the table: a
-custom backward uses G' = dG/ds, computed with G in the forward by the derivative of Horner's
-recursion and kept (up to 256 MiB; beyond that recomputed chunk by chunk in the backward).
-Pure PyTorch: no compiled kernel, so every step is a pass over a [pairs, M1] tensor, where
-deepmd-kit's C++ `tabulate_fusion_se_a` does all in one loop; the savings come from doing no
-work for empty slots and from never running the nets.
+rcut. It goes from the extended coordinates to D in one custom autograd function
+(`_FusedSeE2A`: env matrix, tables with G' = dG/ds from the derivative of Horner's recursion,
+T_i = sum_j R^_ij^T G_ij, D_i = T_i^T T_i^<) whose backward is written out (the chain rule
+through D, T, the tables and the env matrix, then the scatter onto the atoms, as deepmd-kit's
+`prod_force_a`), over all centres at once (chunks only beyond 2^22 pairs x channels); the
+typed tanh fitting nets get the same treatment (`_FusedFitting`). So a force evaluation is
+a few dozen whole-tensor passes and two autograd nodes instead of an autograd graph of a few hundred
+small ops; the nets are never run. Pure PyTorch: no compiled kernel (deepmd-kit's C++
+`tabulate_fusion_se_a` does the table part in one loop). Not twice differentiable: compressed
+models are for inference, not for training.
 """
 
 from __future__ import annotations
