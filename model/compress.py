@@ -447,9 +447,9 @@ class TabulatedSeE2A(nn.Module):
         nall = coord_ext.shape[1]
         keep, drop = self._trim(nlist)
         nl = nlist.index_select(2, keep).reshape(nf * nloc, -1)  # [B, nk], B = nf * nloc centres
-        base = torch.arange(nf, device=nl.device) * nall  # first row of each frame in the flattened coord_ext
-        i = (base[:, None] + torch.arange(nloc, device=nl.device)).reshape(-1)  # [B]
-        j = nl.clamp(min=0) + i[:, None] - torch.arange(nloc, device=nl.device).repeat(nf)[:, None]  # [B, nk]
+        first = (torch.arange(nf, device=nl.device) * nall).repeat_interleave(nloc)  # [B] frame's first row in coord_ext
+        i = first + torch.arange(nloc, device=nl.device).repeat(nf)  # [B] rows of the centres
+        j = nl.clamp(min=0) + first[:, None]  # [B, nk] rows of the neighbours (empty slots: masked)
         t = atype_ext[:, :nloc].clamp(min=0).reshape(-1)  # [B]
         pad = self.empty_slots(drop) if drop.numel() else None  # [ntypes, 4, M1]
         need_grad = torch.is_grad_enabled() and coord_ext.requires_grad
