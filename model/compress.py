@@ -316,9 +316,7 @@ class _FusedFitting(torch.autograd.Function):
             x = D.index_select(0, idx)
             acts = []
             for layer in [*net.hidden.layers, net.out]:
-                y = x @ layer.matrix
-                if layer.bias is not None:
-                    y = y + layer.bias
+                y = torch.addmm(layer.bias, x, layer.matrix) if layer.bias is not None else x @ layer.matrix
                 if layer.act_name == "tanh":
                     y = torch.tanh(y)
                 acts.append((x, y))  # layer input, activation output (before idt and the residual)
@@ -340,9 +338,7 @@ class _FusedFitting(torch.autograd.Function):
                     g = g * layer.idt
                 if layer.act_name == "tanh":
                     g = g * (1.0 - y * y)
-                g = g @ layer.matrix.T
-                if gres is not None:
-                    g = g + gres
+                g = torch.addmm(gres, g, layer.matrix.T) if gres is not None else g @ layer.matrix.T
             gD.index_copy_(0, idx, g)
         return gD, None, None
 
