@@ -234,9 +234,10 @@ def nn_time(model, batch, reps: int) -> float:
     nlist = batch.nlists[0]
     atype = atype_ext[:, : nlist.shape[1]]
     desc = model.descriptor
+    tabulated = hasattr(desc, "pair_terms")
     with torch.no_grad():
-        if hasattr(desc, "contract"):  # tabulated
-            R, rows, _, _ = desc.inputs(coord_ext, atype_ext, nlist)
+        if tabulated:  # the fused path starts from the coordinates (env matrix included)
+            R = coord_ext
             D = desc.features(coord_ext, atype_ext, batch.nlists)
         else:
             R, _, _ = desc.env(coord_ext, atype, nlist)
@@ -245,7 +246,7 @@ def nn_time(model, batch, reps: int) -> float:
     D = D.detach().requires_grad_(True)
 
     def embed():  # gradients w.r.t. the inputs only, as for forces
-        T = desc.contract(R, rows) if hasattr(desc, "contract") else R.transpose(-1, -2) @ desc.embed(R[..., 0], nlist >= 0, atype)
+        T = desc.features(R, atype_ext, batch.nlists) if tabulated else R.transpose(-1, -2) @ desc.embed(R[..., 0], nlist >= 0, atype)
         torch.autograd.grad(T.sum(), R)
 
     def fit():

@@ -27,13 +27,16 @@ Evaluation (`TabulatedSeE2A`): the knot of each input comes from index arithmeti
 fused path (`features`, used by `CompressedModel`) trims the empty slots at the end of each
 type block (over the batch) and adds them analytically: every empty slot around a centre of
 type t_i contributes R^_pad^T G(s_pad), R^_pad = -mean[t_i] / std[t_i], like a neighbour at
-rcut. It contracts T_i = sum_j R^_ij^T G_ij atom chunk by atom chunk (a chunk's G is ~1 MiB and
-stays in cache) into preallocated buffers. Forces come from autograd through the table: a
-custom backward uses G' = dG/ds, computed with G in the forward by the derivative of Horner's
-recursion and kept (up to 256 MiB; beyond that recomputed chunk by chunk in the backward).
-Pure PyTorch: no compiled kernel, so every step is a pass over a [pairs, M1] tensor, where
-deepmd-kit's C++ `tabulate_fusion_se_a` does all in one loop; the savings come from doing no
-work for empty slots and from never running the nets.
+rcut. It goes from the extended coordinates to D in one custom autograd function
+(`_FusedSeE2A`: env matrix, tables with G' = dG/ds from the derivative of Horner's recursion,
+T_i = sum_j R^_ij^T G_ij, D_i = T_i^T T_i^<) whose backward is written out (the chain rule
+through D, T, the tables and the env matrix, then the scatter onto the atoms, as deepmd-kit's
+`prod_force_a`), over all centres at once (chunks only beyond 2^22 pairs x channels); the
+typed tanh fitting nets get the same treatment (`_FusedFitting`). So a force evaluation is
+a few dozen whole-tensor passes and two autograd nodes instead of an autograd graph of a few hundred
+small ops; the nets are never run. Pure PyTorch: no compiled kernel (deepmd-kit's C++
+`tabulate_fusion_se_a` does the table part in one loop). Not twice differentiable: compressed
+models are for inference, not for training.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .checkpoint import read_checkpoint, save_model, build_from_payload, resolve_device
 from .config import ModelConfig, SeE2AConfig, Strict, dtype_name
@@ -191,59 +195,174 @@ def horner_into(coef: Tensor, rows: Tensor, d: Tensor, G: Tensor, dG: Tensor | N
         torch.addcmul(torch.index_select(coef[k], 0, rows, out=tmp), G, d, out=G)
 
 
-class _TabulatedContraction(torch.autograd.Function):
-    """T[b] = sum_j R[b, j]^T G(R[b, j, 0]) for a tabulated G, chunk by chunk over b.
-    R [B, N, 4]; rows [B, N] coefficient rows; starts [R] knot of each row; coef [6, R, M].
-    When forces are wanted, the forward also keeps G and G' = dG/ds of every pair (while they fit
-    in `keep_bytes`), so that the backward is two small matrix products per chunk; beyond that
-    budget the backward recomputes them chunk by chunk."""
+@dataclass
+class _PairTerms:
+    """Per-pair terms of B centres x nk slots, forward and backward of the fused path."""
+
+    R: Tensor  # [B, nk, 4]   normalised env matrix R^
+    G: Tensor  # [B, nk, M1]  table value G(s), s = R^[..., 0]
+    dG: Tensor | None  # [B, nk, M1]  dG/ds (None: no forces wanted)
+    diff: Tensor | None  # [B, nk, 3]  r_ij (a unit vector in empty slots)
+    r: Tensor | None  # [B, nk]
+    b: Tensor | None  # [B, nk]  sw / r^2, so R_raw[1:] = b r_ij; zero in empty slots
+    da: Tensor | None  # [B, nk]  d(sw / r)/dr
+    db: Tensor | None  # [B, nk]  d(sw / r^2)/dr
+    istd: Tensor | None  # [B, nk, 4]  1 / std of the centre's type
+
+
+def _contract(R: Tensor, G: Tensor, out: Tensor) -> Tensor:
+    """out [b, 4, M1] = R^T G for R [b, nk, 4], G [b, nk, M1]. Below 8 slots both are zero-padded
+    to 8: CPU batched matmuls with an inner size below 8 take a slow path (measured ~4x slower for
+    1000 x [4, 5] @ [5, 16] than for [4, 8] @ [8, 16], the copies included)."""
+    b, nk, M = G.shape
+    if nk >= 8 or R.device.type != "cpu":
+        return torch.bmm(R.transpose(1, 2), G, out=out)
+    Rp, Gp = R.new_zeros(b, 4, 8), G.new_zeros(b, 8, M)
+    Rp[:, :, :nk] = R.transpose(1, 2)
+    Gp[:, :nk] = G
+    return torch.bmm(Rp, Gp, out=out)
+
+
+class _FusedSeE2A(torch.autograd.Function):
+    """D [B, M1 * M2] of B centres straight from the (flattened) extended coordinates x, with an
+    analytic backward: what deepmd-kit's C++ `prod_env_mat_a` + `tabulate_fusion_se_a` +
+    `prod_force_a` do, written as a handful of whole-tensor passes instead of an autograd graph
+    of ~60 small ops. For the pairs (i, j) of the kept slots, with a(r) = sw(r) / r, b(r) = sw(r) / r^2:
+        R_raw = (a, b r_ij),  R^ = (R_raw - mean[t_i]) istd[t_i],  G = G(R^_0),  T_i = sum_j R^_ij^T G_ij
+        T_i = (T_i + sum over empty slots) / N_c,   D_i = T_i^T T_i^<
+    backward, from g_D:
+        g_T  = T^< g_D^T + [g_D^T T]^<                    (^<: the first M2 columns / rows)
+        g_R^ = G g_T^T,  g_R^_0 += sum_m (R^ g_T)_m G'_m   (G' = dG/ds, the quintic's derivative)
+        g_R  = g_R^ istd,  g_r_ij = b g_R[1:] + (a' g_R0 + b' g_R[1:] . r_ij) r_ij / r
+        g_x[j] += g_r_ij,  g_x[i] -= sum_j g_r_ij
+    The centres go in chunks of `chunk_elems` pairs x channels (one chunk for a few thousand
+    atoms); the pair terms are kept for the backward while they fit in `keep_bytes`, else
+    recomputed chunk by chunk. Not twice differentiable (no training through the tables)."""
 
     keep_bytes = 256 << 20
 
     @staticmethod
-    def forward(ctx, R: Tensor, rows: Tensor, starts: Tensor, coef: Tensor, chunk: int) -> Tensor:
-        B, N, _ = R.shape
-        M = coef.shape[-1]
-        out = R.new_empty(B, 4, M)
-        keep = R.requires_grad and 2 * B * N * M * R.element_size() <= _TabulatedContraction.keep_bytes
-        G = R.new_empty(B if keep else min(chunk, B), N, M)
-        dG = torch.empty_like(G) if keep else None
-        tmp = R.new_empty(min(chunk, B) * N, M)
+    def forward(ctx, x: Tensor, i: Tensor, j: Tensor, mask: Tensor, t: Tensor, keep: Tensor, pad: Tensor | None,
+                tab: "TabulatedSeE2A", need_grad: bool) -> Tensor:
+        B, nk = j.shape
+        M, n2 = tab.m1, tab.d_cols
+        chunk = max(1, tab.chunk_elems // max(1, nk * M))
+        per_pair = (2 * M + 16) * x.element_size()
+        kept = need_grad and B * nk * per_pair <= _FusedSeE2A.keep_bytes
+        stats = tab.slot_stats(keep)
+        check = tab.range_check_due()
+        n_out = torch.zeros((), dtype=torch.long, device=x.device)
+        T = x.new_empty(B, 4, M)
+        terms = []
         for a in range(0, B, chunk):
-            Rc, rc = R[a : a + chunk], rows[a : a + chunk]
-            b = Rc.shape[0]
-            Gc = G[a : a + b] if keep else G[:b]
-            d = (Rc[..., 0] - starts[rc]).reshape(-1, 1)
-            horner_into(coef, rc.reshape(-1), d, Gc.view(-1, M), None if dG is None else dG[a : a + b].view(-1, M), tmp[: b * N])
-            torch.bmm(Rc.transpose(1, 2), Gc, out=out[a : a + b])
-        ctx.save_for_backward(R, rows, starts, coef)
-        ctx.chunk, ctx.kept = chunk, (G, dG) if keep else None
-        return out
+            sl = slice(a, a + chunk)
+            p = tab.pair_terms(x, i[sl], j[sl], mask[sl], t[sl], stats, need_grad)
+            _contract(p.R, p.G, out=T[sl])  # [b, 4, M1]
+            if check:
+                n_out += tab.outside_tables(p.R[..., 0], mask[sl], t[sl], keep).sum()
+            if kept:
+                terms.append(p)
+        if check:
+            tab.report_range(n_out)
+        if pad is not None:
+            T += pad[t]  # the trimmed empty slots, per centre type
+        T /= tab.nnei
+        D = torch.bmm(T.transpose(1, 2), T[:, :, :n2])  # [B, M1, n2]
+        if need_grad:
+            ctx.save_for_backward(x, i, j, mask, t, keep, T)
+            ctx.tab, ctx.chunk, ctx.terms = tab, chunk, terms if kept else None
+        return D[..., : tab.m2].reshape(B, M * tab.m2)
 
     @staticmethod
-    def backward(ctx, gT: Tensor):
-        R, rows, starts, coef = ctx.saved_tensors
-        B, N, _ = R.shape
-        M = coef.shape[-1]
-        gR = torch.empty_like(R)
-        if ctx.kept is None:
-            G, dG = R.new_empty(min(ctx.chunk, B), N, M), R.new_empty(min(ctx.chunk, B), N, M)
-            tmp = R.new_empty(min(ctx.chunk, B) * N, M)
-        for a in range(0, B, ctx.chunk):
-            Rc, gc = R[a : a + ctx.chunk], gT[a : a + ctx.chunk].transpose(1, 2)  # gc [b, M, 4]
-            b = Rc.shape[0]
-            if ctx.kept is not None:
-                Gc, dGc = ctx.kept[0][a : a + b], ctx.kept[1][a : a + b]
-            else:
-                rc = rows[a : a + b]
-                d = (Rc[..., 0] - starts[rc]).reshape(-1, 1)
-                Gc, dGc = G[:b], dG[:b]
-                horner_into(coef, rc.reshape(-1), d, Gc.view(-1, M), dGc.view(-1, M), tmp[: b * N])
-            g = torch.bmm(Gc, gc)  # dE/dR [b, N, 4] through the R^T factor
-            g[..., 0] += (torch.bmm(dGc, gc) * Rc).sum(-1)  # ... and through s = R[..., 0] inside G
-            gR[a : a + b] = g
-        ctx.kept = None
-        return gR, None, None, None, None
+    @once_differentiable
+    def backward(ctx, gD: Tensor):
+        x, i, j, mask, t, keep, T = ctx.saved_tensors
+        tab = ctx.tab
+        B, nk = j.shape
+        M, M2, n2 = tab.m1, tab.m2, tab.d_cols
+        g = gD.new_zeros(B, M, n2)
+        g[..., :M2] = gD.view(B, M, M2)  # zero-padded to n2 columns (see d_cols)
+        gT = torch.bmm(T[:, :, :n2], g.transpose(1, 2))  # [B, 4, M1]
+        gT[:, :, :n2] += torch.bmm(T, g)
+        gT /= tab.nnei
+        stats = tab.slot_stats(keep) if ctx.terms is None else None
+        gx = torch.zeros_like(x)
+        for k, a in enumerate(range(0, B, ctx.chunk)):
+            sl = slice(a, a + ctx.chunk)
+            p = ctx.terms[k] if ctx.terms is not None else tab.pair_terms(x, i[sl], j[sl], mask[sl], t[sl], stats, True)
+            gc = gT[sl]  # [b, 4, M1]
+            gR = torch.bmm(p.G, gc.transpose(1, 2))  # [b, nk, 4] through the R^T factor
+            gR[..., 0] += (torch.bmm(p.dG, gc.transpose(1, 2)) * p.R).sum(-1)  # ... and through s inside G
+            gR *= p.istd
+            radial = (gR[..., 0] * p.da + (gR[..., 1:] * p.diff).sum(-1) * p.db) / p.r  # [b, nk]
+            gd = p.b[..., None] * gR[..., 1:] + radial[..., None] * p.diff  # [b, nk, 3] dE/dr_ij
+            gx.index_add_(0, j[sl].reshape(-1), gd.reshape(-1, 3))
+            gx.index_add_(0, i[sl], -gd.sum(1))
+        return gx, None, None, None, None, None, None, None, None
+
+
+class _FusedFitting(torch.autograd.Function):
+    """Atomic energies [B] of the typed fitting nets (tanh / linear layers) on D [B, dim], with the
+    backward written out (g_z = g_y idt (1 - tanh(z)^2), g_x = g_z W^T + residual): the autograd
+    graph of the nets, split by type with boolean indexing, costs more than their matmuls on
+    ~1000 atoms. The bias and the padding mask are added by the caller."""
+
+    @staticmethod
+    def forward(ctx, D: Tensor, t: Tensor, fitting: EnergyFitting) -> Tensor:
+        e = D.new_zeros(D.shape[0])
+        saved = []
+        for ti, net in enumerate(fitting.nets):
+            idx = (t == ti).nonzero().squeeze(1)
+            x = D.index_select(0, idx)
+            acts = []
+            for layer in [*net.hidden.layers, net.out]:
+                y = torch.addmm(layer.bias, x, layer.matrix) if layer.bias is not None else x @ layer.matrix
+                if layer.act_name == "tanh":
+                    y = torch.tanh(y)
+                acts.append((x, y))  # layer input, activation output (before idt and the residual)
+                x = _residual(layer, y * layer.idt if layer.idt is not None else y, x)
+            e.index_copy_(0, idx, x.squeeze(-1))
+            saved.append((idx, acts))
+        ctx.fitting, ctx.saved, ctx.shape = fitting, saved, D.shape
+        return e
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ge: Tensor):
+        gD = ge.new_zeros(ctx.shape)
+        for (idx, acts), net in zip(ctx.saved, ctx.fitting.nets):
+            g = ge.index_select(0, idx)[:, None]  # [n, 1]
+            for layer, (x, y) in zip(reversed([*net.hidden.layers, net.out]), reversed(acts)):
+                gres = _residual_grad(layer, g)  # through y + x (or y + [x, x])
+                if layer.idt is not None:
+                    g = g * layer.idt
+                if layer.act_name == "tanh":
+                    g = g * (1.0 - y * y)
+                g = torch.addmm(gres, g, layer.matrix.T) if gres is not None else g @ layer.matrix.T
+            gD.index_copy_(0, idx, g)
+        return gD, None, None
+
+
+def _residual(layer, y: Tensor, x: Tensor) -> Tensor:
+    if layer.resnet and layer.n_out == layer.n_in:
+        return y + x
+    if layer.resnet and layer.n_out == 2 * layer.n_in:
+        return y + torch.cat([x, x], dim=-1)
+    return y
+
+
+def _residual_grad(layer, g: Tensor) -> Tensor | None:
+    if layer.resnet and layer.n_out == layer.n_in:
+        return g
+    if layer.resnet and layer.n_out == 2 * layer.n_in:
+        return g[:, : layer.n_in] + g[:, layer.n_in :]
+    return None
+
+
+def _fusable(fitting: EnergyFitting) -> bool:
+    """Typed nets of tanh / linear layers only (the analytic backward knows no other activation)."""
+    return not fitting.mixed_types and all(layer.act_name in ("tanh", "linear", "none")
+                                           for net in fitting.nets for layer in [*net.hidden.layers, net.out])
 
 
 class TabulatedSeE2A(nn.Module):
@@ -283,7 +402,9 @@ class TabulatedSeE2A(nn.Module):
         # out_of_range (a tensor, so counting never waits for the device); read it with int()
         self.count_range = False
         self.register_buffer("out_of_range", torch.zeros((), dtype=torch.long), persistent=False)
-        self.chunk_elems = 1 << 17  # pairs x channels per chunk of the fused path (~1 MiB of float64)
+        self.register_buffer("unit", torch.tensor([1.0, 0.0, 0.0], dtype=dtype), persistent=False)  # r_ij of empty slots
+        self._slots = self._empty = None  # caches of _trim and empty_slots
+        self.chunk_elems = 1 << 22  # pairs x channels per chunk of the fused path (32 MiB of float64 per [P, M1] term)
         self.requires_grad_(False)
 
     def nlist_requests(self) -> list[NlistRequest]:
@@ -316,51 +437,86 @@ class TabulatedSeE2A(nn.Module):
         return DescriptorOutput(D.flatten(-2), G, diff, sw, nlist)
 
     def features(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor]) -> Tensor:
-        """D [nf, nloc, M1 * M2] by the fused path: trimmed slots, chunked contraction."""
-        R, rows, t, drop = self.inputs(coord_ext, atype_ext, nlists[0])
-        T = self.contract(R, rows)  # [nf, nloc, 4, M1]
-        if drop.numel():
-            T = T + self.empty_slots(drop)[t]
-        T = T / self.nnei
-        return (T.transpose(-1, -2) @ T[..., : self.m2]).flatten(-2)  # [nf, nloc, M1 * M2]
-
-    def inputs(self, coord_ext: Tensor, atype_ext: Tensor, nlist: Tensor):
-        """R^ [nf, nloc, nkeep, 4] of the kept slots, their coefficient rows [nf, nloc, nkeep],
-        the centre types [nf, nloc] and the trimmed (empty) slots."""
-        nloc = nlist.shape[1]
-        t = atype_ext[:, :nloc].clamp(min=0)  # [nf, nloc]
+        """D [nf, nloc, M1 * M2] by the fused path (_FusedSeE2A): trimmed slots, analytic forces."""
+        nlist = nlists[0]
+        nf, nloc, _ = nlist.shape
+        nall = coord_ext.shape[1]
         keep, drop = self._trim(nlist)
-        nl = nlist.index_select(2, keep)  # [nf, nloc, nkeep]
-        R, _, _ = self.env.raw(coord_ext, nl)
-        mean, std = self.env.mean[:, keep], self.env.stddev[:, keep]  # [ntypes, nkeep, 4]
-        R = (R - mean[t]) / std[t]  # [nf, nloc, nkeep, 4]
-        self._check_range(R[..., 0], nl >= 0, t, keep)
-        rows = self.locate(R[..., 0], self.slot_table[:, keep][t])  # [nf, nloc, nkeep]
-        return R, rows, t, drop
+        nl = nlist.index_select(2, keep).reshape(nf * nloc, -1)  # [B, nk], B = nf * nloc centres
+        first = (torch.arange(nf, device=nl.device) * nall).repeat_interleave(nloc)  # [B] frame's first row in coord_ext
+        i = first + torch.arange(nloc, device=nl.device).repeat(nf)  # [B] rows of the centres
+        j = nl.clamp(min=0) + first[:, None]  # [B, nk] rows of the neighbours (empty slots: masked)
+        t = atype_ext[:, :nloc].clamp(min=0).reshape(-1)  # [B]
+        pad = self.empty_slots(drop) if drop.numel() else None  # [ntypes, 4, M1]
+        need_grad = torch.is_grad_enabled() and coord_ext.requires_grad
+        D = _FusedSeE2A.apply(coord_ext.reshape(nf * nall, 3), i, j, nl >= 0, t, keep, pad, self, need_grad)
+        return D.view(nf, nloc, self.dim_out)
 
-    def contract(self, R: Tensor, rows: Tensor) -> Tensor:
-        """sum_j R^_j^T G(s_j) [nf, nloc, 4, M1] (no 1/N_c), chunk by chunk over atoms."""
-        nf, nloc, nk, _ = R.shape
-        chunk = max(1, self.chunk_elems // max(1, nk * self.m1))
-        T = _TabulatedContraction.apply(R.reshape(nf * nloc, nk, 4), rows.reshape(nf * nloc, nk), self.starts, self.coef, chunk)
-        return T.view(nf, nloc, 4, self.m1)
+    @property
+    def d_cols(self) -> int:
+        """Columns of T^< in the D product: M2, widened to 8 when M1 allows (zero-padded in the
+        backward). CPU batched matmuls whose inner sizes are all below 8 take a slow path (measured
+        3-4x slower for 1000 x [16, 4] @ [4, 4] than for [16, 4] @ [4, 8]); the extra columns are sliced off."""
+        return min(self.m1, max(self.m2, 8))
+
+    def slot_stats(self, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """mean, 1 / std [ntypes, nk, 4] and table ids [ntypes, nk] of the kept slots."""
+        return self.env.mean[:, keep], 1.0 / self.env.stddev[:, keep], self.slot_table[:, keep]
+
+    def pair_terms(self, x: Tensor, i: Tensor, j: Tensor, mask: Tensor, t: Tensor, stats: tuple, derivatives: bool) -> _PairTerms:
+        """Env matrix, table values (and what the backward needs) of centres i [b] (rows of x) with
+        neighbours j [b, nk] (mask: real neighbours, t: centre types [b])."""
+        mean, istd, tids = stats
+        rs, rc, prot = self.env.rcut_smth, self.env.rcut, self.env.protection
+        diff = torch.where(mask[..., None], x[j] - x[i][:, None], self.unit)  # [b, nk, 3]; empty: no 0/0 anywhere
+        r = torch.linalg.vector_norm(diff, dim=-1)  # [b, nk]
+        u = ((r - rs) / (rc - rs)).clamp(0.0, 1.0)
+        m = mask.to(x.dtype)
+        inv = 1.0 / (r + prot)
+        a = (u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0) * m * inv  # sw / r, 0 in empty slots
+        b = a * inv  # sw / r^2
+        ist = istd[t]  # [b, nk, 4]
+        R = (torch.cat([a[..., None], diff * b[..., None]], dim=-1) - mean[t]) * ist  # [b, nk, 4]
+        s = R[..., 0]
+        rows = self.locate(s, tids[t]).reshape(-1)  # [P]
+        d = (s.reshape(-1) - self.starts[rows])[:, None]  # [P, 1]
+        G = x.new_empty(rows.numel(), self.m1)  # [P, M1]
+        dG = torch.empty_like(G) if derivatives else None
+        horner_into(self.coef, rows, d, G, dG, torch.empty_like(G))
+        shape = (*j.shape, self.m1)
+        if not derivatives:
+            return _PairTerms(R, G.view(shape), None, None, None, None, None, None, None)
+        dsw = u * u * (-30.0 * u * u + 60.0 * u - 30.0) * (m / (rc - rs))  # dsw/dr; 0 outside (rcut_smth, rcut)
+        da, db = dsw * inv - a * inv, dsw * inv * inv - 2.0 * b * inv
+        return _PairTerms(R, G.view(shape), dG.view(shape), diff, r, b, da, db, ist)
 
     def empty_slots(self, slots: Tensor) -> Tensor:
-        """sum over the given (empty) slots of R^_pad^T G(s_pad), per centre type [ntypes, 4, M1]."""
+        """sum over the given (empty) slots of R^_pad^T G(s_pad), per centre type [ntypes, 4, M1]
+        (kept from the last call while the slots, the tables and the statistics are unchanged)."""
+        key = (tuple(slots.tolist()), slots.device, self.coef._version, self.env.mean._version, self.env.stddev._version,
+               self.coef.dtype)
+        if self._empty is None or self._empty[0] != key:
+            self._empty = key, self._empty_slots(slots)
+        return self._empty[1]
+
+    def _empty_slots(self, slots: Tensor) -> Tensor:
         Rp = -self.env.mean[:, slots] / self.env.stddev[:, slots]  # [ntypes, n, 4]
         G = self.table(Rp[..., 0], self.slot_table[:, slots])  # [ntypes, n, M1]
         return Rp.transpose(1, 2) @ G
 
     def _trim(self, nlist: Tensor) -> tuple[Tensor, Tensor]:
         """Slots up to the last used one of each type block (over the batch), and the rest."""
-        used = nlist >= 0
+        used = (nlist >= 0).reshape(-1, self.nnei).any(0).cpu().numpy() if nlist.numel() else np.zeros(self.nnei, bool)
         keep, drop = [], []
         for a, b in zip(self.sec[:-1], self.sec[1:]):
-            pos = torch.arange(1, b - a + 1, device=nlist.device)
-            last = int((used[..., a:b] * pos).amax()) if b > a and used.numel() else 0
-            keep.append(torch.arange(a, a + last, device=nlist.device))
-            drop.append(torch.arange(a + last, b, device=nlist.device))
-        return torch.cat(keep), torch.cat(drop)
+            hit = np.nonzero(used[a:b])[0]
+            last = int(hit[-1]) + 1 if len(hit) else 0
+            keep.append(np.arange(a, a + last))
+            drop.append(np.arange(a + last, b))
+        key = (tuple(np.concatenate(keep)), nlist.device)
+        if self._slots is None or self._slots[0] != key:  # the same split call after call: build its tensors once
+            self._slots = key, *(torch.as_tensor(np.concatenate(v), dtype=torch.long, device=nlist.device) for v in (keep, drop))
+        return self._slots[1], self._slots[2]
 
     def outside_tables(self, s: Tensor, used: Tensor, t: Tensor, keep: Tensor) -> Tensor:
         """[nf, nloc, nkeep] bool: real neighbours whose input s lies outside [lower, last knot] of
@@ -368,19 +524,20 @@ class TabulatedSeE2A(nn.Module):
         tid = self.slot_table[:, keep][t]
         return used & ((s < self.t_lower[tid]) | (s > self.t_max[tid]))
 
-    def _check_range(self, s: Tensor, used: Tensor, t: Tensor, keep: Tensor) -> None:
+    def range_check_due(self) -> bool:
+        """Whether this call counts the inputs outside the tables (MD guards, or every
+        check_frequency-th call)."""
+        if self.check_frequency > 0:
+            self.calls += 1
+        return self.count_range or (self.check_frequency > 0 and self.calls % self.check_frequency == 0)
+
+    def report_range(self, n_out: Tensor) -> None:
+        """Add the count of this call to out_of_range (MD guards) and warn when the check is due."""
         if self.count_range:
-            self.out_of_range += self.outside_tables(s.detach(), used, t, keep).sum()
-        if self.check_frequency <= 0:
-            return
-        self.calls += 1
-        if self.calls % self.check_frequency:
-            return
-        tid = self.slot_table[:, keep][t]
-        out = used & ((s < self.t_lower[tid]) | (s > self.t_max[tid]))
-        if out.any():
-            warnings.warn(f"compressed model: {int(out.sum())} neighbour inputs outside the tabulated range "
-                          f"(closer than the min_nbor_dist the tables were built for?); extrapolating linearly", stacklevel=3)
+            self.out_of_range += n_out
+        if self.check_frequency > 0 and self.calls % self.check_frequency == 0 and int(n_out):
+            warnings.warn(f"compressed model: {int(n_out)} neighbour inputs outside the tabulated range "
+                          f"(closer than the min_nbor_dist the tables were built for?); extrapolating linearly", stacklevel=4)
 
     @classmethod
     def from_se_e2a(cls, desc, grids: list[TableGrid], stride: float, check_frequency: int = -1) -> "TabulatedSeE2A":
@@ -425,7 +582,12 @@ class CompressedModel(nn.Module):
         nloc = nlists[0].shape[1]
         atype = atype_ext[:, :nloc]
         D = self.descriptor.features(coord_ext, atype_ext, nlists)
-        return self.fitting(D, atype) + self.out_bias[atype.clamp(min=0)] * (atype >= 0)
+        t = atype.clamp(min=0)
+        if not _fusable(self.fitting):
+            return self.fitting(D, atype) + self.out_bias[t] * (atype >= 0)
+        D = D.to(self.fitting.bias_atom_e.dtype)  # the fitting's own precision, as EnergyFitting does
+        e = _FusedFitting.apply(D.reshape(-1, D.shape[-1]), t.reshape(-1), self.fitting).view(atype.shape)
+        return (e + self.fitting.bias_atom_e[t] + self.out_bias[t]) * (atype >= 0)
 
     def forward(self, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor], mapping: Tensor | None = None) -> Tensor:
         return self.atomic_energy(coord_ext, atype_ext, nlists, mapping)

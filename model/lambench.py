@@ -101,23 +101,42 @@ def efficiency(model, systems: list[System], natoms: int = 1000, repeats: int = 
 
 def speedup(model, other, s: System, natoms: int = 1000, repeats: int = 7) -> dict:
     """Wall time of `model` vs `other` (e.g. its compressed form) on the first frame of `s` grown
-    to >= natoms atoms. Calls alternate between the two, so a busy machine slows both alike; the
-    best call of each counts."""
-    from .infer import evaluate
+    to >= natoms atoms, two ways: the model evaluation (energy + forces from the coordinates, on a
+    neighbour list built once and handed to both, as LAMMPS reuses its list between rebuilds):
+    `speedup`; and the whole `infer.evaluate` call, neighbour list (numpy, the same code for both)
+    included: `speedup_with_nlist`. Calls alternate between the two models, so a busy machine
+    slows both alike; the best call of each counts, the median of the per-round ratios is kept too."""
+    from .data import collate
+    from .infer import _graph, evaluate
+    from .potential import predict
 
     rcut = float(model.cfg.descriptor.rcut)
     coord, box, atype = grow(s, natoms, rcut)
+    frame = System("grown", list(model.type_map), atype, coord[None], None if box is None else box[None])
+    graph = _graph(model, coord, box, atype)  # both models ask for the same list (same rcut and sel)
+    batches = {m: collate([(frame, 0, graph)], m.dtype).to(m.out_bias.device) for m in (model, other)}
 
-    def once(m) -> float:
+    def timed(f) -> float:
         t0 = time.perf_counter()
-        evaluate(m, coord, box, atype, virial=False)
+        f()
         return time.perf_counter() - t0
 
-    once(model), once(other)  # warm-up
-    pairs = [(once(model), once(other)) for _ in range(repeats)]
-    t_model, t_other = min(p[0] for p in pairs), min(p[1] for p in pairs)
-    return {"natoms": int(len(atype)), "seconds_model": t_model, "seconds_compressed": t_other,
-            "speedup": t_model / t_other if t_other > 0 else None}
+    def alone(m) -> float:
+        return timed(lambda: predict(m, batches[m], forces=True).force.cpu())
+
+    def full(m) -> float:
+        return timed(lambda: evaluate(m, coord, box, atype, virial=False))
+
+    for m in (model, other, model, other):  # warm-up
+        alone(m), full(m)
+    a = np.array([(alone(model), alone(other)) for _ in range(repeats)])  # [repeats, 2]
+    f = np.array([(full(model), full(other)) for _ in range(repeats)])
+    ratio = lambda t: float(t[:, 0].min() / t[:, 1].min())  # noqa: E731
+    return {"natoms": int(len(atype)), "seconds_model": float(a[:, 0].min()), "seconds_compressed": float(a[:, 1].min()),
+            "speedup": ratio(a), "speedup_median": float(np.median(a[:, 0] / a[:, 1])),
+            "seconds_model_with_nlist": float(f[:, 0].min()), "seconds_compressed_with_nlist": float(f[:, 1].min()),
+            "speedup_with_nlist": ratio(f), "timing": "model evaluation on a shared neighbour list (speedup); "
+                                                      "whole evaluate call, neighbour list included (speedup_with_nlist)"}
 
 
 # ----------------------------------------------------------------------------- stability

@@ -94,15 +94,29 @@ def test_tabulated_se_e2_a_forward_and_fused_path_match_se_e2_a(chon, one_side):
     torch.testing.assert_close(fused, ref.descriptor, rtol=0, atol=1e-12)
 
 
-def test_fused_contraction_gradient_matches_finite_differences(chon):
+def test_fused_descriptor_and_fitting_gradients_match_finite_differences(chon):
+    # the analytic backward of the fused path (env matrix, tables, contraction; fitting nets)
     desc = {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": [6, 10, 6], "neuron": [4, 8], "axis_neuron": 2, "seed": 3}
     cm = compress_model(fitted_model(["C", "H", "O"], desc, [chon[0].subset(range(4))]), min_nbor_dist=0.9)
-    from lamflow.model.compress import _TabulatedContraction
+    s = chon[0]
+    reqs = cm.nlist_requests()
+    batch = collate([(s, k, build_graph(s.coord[k], None, s.atype, reqs)) for k in range(2)], torch.float64)
+    coord_ext, atype_ext = extended_inputs(batch, torch.float64)
+    coord_ext = coord_ext.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: cm.descriptor.features(x, atype_ext, batch.nlists), (coord_ext,))
+    assert torch.autograd.gradcheck(lambda x: cm.atomic_energy(x, atype_ext, batch.nlists), (coord_ext,))
 
-    d = cm.descriptor
-    R = (torch.rand(5, 7, 4, dtype=torch.float64) * 3 - 1).requires_grad_(True)
-    rows = d.locate(R[..., 0].detach(), torch.randint(0, 3, (5, 7)))
-    assert torch.autograd.gradcheck(lambda R: _TabulatedContraction.apply(R, rows, d.starts, d.coef, 2), (R,))
+
+def test_fused_path_in_chunks_with_recomputed_backward_gives_the_same_forces(water, water_model, monkeypatch):
+    from lamflow.model.compress import _FusedSeE2A
+
+    cm = compress_model(water_model, min_nbor_dist=0.9)
+    ref = evaluate(cm, water.coord[:2], water.box[:2], water.atype)
+    monkeypatch.setattr(cm.descriptor, "chunk_elems", 7 * 138 * 32)  # chunks of 7 centres, the last one short
+    monkeypatch.setattr(_FusedSeE2A, "keep_bytes", 0)  # the backward recomputes the pair terms
+    got = evaluate(cm, water.coord[:2], water.box[:2], water.atype)
+    for k in ("energy", "force", "virial"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-10)
 
 
 def test_compressed_model_matches_original_on_water_frames(water, water_model):

@@ -127,7 +127,7 @@ def test_quickstart_runs_end_to_end_and_its_outputs_load(tmp_path, monkeypatch, 
 # the measured values, which sit well inside them (so noise does not fail this, a regression does).
 FORCE_RATIO = 0.5  # force RMSE / RMS of the DFT forces (the dummy model's force RMSE)
 ENERGY_RATIO = 1.0  # energy RMSE / the per-element-linear baseline's
-SPEEDUP = 1.2  # compression; 1.5x is the target, 1.2x leaves room for a busy CI machine's timing noise
+SPEEDUP = 1.5  # compression, on a shared neighbour list (the target); measured 1.62-1.85x at load 2-6
 
 
 def assert_quickstart_learns(summary: dict, md: str) -> None:
