@@ -211,7 +211,7 @@ class CheckpointStore:
         return Path(dest) / "model.ckpt"
 
     def hook(self):
-        """An `on_checkpoint(path, step)` for lamflow.model.train: sync after each save."""
+        """An `on_checkpoint(path, step)` for lamflow.model.training.trainer: sync after each save."""
         def on_checkpoint(path: Path, step: int) -> None:
             self.save(Path(path).parent, step)
         return on_checkpoint

@@ -1,8 +1,8 @@
 """Pretrain: train the base model on the pretraining datasets.
 
 Several datasets train one multi-task model (one fitting head per dataset, shared descriptor)
-when lamflow.model.multitask is available; a single dataset trains one energy model with
-lamflow.model.train.train. Either way the run continues from its last checkpoint when the step
+when lamflow.model.training.multitask is available; a single dataset trains one energy model with
+lamflow.model.training.trainer.train. Either way the run continues from its last checkpoint when the step
 is rerun (`restart="auto"` in `resume_dir`, or in the step's own output folder), and on Argo
 from the checkpoint synced to the store (`checkpoint_store`, ops/checkpoint_store.py) when the
 pod is gone. `nproc > 1` trains data-parallel under torchrun in the pod (ops/torchrun.py).

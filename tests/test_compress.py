@@ -16,16 +16,16 @@ from physics import PotentialContract
 
 import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
 
-from lamflow.model.checkpoint import load_model, read_checkpoint, save_model
-from lamflow.model.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model, hermite_coefficients,
-                                    net_derivatives)
-from lamflow.model.config import ModelConfig
-from lamflow.model.data import DataSet, collate, load_systems
+from lamflow.model.io.checkpoint import load_model, read_checkpoint, save_model
+from lamflow.model.tasks.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model,
+    hermite_coefficients, net_derivatives)
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.data.systems import DataSet, collate, load_systems
 from lamflow.model.errors import ConfigError
-from lamflow.model.infer import evaluate
-from lamflow.model.neighbor import build_graph
-from lamflow.model.potential import EnergyModel, extended_inputs
-from lamflow.model.stats import fit_statistics
+from lamflow.model.nn.infer import evaluate
+from lamflow.model.data.neighbor import build_graph
+from lamflow.model.nn.potential import EnergyModel, extended_inputs
+from lamflow.model.training.stats import fit_statistics
 from lamflow.workflows.cli import main
 
 E_TOL, F_TOL = 1e-8, 1e-7  # eV/atom, eV/A
@@ -97,7 +97,7 @@ def test_tabulated_se_e2_a_forward_and_fused_path_match_se_e2_a(chon, one_side):
 def test_fused_contraction_gradient_matches_finite_differences(chon):
     desc = {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": [6, 10, 6], "neuron": [4, 8], "axis_neuron": 2, "seed": 3}
     cm = compress_model(fitted_model(["C", "H", "O"], desc, [chon[0].subset(range(4))]), min_nbor_dist=0.9)
-    from lamflow.model.compress import _TabulatedContraction
+    from lamflow.model.tasks.compress import _TabulatedContraction
 
     d = cm.descriptor
     R = (torch.rand(5, 7, 4, dtype=torch.float64) * 3 - 1).requires_grad_(True)
@@ -117,7 +117,7 @@ def test_compressed_model_matches_original_on_water_frames(water, water_model):
 
 def test_compressed_model_matches_original_on_chon_nopbc_frames(chon):
     desc = {"type": "se_e2_a", "rcut": 6.0, "rcut_smth": 1.0, "sel": "auto", "neuron": [8, 16], "axis_neuron": 4, "seed": 5}
-    from lamflow.model.train import resolve_sel
+    from lamflow.model.training.trainer import resolve_sel
 
     desc = resolve_sel(ModelConfig(type_map=["C", "H", "O"], descriptor=desc).descriptor, chon, 3).model_dump()
     model = fitted_model(["C", "H", "O"], desc, [s.subset(range(8)) for s in chon])
@@ -158,7 +158,7 @@ def test_inputs_beyond_the_table_extrapolate_linearly_and_warn(water, water_mode
 
 
 def test_compressed_checkpoint_round_trips_and_runs_in_lamflow_test(tmp_path, water, water_model, capsys):
-    from lamflow.model.distill import write_npy
+    from lamflow.model.tasks.distill import write_npy
 
     data = write_npy(water.subset(range(0, 80, 16)), tmp_path / "water5")  # 5 frames, deepmd/npy
     src = save_model(water_model, tmp_path / "model.ckpt")

@@ -25,10 +25,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.checkpoint import load_model
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.errors import ConfigError, DataError
-    from lamflow.model.evaluate import transferability
-    from lamflow.model.report import short_names
+    from lamflow.model.tasks.evaluate import transferability
+    from lamflow.model.tasks.report import short_names
 
     for s in args.system:
         if not Path(s).exists():
