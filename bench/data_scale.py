@@ -114,7 +114,7 @@ def child(args) -> None:
     import torch
     import yaml
 
-    from lamflow.model.nn.config import load_train_config
+    from lamflow.model.training.config import load_train_config
     from lamflow.model.training.loss import EnergyLoss
     from lamflow.model.training.trainer import train
 

@@ -170,7 +170,7 @@ def student_model(paths: dict | None, workdir: Path, steps: int, log_fn=log):
             return load_model(paths["model.ckpt.pt"]).eval(), "deepmd-kit weights (imported)"
         except Exception as e:  # importer missing or refusing: train our own below
             log_fn(f"could not import deepmd-kit's checkpoint ({type(e).__name__}: {e}); training lamflow's own")
-    from lamflow.model.nn.config import TrainConfig
+    from lamflow.model.training.config import TrainConfig
     from lamflow.model.training.trainer import train
 
     raw = json.loads(DP_INPUT.read_text())

@@ -166,7 +166,8 @@ def run_ours(cfg: dict, work: Path, threads: int, init: Path) -> dict:
 def _ours_from_init(cfg_path: str, init: str, out: str) -> None:
     """Subprocess body: lamflow training from the imported initial weights."""
     from lamflow.model.io.checkpoint import read_checkpoint
-    from lamflow.model.nn.config import parse_config, TrainConfig, read_yaml
+    from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import TrainConfig, read_yaml
     from lamflow.model.training.trainer import train
 
     cfg = parse_config(TrainConfig, read_yaml(Path(cfg_path)), cfg_path)

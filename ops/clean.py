@@ -22,7 +22,7 @@ def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, 
     """Clean each dataset of the staged `data` into out_dir (same layout); write each dataset's
     clean.json / clean.png / report.md under report_dir/<dataset>/ and report_dir/summary.json."""
     from lamflow.model.tasks.clean import CleanConfig, clean
-    from lamflow.model.nn.config import parse_config
+    from lamflow.model.schema import parse_config
 
     cfg = parse_config(CleanConfig, config or {}, "stages.clean.config")
     out, rep = Path(out_dir), Path(report_dir)

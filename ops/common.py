@@ -108,7 +108,8 @@ def train_config_dict(settings: dict, type_map: list[str], train: list[str], val
 
 def train_config(settings: dict, type_map: list[str], train: list[str], valid: list[str] | None, fmt: str = "auto",
                  source: str = "stage config", threads: int = 0):
-    from lamflow.model.nn.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     return parse_config(TrainConfig, train_config_dict(settings, type_map, train, valid, fmt, threads), source)
 
@@ -141,7 +142,8 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
     checkpoint is restored first and every save is synced. `launcher`: torchrun arguments, to
     train data-parallel in several processes (the config is checked here first, before any
     process starts). Returns the metrics of the trained model (train.json)."""
-    from lamflow.model.nn.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     work = Path(work)
     if kind == "multitask":
@@ -185,7 +187,7 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
 
 
 def write_json(path: Path, obj) -> Path:
-    from lamflow.model.io.checkpoint import atomic_write_text
+    from lamflow.model.io.files import atomic_write_text
 
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
 

@@ -19,7 +19,7 @@ def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: 
                 device: str = "auto", log=print) -> dict:
     """Distill `teacher` (a checkpoint, or a folder with model.ckpt) on `dataset`; write the
     student (model.ckpt), distill.json, the report plots and summary.json into out_dir."""
-    from lamflow.model.nn.config import parse_config
+    from lamflow.model.schema import parse_config
     from lamflow.model.tasks.distill import DistillConfig, distill
 
     cfg = parse_config(DistillConfig, config or {}, "stages.distill.config")

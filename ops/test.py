@@ -1,7 +1,7 @@
 """Test: errors of a model on one downstream system (its valid and test splits).
 
 With a pretrained model as well, also the zero-shot errors: the pretrained model with only its
-per-element energy bias re-fitted on the system's training data (lamflow.model.training.finetune.zero_shot),
+per-element energy bias re-fitted on the system's training data (lamflow.model.training.pretrained.zero_shot),
 so the report can show how much fine-tuning gained.
 
 Every error stands next to the composition-only baseline (lamflow.model.tasks.baseline, fitted on the
@@ -137,7 +137,7 @@ def _cell(key: str, v) -> str:
 def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, device, log) -> dict:
     from lamflow.model.io.checkpoint import resolve_device
     from lamflow.model.data.systems import load_systems
-    from lamflow.model.training.finetune import zero_shot
+    from lamflow.model.training.pretrained import zero_shot
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
     net = zero_shot(_ckpt(pretrained), train, branch=branch).to(resolve_device(device))
@@ -149,7 +149,8 @@ def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: 
     """evaluate_systems, but NaN/inf errors are refused (naming system and frame) before anything
     is written; suspicious labels get one warning line."""
     from lamflow.model.training.data_warnings import refuse_non_finite, warn_suspicious
-    from lamflow.model.tasks.evaluate import collect, parity_plot, predict_systems
+    from lamflow.model.training.metrics import collect, predict_systems
+    from lamflow.model.tasks.evaluate import parity_plot
 
     warn_suspicious(systems, source)
     per = predict_systems(net, systems)

@@ -82,7 +82,8 @@ def run_worker(job: dict) -> None:
 
         train_multitask(parse_multitask_config(cfg, "job"), out, restart="auto", on_checkpoint=hook)
         return
-    from lamflow.model.nn.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     tc = parse_config(TrainConfig, cfg, "job")
     if kind == "finetune":

@@ -10,7 +10,7 @@ import pytest
 from conftest import data_path
 
 from lamflow.model.tasks.baseline import baseline_errors, fit_baseline
-from lamflow.model.io.checkpoint import save_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import System, load_systems
 from lamflow.model.tasks.lambench import grow, stability

@@ -5,7 +5,7 @@ import numpy as np
 from conftest import data_path
 
 from lamflow.model.training.bias_check import underdetermined_bias
-from lamflow.model.nn.config import TrainConfig
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.trainer import train
 

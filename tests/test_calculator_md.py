@@ -12,7 +12,7 @@ from conftest import data_path
 
 from lamflow.model.tasks.calculator import LamflowCalculator
 from lamflow.model.tasks.compress import compress
-from lamflow.model.nn.config import TrainConfig
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import DataError
 from lamflow.model.nn.infer import evaluate

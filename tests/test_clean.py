@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.io.checkpoint import save_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.clean import CleanConfig, clean
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import load_systems

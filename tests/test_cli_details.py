@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, data_path
 
-from lamflow.model.io.checkpoint import save_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.multitask import EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.nn.potential import EnergyModel

@@ -16,7 +16,8 @@ from physics import PotentialContract
 
 import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
 
-from lamflow.model.io.checkpoint import load_model, read_checkpoint, save_model
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model,
     hermite_coefficients, net_derivatives)
 from lamflow.model.nn.config import ModelConfig
@@ -117,7 +118,7 @@ def test_compressed_model_matches_original_on_water_frames(water, water_model):
 
 def test_compressed_model_matches_original_on_chon_nopbc_frames(chon):
     desc = {"type": "se_e2_a", "rcut": 6.0, "rcut_smth": 1.0, "sel": "auto", "neuron": [8, 16], "axis_neuron": 4, "seed": 5}
-    from lamflow.model.training.trainer import resolve_sel
+    from lamflow.model.training.stats import resolve_sel
 
     desc = resolve_sel(ModelConfig(type_map=["C", "H", "O"], descriptor=desc).descriptor, chon, 3).model_dump()
     model = fitted_model(["C", "H", "O"], desc, [s.subset(range(8)) for s in chon])

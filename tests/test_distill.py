@@ -11,7 +11,7 @@ from conftest import data_path
 
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.model.tasks.compress import compress
-from lamflow.model.nn.config import TrainConfig
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.data.systems import load_systems
 from lamflow.model.tasks.distill import (Counts, DistillConfig, ExplorationConfig, Frames, LabellingConfig, dedup,
     distill, explore, label, load_distill_config)

@@ -11,7 +11,9 @@ import yaml
 from conftest import REPO, data_path
 from physics import PotentialContract
 
-from lamflow.model.nn.config import ModelConfig, TrainConfig, parse_config
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.schema import parse_config
 from lamflow.model.data.systems import load_systems, max_neighbor_counts
 from lamflow.model.nn.descriptor.base import EnvMatBlock
 from lamflow.model.errors import ConfigError

@@ -15,7 +15,9 @@ from conftest import REPO, data_path
 from multitask_helpers import write_subset, write_yaml
 from physics import PotentialContract
 
-from lamflow.model.nn.config import DPA3Config, ModelConfig, TrainConfig, parse_config
+from lamflow.model.nn.config import DPA3Config, ModelConfig
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.schema import parse_config
 from lamflow.model.data.systems import load_systems, max_neighbor_counts
 from lamflow.model.nn.descriptor.dpa3 import DPA3, from_deepmd_key
 from lamflow.model.errors import ConfigError

@@ -18,7 +18,8 @@ import pytest
 import torch
 from deepmd_helpers import load_frames, REPO, _env, deeppot_eval, ensure_deepmd_venv
 
-from lamflow.model.io.checkpoint import load_model, save_model
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.compress import compress
 from lamflow.model.io.deepmd_export import export_deepmd, export_payload
 from lamflow.model.io.deepmd_import import convert_state

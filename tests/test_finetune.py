@@ -11,14 +11,16 @@ import yaml
 from conftest import data_path
 from multitask_helpers import PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, TYPE_MAP_ALL, pretrained, write_subset  # noqa: F401
 
-from lamflow.model.io.checkpoint import load_model, save_model
-from lamflow.model.nn.config import load_train_config
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.io.payload import save_model
+from lamflow.model.training.config import load_train_config
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
-from lamflow.model.training.finetune import change_bias, finetune, zero_shot
+from lamflow.model.training.pretrained import change_bias, zero_shot
+from lamflow.model.training.finetune import finetune
 from lamflow.model.nn.infer import evaluate_system
 from lamflow.model.training.multitask import load_branch
-from lamflow.model.training.stats import energy_bias
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 

@@ -7,10 +7,12 @@ import pytest
 
 from conftest import data_path
 
-from lamflow.model.io.checkpoint import read_checkpoint, save_model
+from lamflow.model.io.checkpoint import read_checkpoint
+from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.clean import CleanConfig, clean
 from lamflow.model.tasks.compress import compress
-from lamflow.model.nn.config import ModelConfig, TrainConfig
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.denoise import MASK
 from lamflow.model.training.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.nn.potential import EnergyModel

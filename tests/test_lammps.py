@@ -66,7 +66,7 @@ def test_data_file_and_input_hold_what_lammps_needs(tmp_path):
 
 
 def test_md_engine_lammps_dry_run_writes_inputs_and_prints_commands(tmp_path, capsys):
-    from lamflow.model.io.checkpoint import save_model
+    from lamflow.model.io.payload import save_model
     from lamflow.model.nn.potential import EnergyModel
 
     model = EnergyModel.from_config({"type_map": TYPE_MAP, "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5,
@@ -92,7 +92,7 @@ def lammps():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small se_e2_a trained briefly on water (real forces, so the MD is not free flight)."""
-    from lamflow.model.nn.config import TrainConfig
+    from lamflow.model.training.config import TrainConfig
     from lamflow.model.training.trainer import train
 
     cfg = TrainConfig.model_validate({

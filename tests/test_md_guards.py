@@ -12,7 +12,7 @@ import torch
 from conftest import data_path
 
 from lamflow.model.tasks.calculator import LamflowCalculator
-from lamflow.model.io.checkpoint import save_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.compress import compress_model
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import load_systems

@@ -262,7 +262,7 @@ def test_production_template_passes_validate_for_argo(capsys):
 def test_finetune_from_a_given_checkpoint_gets_it_as_an_input_artifact(tmp_path):
     import torch
 
-    from lamflow.model.io.checkpoint import save_model
+    from lamflow.model.io.payload import save_model
     from lamflow.model.nn.config import ModelConfig
     from lamflow.model.nn.potential import EnergyModel
 

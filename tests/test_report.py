@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.io.checkpoint import save_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.tasks.evaluate import transferability
 from lamflow.model.nn.potential import EnergyModel

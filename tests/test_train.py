@@ -10,12 +10,13 @@ import torch
 import yaml
 from conftest import data_path
 
-from lamflow.model.io.checkpoint import load_model, read_checkpoint, save_model
-from lamflow.model.nn.config import load_train_config
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
+from lamflow.model.training.config import load_train_config
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, TrainingError
 from lamflow.model.tasks.evaluate import evaluate_systems
-from lamflow.model.training.stats import energy_bias
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 

@@ -27,8 +27,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.io.checkpoint import save_model
-    from lamflow.model.io.deepmd_import import load_any
+    from lamflow.model.io.payload import save_model
+    from lamflow.model.training.pretrained import read_model as load_any
 
     model, _ = load_any(args.model)
     new = change_model_bias(model, args.system, args.bias, args.branch, args.mode == "change", str(args.model))
@@ -44,7 +44,7 @@ def change_model_bias(model, systems, bias, branch, keep: bool, source: str) -> 
 
     from lamflow.model.data.systems import load_systems
     from lamflow.model.errors import ConfigError
-    from lamflow.model.training.finetune import change_bias
+    from lamflow.model.training.pretrained import change_bias
 
     target = model
     if getattr(model, "kind", "energy") == "multitask":

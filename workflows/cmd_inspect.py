@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-    from lamflow.model.tasks.coverage import trained_elements
+    from lamflow.model.data.coverage import trained_elements
 
     payload = read_checkpoint(args.model)
     model = build_from_payload(payload, str(args.model))

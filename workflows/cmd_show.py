@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.io.deepmd_import import load_any
+    from lamflow.model.training.pretrained import read_model as load_any
 
     model, payload = load_any(args.model)
     info = model_info(model, payload, str(args.model))

@@ -33,7 +33,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lamflow.model.nn.config import TrainConfig, read_yaml, strip_comments
+from lamflow.model.training.config import TrainConfig, read_yaml
+from lamflow.model.schema import strip_comments
 from lamflow.model.errors import LamflowError
 
 STAGES = ("clean", "pretrain", "finetune", "test", "distill", "compress")

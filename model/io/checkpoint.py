@@ -1,86 +1,20 @@
 """Self-describing checkpoints: {format, version, kind, config, type_map, state_dict[, train_state]}.
 
-Written to a temporary file in the same folder and renamed (`os.replace`), so a killed process
-never leaves a half-written checkpoint; read with `torch.load(weights_only=True)`, which runs
-no code from the file.
+Written atomically (io/payload.py, io/files.py: temporary file + `os.replace`, so a killed process
+never leaves a half-written checkpoint); read here with `torch.load(weights_only=True)`, which runs
+no code from the file, and rebuilt into the model its kind names.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from lamflow.model.errors import CheckpointError
-
-FORMAT = "lamflow-model"
-VERSION = 1
-
-
-_STARTED = time.time()  # temporaries older than this process were left by a killed one
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete `.NAME.*.tmp` files next to `path` that an earlier, killed writer left behind (SIGKILL
-    between the temp write and os.replace). Only files older than this process are touched, so a
-    temporary another live process is writing right now is left alone."""
-    path = Path(path)
-    gone = []
-    if path.parent.is_dir():
-        for f in path.parent.glob(f".{path.name}.*.tmp"):
-            try:
-                if f.stat().st_mtime < _STARTED:
-                    f.unlink()
-                    gone.append(f)
-            except FileNotFoundError:
-                pass
-    return gone
-
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
-def model_payload(model, kind: str | None = None, extra: dict | None = None) -> dict:
-    kind = kind or getattr(model, "kind", "energy")
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": kind,
-        "config": model.cfg.model_dump(mode="json"),
-        "type_map": list(model.type_map),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **(extra or {}),
-    }
-
-
-def save_model(model, path, kind: str | None = None, extra: dict | None = None) -> Path:
-    return atomic_save(model_payload(model, kind, extra), path)
+from lamflow.model.io.deepmd_import import is_deepmd_payload, payload_from_deepmd
+from lamflow.model.io.payload import FORMAT, VERSION
 
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu", branch: str | None = None) -> dict:
@@ -94,8 +28,6 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu", branch: str | N
     except Exception as e:  # not a torch file, or one that needs code to load
         raise CheckpointError(f"{path}: {load_failure(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        from lamflow.model.io.deepmd_import import is_deepmd_payload, payload_from_deepmd
-
         if is_deepmd_payload(payload):
             return payload_from_deepmd(payload, str(path), branch)
         hint = " (a deepmd-kit checkpoint? use `lamflow import-deepmd`)" if isinstance(payload, dict) and "model" in payload else ""

@@ -51,8 +51,10 @@ from typing import Any, Callable
 import torch
 from pydantic import ValidationError
 
-from lamflow.model.io.checkpoint import FORMAT, atomic_save, model_payload
-from lamflow.model.nn.config import ModelConfig, format_validation_error
+from lamflow.model.io.payload import FORMAT, model_payload
+from lamflow.model.io.files import atomic_save
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.schema import format_validation_error
 from lamflow.model.errors import CheckpointError
 
 _MISSING = object()
@@ -575,14 +577,6 @@ def is_deepmd_checkpoint(path: str | os.PathLike) -> bool:
     except Exception:
         return False
     return isinstance(obj, dict) and obj.get("format") != FORMAT and is_deepmd_payload(obj)
-
-
-def load_any(path: str | os.PathLike, branch: str | None = None):
-    """(model, payload) from a lamflow checkpoint or a deepmd-kit one (converted on the fly)."""
-    from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-
-    payload = read_checkpoint(path, branch=branch)
-    return build_from_payload(payload, str(path)).eval(), payload
 
 
 def ensure_lamflow_checkpoint(path: str | os.PathLike, branch: str | None = None,

@@ -1,5 +1,6 @@
-"""Typed, validated configs. Key names and defaults follow deepmd-kit's input.json (argcheck),
-so the `model`, `learning_rate`, `loss` and `training` sections of a deepmd-kit input can be reused.
+"""Typed, validated model configs (descriptors, fitting net, the model). Key names and defaults
+follow deepmd-kit's input.json (argcheck), so the `model` section of a deepmd-kit input can be
+reused; the `learning_rate`, `loss` and `training` sections are in training/config.py.
 
 Validated once at the edge (`load_train_config`); inner code receives these frozen objects.
 Where we deviate from deepmd-kit's argcheck default we say so next to the field.
@@ -7,26 +8,19 @@ Where we deviate from deepmd-kit's argcheck default we say so next to the field.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from lamflow.model.errors import ConfigError
+from lamflow.model.schema import Strict
 
 Precision = Literal["default", "float64", "float32"]
 
 # Upper bounds on sizes: far above any real model (deepmd-kit examples use sel <= ~500 per type,
-# widths <= 1024, 10^7 steps), low enough that a typo (1e12) is refused before memory or time runs out.
+# widths <= 1024), low enough that a typo (1e12) is refused before memory or time runs out.
 MAX_SEL = 4096  # neighbours per type (or in total for mixed-type descriptors)
 MAX_WIDTH = 65536  # neurons in one layer
-MAX_STEPS = 10**9  # training steps
-MAX_BATCH = 10**6  # frames per batch
 Activation = Literal["tanh", "gelu", "gelu_tf", "relu", "silu", "softplus", "sigmoid", "linear", "none"]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def dtype_name(precision: str) -> str:
@@ -450,136 +444,3 @@ class ModelConfig(Strict):
         return dtype_name(self.descriptor.precision)
 
 
-class LearningRateConfig(Strict):
-    type: Literal["exp"] = "exp"
-    start_lr: float = Field(1e-3, gt=0)
-    stop_lr: float = Field(1e-8, gt=0)
-    decay_steps: int = Field(5000, gt=0)
-    scale_by_worker: Literal["linear", "sqrt", "none"] = "linear"
-
-
-class LossConfig(Strict):
-    type: Literal["ener"] = "ener"
-    start_pref_e: float = Field(0.02, ge=0)
-    limit_pref_e: float = Field(1.0, ge=0)
-    start_pref_f: float = Field(1000.0, ge=0)
-    limit_pref_f: float = Field(1.0, ge=0)
-    start_pref_v: float = Field(0.0, ge=0)
-    limit_pref_v: float = Field(0.0, ge=0)
-
-    @model_validator(mode="after")
-    def _something_to_fit(self):
-        if not any((self.start_pref_e, self.limit_pref_e, self.start_pref_f, self.limit_pref_f, self.start_pref_v,
-                    self.limit_pref_v)):
-            raise ValueError("every prefactor (start_pref_e/f/v, limit_pref_e/f/v) is 0: the loss fits nothing")
-        return self
-
-
-class DataConfig(Strict):
-    systems: Union[str, list[str]]
-    batch_size: Union[int, str] = "auto"  # int, "auto" (>= 32 atoms per batch) or "auto:N"
-    numb_btch: int = Field(1, gt=0)  # validation batches per display step
-    fmt: str = "auto"  # dpdata format; "auto" detects deepmd/npy and deepmd/raw
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_size(cls, v):
-        if isinstance(v, int):
-            if not 1 <= v <= MAX_BATCH:
-                raise ValueError(f"batch_size {v}: give 1..{MAX_BATCH} frames, 'auto' or 'auto:N'")
-        elif v != "auto":
-            n = v[5:] if v.startswith("auto:") else None
-            if n is None or not n.isdigit() or not 1 <= int(n) <= 10**7:
-                raise ValueError(f"batch_size {v!r}: give an int, 'auto' or 'auto:N' with N atoms per batch (N >= 1)")
-        return v
-
-    @property
-    def system_list(self) -> list[str]:
-        return [self.systems] if isinstance(self.systems, str) else list(self.systems)
-
-
-class TrainingLoopConfig(Strict):
-    """The training-loop keys shared by single-task, multi-task and distillation-student training."""
-
-    numb_steps: int = Field(1000, ge=0, le=MAX_STEPS)
-    seed: int | None = None
-    disp_freq: int = Field(100, gt=0)
-    save_freq: int = Field(1000, gt=0)
-    max_ckpt_keep: int = Field(2, gt=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None  # torch intra-op threads (CPU); None leaves torch's default
-    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = "auto"  # DataLoader workers (auto: min(4, cores - 1) on CPU)
-    stat_file: str | None = None  # cached data statistics (deepmd-kit's stat_file); None: OUT/stat_file.pt
-
-
-class TrainingConfig(TrainingLoopConfig):
-    training_data: DataConfig
-    validation_data: DataConfig | None = None
-
-
-class TrainConfig(Strict):
-    model: ModelConfig
-    learning_rate: LearningRateConfig = LearningRateConfig()
-    loss: LossConfig = LossConfig()
-    training: TrainingConfig
-
-
-def strip_comments(obj: Any) -> Any:
-    """Drop keys starting with '_' (deepmd-kit inputs use "_comment")."""
-    if isinstance(obj, dict):
-        return {k: strip_comments(v) for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_"))}
-    if isinstance(obj, list):
-        return [strip_comments(v) for v in obj]
-    return obj
-
-
-def format_validation_error(source: str, err: ValidationError) -> str:
-    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("se_e2_a", "se_atten", "dpa1", "se_a", "se_atten_v2", "dpa2", "dpa3")))
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "union_tag_invalid":
-            msg = f"unknown type {e.get('input', {}).get('type') if isinstance(e.get('input'), dict) else e.get('input')!r}"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
-
-
-def read_yaml(path: Path) -> Any:
-    """Read YAML (or JSON) with safe_load semantics, duplicate keys refused; errors name the file
-    (lamflow.model.io.yamlio, the one YAML reader)."""
-    from lamflow.model.io.yamlio import read_yaml as read
-
-    return read(path)
-
-
-def parse_config(cls: type[BaseModel], raw: Any, source: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        return cls.model_validate(strip_comments(raw))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(source, e)) from None
-
-
-def load_train_config(path: str | Path) -> TrainConfig:
-    """Read a training config; relative data paths are resolved against the config's folder."""
-    path = Path(path)
-    raw = read_yaml(path)
-    cfg = parse_config(TrainConfig, raw, str(path))
-    return resolve_data_paths(cfg, path.parent)
-
-
-def resolve_data_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
-    def fix(dc: DataConfig | None) -> DataConfig | None:
-        if dc is None:
-            return None
-        systems = [str(p if Path(p).is_absolute() else (base / p)) for p in dc.system_list]
-        return dc.model_copy(update={"systems": systems})
-
-    training = cfg.training.model_copy(
-        update={"training_data": fix(cfg.training.training_data), "validation_data": fix(cfg.training.validation_data)}
-    )
-    return cfg.model_copy(update={"training": training})

@@ -26,17 +26,50 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Union
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from lamflow.model.io.checkpoint import atomic_write_text, resolve_device
-from lamflow.model.tasks.clean import ActiveConfig, bias_delta, load_pretrained, write_system
-from lamflow.model.nn.config import DataConfig, ModelConfig, TrainConfig, TrainingConfig
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.io.checkpoint import resolve_device
+from lamflow.model.training.pretrained import bias_delta, load_pretrained
+from lamflow.model.data.write import write_system
+from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainConfig, TrainingConfig
+from lamflow.model.schema import Strict
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import System
 from lamflow.model.errors import ConfigError, DataError
 
 Frames = list[np.ndarray]  # per system, sorted frame indices
+
+
+
+class ActiveConfig(Strict):
+    """Active-learning selection (lam-data-cleaning's keys where one exists)."""
+
+    ratio_init: float = Field(0.1, gt=0, le=1)  # random fraction of the frames to start from
+    ratio_selected: list[float] = [0.1, 0.1]  # per round, fraction of all frames moved to the training set
+    criteria: Literal["rmse_f", "max_f", "devi_f"] = "rmse_f"  # per-frame force RMSE, max atomic force error,
+    #                                                  or ensemble disagreement (max_i std of F_i; no labels used)
+    select_type: Literal["global", "system"] = "global"  # rank all frames together, or each system on its own
+    numb_models: int = Field(2, ge=2)  # ensemble size for criteria devi_f
+    valid_ratio: float = Field(0.1, ge=0, lt=1)  # held out (never selected) for the learning curve
+    seed: int = 1
+    model: ModelConfig | None = None  # architecture when training from scratch (None: needs a pretrained model)
+    learning_rate: LearningRateConfig = LearningRateConfig()
+    loss: LossConfig = LossConfig()
+    numb_steps: int = Field(1000, gt=0)  # per round
+    batch_size: Union[int, str] = "auto"
+    disp_freq: int | None = Field(None, gt=0)  # default numb_steps // 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("ratio_selected")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0 < r <= 1 for r in v):
+            raise ValueError(f"every ratio must be in (0, 1], got {v}")
+        return v
 
 
 @dataclass
@@ -209,11 +242,11 @@ def active_learning(systems: list[System], out_dir: str | os.PathLike, cfg: Acti
 
     curve, rounds = [], []
     if pretrained is not None and valid_sys is not None:
-        from lamflow.model.tasks.clean import refit_bias, retype
-        from lamflow.model.tasks.evaluate import collect
+        from lamflow.model.training.pretrained import refit_bias, retype
+        from lamflow.model.training.metrics import collect
 
         pre = load_pretrained(pretrained, branch)
-        subs = [retype(s.subset(fr), list(pre.type_map)) for s, fr in zip(valid_sys, valid_frames) if len(fr)]
+        subs = [retype(s.subset(fr), list(pre.type_map), missing="none") for s, fr in zip(valid_sys, valid_frames) if len(fr)]
         subs = [s for s in subs if s is not None and s.energy is not None]  # elements it lacks: fine-tuning refuses them
         if subs:
             _, preds, _ = refit_bias(pre, subs)

@@ -4,7 +4,7 @@ least squares on the training frames; forces and virials zero. A model that does
 has learned nothing beyond counting atoms.
 
     base = fit_baseline(train_systems, ntypes)       # e_t [ntypes], eV
-    errs = baseline_errors(base, test_systems)       # same keys as lamflow.model.tasks.evaluate.collect
+    errs = baseline_errors(base, test_systems)       # same keys as lamflow.model.training.metrics.collect
     ratio(model_rmse, base_rmse)                     # < 1: better than the baseline
 
 Energy RMSEs are per atom, forces per component (eV/A), virials per atom, as everywhere else.
@@ -18,7 +18,7 @@ import numpy as np
 
 from lamflow.model.data.systems import System
 
-# metric keys compared with the baseline (lamflow.model.tasks.evaluate.summarize names)
+# metric keys compared with the baseline (lamflow.model.training.metrics.summarize names)
 COMPARED = ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom")
 
 
@@ -54,8 +54,8 @@ def fit_baseline(systems: list[System], ntypes: int) -> Baseline:
 
 
 def baseline_errors(base: Baseline, systems: list[System]) -> dict:
-    """The dummy model's errors in lamflow.model.tasks.evaluate.collect's layout."""
-    from lamflow.model.tasks.evaluate import collect
+    """The dummy model's errors in lamflow.model.training.metrics.collect's layout."""
+    from lamflow.model.training.metrics import collect
 
     return collect([(s, base.predict(s)) for s in systems])
 

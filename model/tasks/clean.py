@@ -2,25 +2,9 @@
 pretrained model covers and how well it transfers zero-shot, and optionally pick a small
 training set by active learning (active.py).
 
-Rules, in order; a frame is dropped by the first rule it fails and listed as
-(system, frame, reason, value):
-
-  non_finite      NaN or inf in coord, box, energy, force or virial
-  max_force       max_i |F_i| > max_force                                       value: eV/A
-  min_distance    two atoms (or an atom and a periodic image) closer than
-                  min_distance                                                  value: A
-  energy_outlier  |z| > energy_outlier_z for the residual per atom of the per-element linear fit
-                      N b = E           N [nframes, ntypes] atom counts, b [ntypes] eV
-                      r = (E - N b) / natoms
-                      z = (r - median r) / max(1.4826 MAD r, energy_outlier_floor)
-                  MAD = median |r - median r| (1.4826 MAD = sigma for a normal law). b is refit
-                  without the outliers until the set of outliers is stable. One fit per input
-                  path: energy references differ between sources.                value: z
-  duplicate       same atoms in the same order, the same cell, every atom within duplicate_tol
-  near_duplicate  of an earlier kept frame after removing a rigid translation (minimum image),
-                  and energy per atom and forces within duplicate_label_tol. The first one is
-                  kept. Frames with the same structure but different labels (the first steps of
-                  an MD run) are kept and counted as `similar`.                 value: A
+Rules (data/checks.py, where each is defined): non_finite, singular_cell, max_force, min_distance,
+energy_outlier, duplicate, near_duplicate; a frame is dropped by the first rule it fails and
+listed as (system, frame, reason, value).
 
 Then the zero-shot transferability of a pretrained model: only its energy bias is refit on the
 kept frames (deepmd-kit's change-by-statistic,  delta b = lstsq(N, E_label - E_model),
@@ -39,71 +23,29 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Union
+from typing import Callable
 
 import numpy as np
-from pydantic import Field, field_validator
-from scipy.spatial import cKDTree
 
-from lamflow.model.io.checkpoint import atomic_write_text
-from lamflow.model.nn.config import LearningRateConfig, LossConfig, ModelConfig, Strict
+from lamflow.model.data.checks import REASONS, RuleConfig, Source, apply_rules
 from lamflow.model.data.systems import System, detect_format, elements_in, find_systems, load_system
-from lamflow.model.errors import CheckpointError, ConfigError, DataError
-from lamflow.model.data.neighbor import find_pairs
-from lamflow.model.training.stats import energy_bias
+from lamflow.model.data.write import write_system
+from lamflow.model.errors import ConfigError, DataError
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.tasks.active import ActiveConfig
+from lamflow.model.training.pretrained import load_pretrained, refit_bias, retype
 
-REASONS = ("non_finite", "singular_cell", "max_force", "min_distance", "energy_outlier", "duplicate", "near_duplicate")
 NATIVE = ("auto", "deepmd/npy", "deepmd/raw")
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-class ActiveConfig(Strict):
-    """Active-learning selection (lam-data-cleaning's keys where one exists)."""
+class CleanConfig(RuleConfig):
+    """The rules' limits (data/checks.py: RuleConfig), then what else the clean stage does."""
 
-    ratio_init: float = Field(0.1, gt=0, le=1)  # random fraction of the frames to start from
-    ratio_selected: list[float] = [0.1, 0.1]  # per round, fraction of all frames moved to the training set
-    criteria: Literal["rmse_f", "max_f", "devi_f"] = "rmse_f"  # per-frame force RMSE, max atomic force error,
-    #                                                  or ensemble disagreement (max_i std of F_i; no labels used)
-    select_type: Literal["global", "system"] = "global"  # rank all frames together, or each system on its own
-    numb_models: int = Field(2, ge=2)  # ensemble size for criteria devi_f
-    valid_ratio: float = Field(0.1, ge=0, lt=1)  # held out (never selected) for the learning curve
-    seed: int = 1
-    model: ModelConfig | None = None  # architecture when training from scratch (None: needs a pretrained model)
-    learning_rate: LearningRateConfig = LearningRateConfig()
-    loss: LossConfig = LossConfig()
-    numb_steps: int = Field(1000, gt=0)  # per round
-    batch_size: Union[int, str] = "auto"
-    disp_freq: int | None = Field(None, gt=0)  # default numb_steps // 10
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @field_validator("ratio_selected")
-    @classmethod
-    def _fractions(cls, v):
-        if any(not 0 < r <= 1 for r in v):
-            raise ValueError(f"every ratio must be in (0, 1], got {v}")
-        return v
-
-
-class CleanConfig(Strict):
-    max_force: float = Field(200.0, gt=0)  # eV/A; failed SCF runs give 1e2-1e4
-    energy_outlier_z: float = Field(8.0, gt=0)  # robust z-score of the residual per atom
-    energy_outlier_floor: float = Field(1e-3, ge=0)  # eV/atom, smallest spread used in z (near-identical energies)
-    duplicate_tol: float = Field(1e-3, ge=0)  # A, max |delta r| of a near duplicate
-    duplicate_label_tol: float = Field(1e-5, ge=0)  # eV/atom and eV/A: labels must agree this well
-    min_distance: float = Field(0.5, ge=0)  # A
     zero_shot: bool = True  # evaluate the pretrained model (when given) after a bias refit
     active: ActiveConfig | None = None  # active-learning selection on the cleaned frames
-
-
-@dataclass
-class Drop:
-    system: str
-    frame: int
-    reason: str
-    value: float
-    detail: str = ""
 
 
 @dataclass
@@ -117,15 +59,6 @@ class CleanResult:
 
 
 # ----------------------------------------------------------------------------- reading / writing
-
-
-@dataclass
-class Source:
-    name: str  # unique, readable: input path past the inputs' common folder + sub path; the output folder
-    path: str
-    group: int  # index of the input path (one energy fit per group)
-    system: System
-    singular: dict = field(default_factory=dict)  # frame -> cell volume, for frames with a singular cell
 
 
 def read_sources(paths: list[str], type_map: list[str], fmt: str = "auto") -> list[Source]:
@@ -199,245 +132,20 @@ def _load_with_singular_cells(path: Path, type_map: list[str], fmt: str) -> tupl
     return out, {str(path): singular}
 
 
-def write_system(s: System, path: str | os.PathLike) -> Path:
-    """deepmd/npy with only the elements present; written beside and renamed into place."""
-    path = Path(path)
-    used = sorted(set(s.atype.tolist()))
-    lut = np.full(max(used) + 1, -1)
-    lut[used] = np.arange(len(used))
-    tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "set.000").mkdir(parents=True)
-    (tmp / "type.raw").write_text("\n".join(str(t) for t in lut[s.atype]) + "\n")
-    (tmp / "type_map.raw").write_text("\n".join(s.elements[t] for t in used) + "\n")
-    nf = s.nframes
-    np.save(tmp / "set.000" / "coord.npy", s.coord.reshape(nf, -1))
-    if s.box is None:
-        (tmp / "nopbc").touch()
-    else:
-        np.save(tmp / "set.000" / "box.npy", s.box.reshape(nf, 9))
-    for key in ("energy", "force", "virial"):
-        a = getattr(s, key)
-        if a is not None:
-            np.save(tmp / "set.000" / f"{key}.npy", a.reshape(nf, -1) if key != "energy" else a)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
-
-
-def retype(s: System, type_map: list[str]) -> System | None:
-    """The same frames with `atype` indexing another type map; None if an element is missing."""
-    names = [s.elements[t] for t in s.atype]
-    if any(n not in type_map for n in names):
-        return None
-    atype = np.array([type_map.index(n) for n in names], dtype=np.int64)
-    return System(s.name, list(type_map), atype, s.coord, s.box, s.energy, s.force, s.virial)
-
-
 # ----------------------------------------------------------------------------- the rules
 
 
-def non_finite(s: System) -> list[tuple[int, str]]:
-    """(frame, key) for each frame with a NaN/inf (first offending key)."""
-    out: dict[int, str] = {}
-    for key in ("coord", "box", "energy", "force", "virial"):
-        a = getattr(s, key)
-        if a is None:
-            continue
-        bad = ~np.isfinite(a.reshape(s.nframes, -1)).all(axis=1)
-        for k in np.nonzero(bad)[0]:
-            out.setdefault(int(k), key)
-    return sorted(out.items())
-
-
-def max_atomic_force(s: System) -> np.ndarray:
-    """[nframes] max_i |F_i| (eV/A)."""
-    return np.linalg.norm(s.force, axis=-1).max(axis=1)
-
-
-def min_distance(s: System, k: int, cutoff: float) -> float:
-    """Smallest interatomic distance of frame k below `cutoff` (periodic images included), else inf."""
-    p = find_pairs(s.coord[k], None if s.box is None else s.box[k], cutoff)
-    return float(p.d.min()) if len(p.d) else float("inf")
-
-
-def energy_zscores(systems: list[System], keep: list[np.ndarray], ntypes: int, z_max: float,
-                   floor: float) -> list[np.ndarray] | None:
-    """Robust z of the per-atom residual of the per-element fit (module docstring), NaN where not
-    kept; None when the frames are too few to judge (fewer than ntypes present + 3)."""
-    idx = [i for i, s in enumerate(systems) if s.energy is not None]
-    n = sum(int(keep[i].sum()) for i in idx)
-    present = {t for i in idx for t in systems[i].atype.tolist()}
-    if n < len(present) + 3:
-        return None
-    inlier = [keep[i].copy() for i in idx]
-    for _ in range(10):
-        bias, _ = energy_bias([systems[i].subset(np.nonzero(m)[0]) for i, m in zip(idx, inlier)], ntypes)
-        r = [(systems[i].energy - systems[i].counts(ntypes) @ bias) / systems[i].natoms for i in idx]
-        pool = np.concatenate([ri[keep[i]] for ri, i in zip(r, idx)])
-        med = np.median(pool)
-        scale = max(1.4826 * np.median(np.abs(pool - med)), floor)
-        z = [(ri - med) / scale for ri in r]
-        new = [keep[i] & (np.abs(zi) <= z_max) for zi, i in zip(z, idx)]
-        if all((a == b).all() for a, b in zip(new, inlier)):
-            break
-        inlier = new
-    out = [np.full(s.nframes, np.nan) for s in systems]
-    for zi, i in zip(z, idx):
-        out[i] = np.where(keep[i], zi, np.nan)
-    return out
-
-
-def structure_keys(s: System) -> np.ndarray:
-    """[nframes, 3 natoms (+9)] translation-free coordinates (+ cell) compared with max |.|:
-    positions relative to atom 0 (minimum image when periodic), then centred."""
-    rel = s.coord - s.coord[:, :1]  # [nf, natoms, 3]
-    if s.box is not None:
-        frac = np.einsum("fai,fij->faj", rel, np.linalg.inv(s.box))
-        rel = np.einsum("fai,fij->faj", frac - np.round(frac), s.box)
-    rel = rel - rel.mean(axis=1, keepdims=True)
-    key = rel.reshape(s.nframes, -1)
-    return key if s.box is None else np.concatenate([key, s.box.reshape(s.nframes, 9)], axis=1)
-
-
-def _labels_agree(a: System, i: int, b: System, j: int, tol: float) -> bool:
-    if (a.energy is None) != (b.energy is None) or (a.force is None) != (b.force is None):
-        return False
-    if a.energy is not None and abs(a.energy[i] - b.energy[j]) / a.natoms > tol:
-        return False
-    if a.force is not None and np.abs(a.force[i] - b.force[j]).max() > tol:
-        return False
-    if a.virial is not None and b.virial is not None and np.abs(a.virial[i] - b.virial[j]).max() / a.natoms > tol:
-        return False
-    return True
-
-
-def find_duplicates(sources: list[Source], keep: list[np.ndarray], tol: float, label_tol: float
-                    ) -> tuple[list[Drop], list[dict]]:
-    """Duplicates among kept frames (later ones dropped) and `similar` pairs (same structure,
-    different labels). Systems are compared when their atoms are the same, in the same order."""
-    groups: dict[tuple, list[int]] = {}
-    for n, src in enumerate(sources):
-        s = src.system
-        groups.setdefault((s.natoms, tuple(s.elements[t] for t in s.atype), s.box is None), []).append(n)
-    drops, similar = [], []
-    for members in groups.values():
-        rows = [(n, k) for n in members for k in np.nonzero(keep[n])[0]]  # global order: system, frame
-        if len(rows) < 2:
-            continue
-        keys = np.concatenate([structure_keys(sources[n].system.subset(np.nonzero(keep[n])[0])) for n in members])
-        pairs = cKDTree(keys).query_pairs(tol, p=np.inf, output_type="ndarray")
-        pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later frame, then the earlier
-        gone: set[int] = set()
-        for a, b in pairs:
-            if b in gone or a in gone:
-                continue
-            (na, ka), (nb, kb) = rows[a], rows[b]
-            sa, sb = sources[na].system, sources[nb].system
-            dr = float(np.abs(keys[a] - keys[b]).max())
-            if _labels_agree(sa, ka, sb, kb, label_tol):
-                gone.add(b)
-                reason = "duplicate" if dr == 0.0 else "near_duplicate"
-                drops.append(Drop(sources[nb].name, int(kb), reason, dr, f"of {sources[na].name} frame {ka}"))
-            else:
-                similar.append({"system": sources[nb].name, "frame": int(kb), "of_system": sources[na].name,
-                                "of_frame": int(ka), "max_dr": dr})
-    return drops, similar
-
-
-def apply_rules(sources: list[Source], cfg: CleanConfig, ntypes: int) -> tuple[list[np.ndarray], list[Drop], dict]:
-    """Keep masks per system, the drops, and per-frame diagnostics for the plots."""
-    keep = [np.ones(src.system.nframes, dtype=bool) for src in sources]
-    drops: list[Drop] = []
-    diag: dict = {"max_force": [], "energy_z": [], "similar": [], "notes": []}
-
-    def drop(n, k, reason, value, detail=""):
-        keep[n][k] = False
-        drops.append(Drop(sources[n].name, int(k), reason, float(value), detail))
-
-    for n, src in enumerate(sources):
-        s = src.system
-        for k, vol in src.singular.items():
-            drop(n, k, "singular_cell", vol, "the cell vectors are (nearly) linearly dependent")
-        for k, key in non_finite(s):
-            if not keep[n][k]:
-                continue
-            drop(n, k, "non_finite", float("nan"), f"{key} contains {'NaN' if np.isnan(getattr(s, key)[k]).any() else 'inf'}")
-        if s.force is not None:
-            fmax = np.where(keep[n], max_atomic_force(s), np.nan)  # [nf]
-            diag["max_force"].append(fmax[keep[n]])
-            for k in np.nonzero(keep[n] & (fmax > cfg.max_force))[0]:
-                drop(n, k, "max_force", fmax[k], f"limit {cfg.max_force} eV/A")
-        if cfg.min_distance > 0:
-            for k in np.nonzero(keep[n])[0]:
-                d = min_distance(s, int(k), cfg.min_distance)
-                if d < cfg.min_distance:
-                    drop(n, k, "min_distance", d, f"limit {cfg.min_distance} A")
-    for g in sorted({src.group for src in sources}):
-        members = [n for n, src in enumerate(sources) if src.group == g]
-        z = energy_zscores([sources[n].system for n in members], [keep[n] for n in members], ntypes,
-                           cfg.energy_outlier_z, cfg.energy_outlier_floor)
-        if z is None:
-            diag["notes"].append(f"energy outliers not checked for {sources[members[0]].path}: too few frames")
-            continue
-        for n, zn in zip(members, z):
-            diag["energy_z"].append(zn[keep[n]])
-            for k in np.nonzero(keep[n] & (np.abs(np.nan_to_num(zn)) > cfg.energy_outlier_z))[0]:
-                drop(n, k, "energy_outlier", zn[k], f"limit |z| {cfg.energy_outlier_z}")
-    dups, diag["similar"] = find_duplicates(sources, keep, cfg.duplicate_tol, cfg.duplicate_label_tol)
-    for d in dups:
-        n = next(i for i, src in enumerate(sources) if src.name == d.system)
-        keep[n][d.frame] = False
-        drops.append(d)
-    return keep, drops, diag
-
-
 # ----------------------------------------------------------------------------- zero-shot
-
-
-def bias_delta(model, systems: list[System]) -> tuple[np.ndarray, list[dict]]:
-    """delta b = lstsq(N, E_label - E_model) on `systems` (indexing the model's type map), and the
-    model's predictions there before the change."""
-    from lamflow.model.nn.infer import evaluate_system
-
-    if getattr(model, "kind", "energy") != "energy" or not hasattr(model, "out_bias"):
-        raise CheckpointError(f"a bias refit needs a single-task energy model, got kind {getattr(model, 'kind', '?')!r}")
-    preds = [evaluate_system(model, s, virial=s.virial is not None and s.box is not None) for s in systems]
-    delta, _ = energy_bias(systems, len(model.type_map), residual=[p["energy"] for p in preds])
-    return delta, preds
-
-
-def refit_bias(model, systems: list[System]) -> tuple[object, list[dict], np.ndarray]:
-    """Copy of `model` with its energy bias refit on `systems` (change-by-statistic, the fine-tuning
-    code's own refit) and its predictions there. `systems` index the model's type map. Returns
-    (model, predictions, delta b)."""
-    from lamflow.model.training.finetune import zero_shot
-    from lamflow.model.nn.infer import evaluate_system
-
-    refit = zero_shot(model, systems)
-    delta = (refit.out_bias - model.out_bias.to(refit.out_bias.device)).detach().cpu().numpy()
-    preds = [evaluate_system(refit, s, virial=s.virial is not None and s.box is not None) for s in systems]
-    return refit, preds, delta
-
-
-def load_pretrained(pretrained: str | os.PathLike, branch: str | None = None, device: str = "cpu"):
-    """The energy model of a checkpoint: a single-task one, or branch `branch` of a multi-task one
-    (None: its only energy branch) as a stand-alone model."""
-    from lamflow.model.io.checkpoint import resolve_device
-    from lamflow.model.training.finetune import energy_model
-
-    return energy_model(pretrained, branch).to(resolve_device(device)).eval()
 
 
 def zero_shot_errors(model, sources: list[tuple[str, System]]) -> tuple[dict, list[tuple[System, dict]]]:
     """Per-frame and per-system errors of a pretrained `model` after one energy-bias refit on all
     `sources` (name, System) together. Systems with elements outside its type map are listed, not
     evaluated."""
-    from lamflow.model.tasks.evaluate import collect
+    from lamflow.model.training.metrics import collect
 
     tm = list(model.type_map)
-    named = [(name, retype(s, tm)) for name, s in sources]
+    named = [(name, retype(s, tm, missing="none")) for name, s in sources]
     skipped = [name for name, s in named if s is None]
     systems = [System(name, s.elements, s.atype, s.coord, s.box, s.energy, s.force, s.virial)
                for name, s in named if s is not None and s.energy is not None]
@@ -480,7 +188,7 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
     pre_tm, pre_model, pre_trained = None, None, None
     if pretrained is not None:
         from lamflow.model.io.checkpoint import read_checkpoint
-        from lamflow.model.tasks.coverage import trained_elements
+        from lamflow.model.data.coverage import trained_elements
 
         pre_payload = read_checkpoint(pretrained)  # CheckpointError before any work
         pre_tm, pre_trained = list(pre_payload.get("type_map") or []), trained_elements(pre_payload, branch)
@@ -529,7 +237,7 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         if coverage["uncovered"]:
             log(f"coverage: element(s) {', '.join(coverage['uncovered'])} not in the pretrained type map {pre_tm}")
         if pre_trained is not None:  # "in the type map" is not "trained on" (coverage.py)
-            from lamflow.model.tasks.coverage import element_coverage
+            from lamflow.model.data.coverage import element_coverage
 
             untrained = element_coverage(data_el, pre_tm, pre_trained)["untrained"]
             coverage.update({"trained_elements": pre_trained, "untrained": untrained})

@@ -52,8 +52,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from lamflow.model.io.checkpoint import read_checkpoint, save_model, build_from_payload, resolve_device
-from lamflow.model.nn.config import ModelConfig, SeE2AConfig, Strict, dtype_name
+from lamflow.model.io.checkpoint import read_checkpoint, build_from_payload, resolve_device
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig, SeE2AConfig, dtype_name
+from lamflow.model.schema import Strict
 from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock
 from lamflow.model.nn.env_mat import switch
 from lamflow.model.errors import CheckpointError, ConfigError, DataError
@@ -488,7 +490,7 @@ def resolve_min_nbor_dist(payload: dict, rcut: float, type_map: list[str], train
 
 
 def _load_training_data(spec: list[str] | str, type_map: list[str], fmt: str):
-    from lamflow.model.nn.config import load_train_config
+    from lamflow.model.training.config import load_train_config
     from lamflow.model.data.systems import load_systems
 
     paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)

@@ -14,70 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from lamflow.model.io.checkpoint import atomic_write_text
-from lamflow.model.data.systems import DataSet, System, load_systems
-from lamflow.model.nn.infer import evaluate_system
-
-
-def system_errors(pred: dict, s: System) -> dict:
-    """Per-frame error arrays (eV/atom, eV/A components, eV/atom)."""
-    out = {}
-    if s.energy is not None:
-        out["e_per_atom"] = (pred["energy"] - s.energy) / s.natoms
-    if s.force is not None and "force" in pred:
-        out["f"] = (pred["force"] - s.force).reshape(-1)
-    if s.virial is not None and "virial" in pred:
-        out["v_per_atom"] = ((pred["virial"] - s.virial) / s.natoms).reshape(-1)
-    return out
-
-
-def summarize(errs: dict, nframes: int, natoms: int) -> dict:
-    m = {"nframes": nframes, "natoms": natoms}
-    names = {"e_per_atom": "e_per_atom", "f": "f", "v_per_atom": "v_per_atom"}
-    for k, name in names.items():
-        if k in errs and len(errs[k]):
-            e = errs[k]
-            m[f"rmse_{name}"] = float(np.sqrt(np.mean(e**2)))
-            m[f"mae_{name}"] = float(np.mean(np.abs(e)))
-    return m
-
-
-def collect(per_system: list[tuple[System, dict]]) -> dict:
-    systems, pooled = {}, {}
-    nf = na = 0
-    for s, pred in per_system:
-        errs = system_errors(pred, s)
-        systems[s.name] = summarize(errs, s.nframes, s.natoms)
-        for k, v in errs.items():
-            pooled.setdefault(k, []).append(v)
-        nf += s.nframes
-        na += s.nframes * s.natoms
-    overall = summarize({k: np.concatenate(v) for k, v in pooled.items()}, nf, na)
-    return {"systems": systems, "overall": overall}
-
-
-def predict_dataset(model, ds: DataSet) -> list[tuple[System, dict]]:
-    from lamflow.model.nn.potential import predict
-
-    device = model.out_bias.device
-    acc: dict[int, dict[str, list]] = {}
-    for i, batch in ds.batches():
-        p = predict(model, batch.to(device), forces=True, virial=batch.box is not None)
-        d = acc.setdefault(i, {"energy": [], "force": [], "virial": []})
-        d["energy"].append(p.energy.detach().double().cpu().numpy())
-        n = ds.systems[i].natoms
-        d["force"].append(p.force.detach().double().cpu().numpy()[:, :n])
-        if p.virial is not None:
-            d["virial"].append(p.virial.detach().double().cpu().numpy())
-    return [(ds.systems[i], {k: np.concatenate(v) for k, v in d.items() if v}) for i, d in sorted(acc.items())]
-
-
-def dataset_metrics(model, ds: DataSet) -> dict:
-    return collect(predict_dataset(model, ds))
-
-
-def predict_systems(model, systems: list[System]) -> list[tuple[System, dict]]:
-    return [(s, evaluate_system(model, s, virial=s.virial is not None and s.box is not None)) for s in systems]
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.data.systems import System, load_systems
+from lamflow.model.training.metrics import collect, predict_systems
 
 
 def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | None = None, label: str = "model",
@@ -203,7 +142,7 @@ def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt:
     parity/<nn>_<system>.png, bars.png and report.md in out_dir. With `zero_shot` (a pretrained
     checkpoint path or model), its energy bias is refit on each system on its own and its errors
     go to zero_shot/metrics.json, beside the model's in compare.json and the report's table."""
-    from lamflow.model.tasks.clean import load_pretrained, refit_bias, retype
+    from lamflow.model.training.pretrained import load_pretrained, refit_bias, retype
     from lamflow.model.tasks.report import Section, bar_chart, compare_table, metrics_table, short_names, write_markdown
 
     out = Path(out_dir)
@@ -227,7 +166,7 @@ def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt:
     if pre is not None:
         zper, skipped = [], []
         for s in systems:
-            r = retype(s, list(pre.type_map))
+            r = retype(s, list(pre.type_map), missing="none")
             if r is None or r.energy is None:
                 skipped.append(s.name)
                 continue

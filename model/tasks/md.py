@@ -32,7 +32,7 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from lamflow.model.io.checkpoint import atomic_write_text
+from lamflow.model.io.files import atomic_write_text
 from lamflow.model.errors import DataError, LamflowError
 
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lamflow.model.io.checkpoint import atomic_write_text
+from lamflow.model.io.files import atomic_write_text
 
 # metric key in metrics.json -> column title
 METRICS = {

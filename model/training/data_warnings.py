@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from lamflow.model.data.systems import System
+from lamflow.model.data.checks import RuleConfig, Source, energy_zscores, find_duplicates, max_atomic_force
 from lamflow.model.errors import DataError
 
 MAX_FRAMES = 2000  # frames looked at per dataset (issue 9: checks scale with a sample, not the data)
@@ -51,10 +52,8 @@ def _sampled(systems: list[System], idx: list[np.ndarray]) -> list[System]:
 
 
 def suspicious_frames(systems: list[System], max_frames: int = MAX_FRAMES) -> dict[str, list[tuple[str, int]]]:
-    """kind -> [(system name, frame)] found on the sample, with lamflow.model.tasks.clean's detectors."""
-    from lamflow.model.tasks.clean import CleanConfig, Source, energy_zscores, find_duplicates, max_atomic_force
-
-    cfg = CleanConfig()
+    """kind -> [(system name, frame)] found on the sample, with the detectors of lamflow clean (data/checks.py)."""
+    cfg = RuleConfig()
     idx = sample_frames(systems, max_frames)
     sub = _sampled(systems, idx)
     found: dict[str, list[tuple[str, int]]] = {"duplicate": [], "max_force": [], "energy_outlier": []}
@@ -84,13 +83,11 @@ WHAT = {"duplicate": "exact duplicate frame(s)", "max_force": "frame(s) with an 
 
 def warn_suspicious(systems: list[System], what: str, log: Callable = print, max_frames: int = MAX_FRAMES) -> str | None:
     """One warning line for the dataset (None when nothing was found); `what` names it."""
-    from lamflow.model.tasks.clean import CleanConfig
-
     if not systems:
         return None
     found = suspicious_frames(systems, max_frames)
     parts = []
-    defaults = CleanConfig().model_dump()
+    defaults = RuleConfig().model_dump()
     for kind, hits in found.items():
         if hits:
             name, k = hits[0]
@@ -139,7 +136,7 @@ def resolved_descriptor(descriptor: dict, type_map: list[str], systems: list[Sys
     systems' neighbour counts), or None when the systems hold more than `max_frames` frames (a
     sample would only give a lower bound of the sel training computes)."""
     from lamflow.model.nn.config import ModelConfig
-    from lamflow.model.training.trainer import resolve_sel
+    from lamflow.model.training.stats import resolve_sel
 
     if sum(s.nframes for s in systems) > max_frames:
         return None

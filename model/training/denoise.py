@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from lamflow.model.nn.config import Activation, Strict
+from lamflow.model.nn.config import Activation
+from lamflow.model.schema import Strict
 from lamflow.model.data.systems import Batch
 from lamflow.model.nn.network import DTYPES, FittingNet, make_generator
 

@@ -42,17 +42,18 @@ import numpy as np
 import torch
 
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.nn.config import ModelConfig, TrainConfig
-from lamflow.model.data.systems import System, elements_in, load_systems, resolve_batch_size
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.data.systems import System, elements_in, resolve_batch_size
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.training.stats import energy_bias
+from lamflow.model.training.pretrained import change_bias, zero_shot  # noqa: F401 (zero_shot: workflows/stage_configs.py looks for it here)
 from lamflow.model.training.trainer import TrainResult, train
 
 RANDOM = "RANDOM"
 
 
-def load_pretrained(pretrained, branch: str | None = None) -> tuple[EnergyModel, str]:
+def starting_model(pretrained, branch: str | None = None) -> tuple[EnergyModel, str]:
     """(energy model to start from, head) with head = the kept branch name, "self" for a
     single-task model, or RANDOM (the model then carries the pretrained head, to be replaced)."""
     from lamflow.model.training.multitask import MultiTaskModel
@@ -81,32 +82,6 @@ def load_pretrained(pretrained, branch: str | None = None) -> tuple[EnergyModel,
 def bias_frames(systems: list[System], nbatch: int, batch_size) -> list[System]:
     """The first nbatch batches of every system (deepmd-kit samples data_stat_nbatch batches)."""
     return [s.subset(np.arange(min(s.nframes, nbatch * resolve_batch_size(batch_size, s.natoms)))) for s in systems]
-
-
-@torch.no_grad()
-def change_bias(model: EnergyModel, systems: list[System], keep_head: bool, log: Callable = print) -> np.ndarray:
-    """Re-fit out_bias on labelled `systems` (indices into model.type_map): change-by-statistic when
-    the head is kept (b += argmin |N db - (E - E_model)|), set-by-statistic on the untrained head's
-    residual otherwise (b = argmin |N b - (E - E_net)|). Returns the new bias."""
-    from lamflow.model.nn.infer import evaluate_system
-
-    ntypes = len(model.type_map)
-    old = model.out_bias.detach().cpu().numpy().copy()
-    if not keep_head:
-        model.out_bias.zero_()
-    pred = [evaluate_system(model, s, forces=False, virial=False)["energy"] for s in systems]
-    delta, rmse = energy_bias(systems, ntypes, residual=pred)
-    new = (old if keep_head else 0.0) + delta
-    model.out_bias.copy_(torch.as_tensor(new, dtype=model.out_bias.dtype))
-    used = sorted({int(t) for s in systems for t in np.unique(s.atype)})
-    names = [model.type_map[t] for t in used]
-    how = "change-by-statistic" if keep_head else "set-by-statistic"
-    log(f"energy bias of {names} ({how}) from {np.round(old[used], 4).tolist()} to {np.round(new[used], 4).tolist()}; "
-        f"RMSE of energy per atom after the fit: {rmse:.4g} eV")
-    from lamflow.model.training.bias_check import warn_underdetermined_bias
-
-    warn_underdetermined_bias(systems, model.type_map, log)
-    return new
 
 
 def can_add_elements(descriptor_type: str) -> bool:
@@ -147,7 +122,7 @@ def finetune(cfg: TrainConfig, pretrained: str | os.PathLike, out_dir: str | os.
     """Fine-tune `pretrained` (a lamflow checkpoint: energy or multitask) on cfg's data; see the
     module docstring. `branch`: a multi-task head, or "RANDOM" for a new one. `restart`: continue an
     interrupted fine-tuning from its checkpoint (as train.train)."""
-    base, head = load_pretrained(pretrained, branch)
+    base, head = starting_model(pretrained, branch)
     src = str(pretrained)
     desc = base.cfg.descriptor
     check_elements(cfg, base.type_map, src, desc.type)
@@ -243,50 +218,3 @@ def change_type_map(base: EnergyModel, fresh: EnergyModel, systems: list[System]
     return out
 
 
-def energy_model(pretrained, branch: str | None = None) -> EnergyModel:
-    """A stand-alone energy model from a checkpoint path or a model (copied): a single-task model,
-    or head `branch` of a multi-task one (None: its only energy head)."""
-    from lamflow.model.training.multitask import MultiTaskModel
-
-    if isinstance(pretrained, (str, os.PathLike)):
-        model = build_from_payload(read_checkpoint(pretrained), str(pretrained))
-    else:
-        import copy
-
-        model = copy.deepcopy(pretrained)
-    src = str(pretrained) if isinstance(pretrained, (str, os.PathLike)) else "pretrained model"
-    if isinstance(model, MultiTaskModel):
-        try:
-            return model.branch_model(branch)
-        except ConfigError as e:
-            raise ConfigError(f"{src}: {e}") from None
-    if getattr(model, "kind", None) != "energy":
-        raise ConfigError(f"{src}: zero-shot needs an energy model, got a {getattr(model, 'kind', '?')!r} one")
-    if branch is not None:
-        raise ConfigError(f"{src}: a single-task model has no branch {branch!r}")
-    return model
-
-
-def zero_shot(pretrained, systems, branch: str | None = None, log: Callable = lambda *a: None) -> EnergyModel:
-    """The pretrained model with only its energy bias re-fitted (change-by-statistic) on `systems`:
-    a list of System (any type map: re-indexed by element name) or of paths. `pretrained`: a
-    checkpoint path or a model; `branch` picks a multi-task model's head (None: its only one)."""
-    model = energy_model(pretrained, branch)
-    src = str(pretrained) if isinstance(pretrained, (str, os.PathLike)) else "pretrained model"
-    tm = list(model.type_map)
-    if systems and isinstance(systems[0], System):
-        mapped = [retype(s, tm, src) for s in systems]
-    else:
-        mapped = load_systems(list(systems), tm)
-    change_bias(model, [s for s in mapped if s.energy is not None], True, log)
-    return model.eval()
-
-
-def retype(s: System, type_map: list[str], source: str = "the model") -> System:
-    """`s` with its atom types re-indexed into `type_map` by element name."""
-    names = [s.elements[t] for t in s.atype]
-    missing = sorted(set(names) - set(type_map))
-    if missing:
-        raise ConfigError(f"{s.name}: element(s) {', '.join(missing)} not in the type map of {source} {type_map}")
-    atype = np.array([type_map.index(n) for n in names])
-    return System(s.name, list(type_map), atype, s.coord, s.box, s.energy, s.force, s.virial)

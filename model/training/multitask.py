@@ -49,9 +49,11 @@ from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from lamflow.model.training import distributed
-from lamflow.model.io.checkpoint import atomic_write_text, build_from_payload, read_checkpoint
-from lamflow.model.nn.config import (DataConfig, DescriptorConfig, FittingConfig, LearningRateConfig, LossConfig,
-    ModelConfig, Strict, TrainingLoopConfig, dtype_name, read_yaml, strip_comments)
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
+from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
+from lamflow.model.nn.config import DescriptorConfig, FittingConfig, ModelConfig, dtype_name
+from lamflow.model.schema import Strict, strip_comments
 from lamflow.model.data.systems import DataSet, System, load_systems
 from lamflow.model.training.denoise import (MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig,
     denoise_dtype)
@@ -63,8 +65,8 @@ from lamflow.model.training.loss import EnergyLoss
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.stats import neighbor_counter, sampled_energy_bias, stat_frames, stat_samples
-from lamflow.model.training.trainer import (Task, Trainer, TrainResult, plot_lcurve, resolve_sel, seed_everything,
-    set_threads)
+from lamflow.model.training.trainer import Task, Trainer, TrainResult, plot_lcurve, seed_everything, set_threads
+from lamflow.model.training.stats import resolve_sel
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -566,7 +568,7 @@ def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, re
                     log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Multi-task (pre-)training; the checkpoint (kind "multitask") holds every branch.
     `restart`, `on_checkpoint`: as for `train.train`."""
-    from lamflow.model.tasks.evaluate import dataset_metrics
+    from lamflow.model.training.metrics import dataset_metrics
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

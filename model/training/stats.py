@@ -27,65 +27,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from lamflow.model.io.checkpoint import atomic_save
-from lamflow.model.data.systems import OVERLAP, DataSet, FrameArray, System, overlap_error
+from lamflow.model.io.files import atomic_save
+from lamflow.model.data.composition import energy_bias
+from lamflow.model.data.systems import OVERLAP, DataSet, FrameArray, System, max_neighbor_counts, overlap_error
 from lamflow.model.data.neighbor import find_pairs, neighbor_counts
 from lamflow.model.nn.potential import extended_inputs
 
 NEIGHBOR_FRAMES = 256  # frames per system for the neighbour statistic (sel: auto, min_nbor_dist)
-
-
-def energy_bias(systems: list[System], ntypes: int, residual: list[np.ndarray] | None = None,
-                rcond: float | None = None) -> tuple[np.ndarray, float]:
-    """Least-squares per-type bias; with `residual` (per system), fits E - residual instead
-    (deepmd-kit's change-by-statistic when fine-tuning). Returns (bias, rmse per atom).
-
-    Every frame of a system has the same composition, so the fit over frames equals a weighted
-    fit over systems of their mean energies (same normal equations, same minimum-norm solution):
-    only each system's count, mean and variance are needed, streamed over the energy files.
-    A residual of one value per frame is subtracted frame by frame; a shorter one (the network's
-    energies on a sample of the frames) enters by its mean."""
-    rows, rhs, w, var, nat = [], [], [], [], []
-    for k, s in enumerate(systems):
-        if s.energy is None:
-            continue
-        r = None if residual is None else np.asarray(residual[k], dtype=np.float64).reshape(-1)
-        if r is not None and len(r) == s.nframes:
-            y = np.asarray(s.energy, dtype=np.float64).reshape(-1) - r
-            mean, v = float(y.mean()), float(y.var())
-        else:
-            mean, v = _mean_var(s.energy)
-            mean -= 0.0 if r is None else float(r.mean())
-        rows.append(s.counts(ntypes).astype(float))
-        rhs.append(mean)
-        w.append(float(s.nframes))
-        var.append(v)
-        nat.append(float(s.natoms))
-    if not rows:
-        return np.zeros(ntypes), float("nan")
-    A, y, w, var, nat = np.array(rows), np.array(rhs), np.array(w), np.array(var), np.array(nat)
-    sw = np.sqrt(w)
-    b = np.linalg.lstsq(A * sw[:, None], y * sw, rcond=rcond)[0]
-    rmse = float(np.sqrt(np.sum(w * ((A @ b - y) ** 2 + var) / nat**2) / w.sum()))
-    return b, rmse
-
-
-def _mean_var(a) -> tuple[float, float]:
-    """Mean and variance of a per-frame scalar array, in chunks when it is on disk."""
-    if not isinstance(a, FrameArray):
-        a = np.asarray(a, dtype=np.float64)
-        return float(a.mean()), float(a.var())
-    n, total, sq = 0, 0.0, 0.0
-    shift = float(a[0])  # shifted sums keep the variance accurate
-    for _, block in a.chunks():
-        x = np.asarray(block, dtype=np.float64).reshape(-1) - shift
-        n, total, sq = n + len(x), total + float(x.sum()), sq + float((x * x).sum())
-    mean = total / n
-    return mean + shift, max(0.0, sq / n - mean * mean)
 
 
 def stat_frames(ds: DataSet, nbatch: int, seed: int = 0) -> list[np.ndarray]:
@@ -281,3 +234,12 @@ class StatFile:
         self.entries[key] = value
         if self.writable:
             atomic_save(self.entries, self.path)
+
+
+def resolve_sel(desc_cfg, systems: list[System], ntypes: int, counter: Callable | None = None):
+    """Replace sel "auto"/"auto:r" by counts from the data (deepmd-kit's neighbour stat): every
+    frame, or `counter(rcut)` (stats.neighbor_counter: a sample, cached in the stat file)."""
+    from lamflow.model.nn.descriptor import REGISTRY
+
+    cls = REGISTRY[desc_cfg.type]
+    return cls.resolve_sel(desc_cfg, counter or (lambda rcut: max_neighbor_counts(systems, rcut, ntypes)))

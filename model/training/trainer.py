@@ -23,16 +23,19 @@ import torch
 from torch import nn
 
 from lamflow.model.training import distributed
-from lamflow.model.io.checkpoint import atomic_save, atomic_write_text, model_payload, read_checkpoint
-from lamflow.model.nn.config import ModelConfig, TrainConfig
-from lamflow.model.data.systems import DataSet, System, load_systems, max_neighbor_counts
+from lamflow.model.io.files import atomic_save, atomic_write_text
+from lamflow.model.io.payload import model_payload
+from lamflow.model.io.checkpoint import read_checkpoint
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.data.systems import DataSet, System, load_systems
 from lamflow.model.training.data_warnings import warn_suspicious
 from lamflow.model.errors import ConfigError, DataError, TrainingError
 from lamflow.model.data.loader import BatchStream, auto_workers, state_dict
 from lamflow.model.training.loss import EnergyLoss, ExpDecayLR
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.training.stats import StatFile, fit_statistics, neighbor_counter
+from lamflow.model.training.stats import StatFile, fit_statistics, neighbor_counter, resolve_sel
 
 
 @dataclass
@@ -55,15 +58,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- preparation
-
-
-def resolve_sel(desc_cfg, systems: list[System], ntypes: int, counter: Callable | None = None):
-    """Replace sel "auto"/"auto:r" by counts from the data (deepmd-kit's neighbour stat): every
-    frame, or `counter(rcut)` (stats.neighbor_counter: a sample, cached in the stat file)."""
-    from lamflow.model.nn.descriptor import REGISTRY
-
-    cls = REGISTRY[desc_cfg.type]
-    return cls.resolve_sel(desc_cfg, counter or (lambda rcut: max_neighbor_counts(systems, rcut, ntypes)))
 
 
 def load_data(cfg: TrainConfig, labeled: bool = True) -> tuple[list[System], list[System] | None]:
@@ -104,7 +98,7 @@ class Trainer:
         self.kind, self.log, self.rank, self.world = kind, log, rank, world
         self.extra_payload = extra_payload or {}
         if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (coverage.py)
-            from lamflow.model.tasks.coverage import observed_elements
+            from lamflow.model.data.coverage import observed_elements
 
             self.extra_payload["trained_elements"] = observed_elements([s for t in tasks for s in getattr(t.train, "systems", [])])
             if len(tasks) > 1:
@@ -397,7 +391,7 @@ FINAL_FRAMES = 2000  # the closing metrics of a larger dataset come from a rando
 
 
 def final_metrics(model, ds: DataSet) -> dict:
-    from lamflow.model.tasks.evaluate import dataset_metrics
+    from lamflow.model.training.metrics import dataset_metrics
     from lamflow.model.training.stats import sample_frames
 
     if ds.nframes > FINAL_FRAMES:
