@@ -21,7 +21,8 @@ from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model,
     hermite_coefficients, net_derivatives)
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.data.systems import DataSet, collate, load_systems
+from lamflow.model.data.batch import DataSet, collate
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.infer import evaluate
 from lamflow.model.data.neighbor import build_graph

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import data_path
 
-from lamflow.model.data.systems import DataSet, load_systems, max_neighbor_counts
+from lamflow.model.data.batch import DataSet, max_neighbor_counts
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import DataError
 from lamflow.model.data.neighbor import NlistRequest
 
@@ -112,7 +113,7 @@ def test_sel_too_small_is_a_clear_error_when_the_batch_is_made():
 
 
 def test_batches_mix_systems_of_different_sizes():
-    from lamflow.model.data.systems import collate, frame_graph, make_batch, pad_frames
+    from lamflow.model.data.batch import collate, frame_graph, make_batch, pad_frames
     from lamflow.model.nn.infer import evaluate
     from lamflow.model.nn.potential import predict
     from test_descriptors import TestSeAtten
@@ -223,7 +224,7 @@ def test_frames_are_counted_across_sets(tmp_path):
 def test_other_formats_are_converted_once_into_the_cache(tmp_path, monkeypatch):
     import dpdata
 
-    import lamflow.model.data.systems as data
+    import lamflow.model.data.formats as data
 
     monkeypatch.setenv("LAMFLOW_CACHE", str(tmp_path / "cache"))
     dpdata.LabeledSystem(str(data_path("ch4_pbe", "valid")), fmt="deepmd/npy")[:4].to("extxyz", str(tmp_path / "a.xyz"))

@@ -11,7 +11,8 @@ from conftest import data_path
 from multitask_helpers import write_subset, write_yaml  # noqa: F401
 from physics import random_rotation
 
-from lamflow.model.data.systems import System, collate, load_systems
+from lamflow.model.data.systems import System, load_systems
+from lamflow.model.data.batch import collate
 from lamflow.model.training.denoise import MASK, DenoiseLossConfig, corrupt
 from lamflow.model.errors import ConfigError
 from lamflow.model.training.multitask import (DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel,

@@ -103,7 +103,7 @@ def test_distill_cli_writes_student_data_and_report_with_consistent_counts(teach
     assert report["student_vs_teacher"]["nframes"] == c["test_frames"] and report["student_vs_dft"]["nframes"] == 60
     assert report["student"]["train"]["steps"] == 60
     # the student checkpoint carries min_nbor_dist, so it compresses without its data
-    from lamflow.model.data.systems import min_neighbor_distance
+    from lamflow.model.data.batch import min_neighbor_distance
 
     d = read_checkpoint(out / "student" / "model.ckpt")["min_nbor_dist"]
     assert d == pytest.approx(min_neighbor_distance(tr + te + load_systems(str(CH4 / "train"), ["H", "C"]), 4.0))

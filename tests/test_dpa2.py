@@ -14,7 +14,8 @@ from physics import PotentialContract
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.schema import parse_config
-from lamflow.model.data.systems import load_systems, max_neighbor_counts
+from lamflow.model.data.systems import load_systems
+from lamflow.model.data.batch import max_neighbor_counts
 from lamflow.model.nn.descriptor.base import EnvMatBlock
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.potential import EnergyModel
@@ -88,7 +89,8 @@ class TestDPA2(PotentialContract):
     def test_repformer_reads_ghost_features_through_mapping(self):
         """Ghost neighbours carry their local atom's g1: without the mapping the model refuses,
         and a wrong mapping changes the energy (the supercell test checks the right one)."""
-        from lamflow.model.data.systems import System, collate
+        from lamflow.model.data.systems import System
+        from lamflow.model.data.batch import collate
         from lamflow.model.data.neighbor import build_graph
         from lamflow.model.nn.potential import extended_inputs
 
@@ -209,7 +211,7 @@ def test_dpa2_resolves_both_nsel_from_data_and_fits_both_statistics():
     assert [(r.rcut, r.sel) for r in reqs] == [(4.0, (d.repinit.nsel,)), (3.0, (d.repformer.nsel,)),
                                                (3.5, (d.repinit.three_body_sel,))]
 
-    from lamflow.model.data.systems import DataSet
+    from lamflow.model.data.batch import DataSet
     from lamflow.model.training.stats import stat_samples
 
     ds = DataSet(systems, reqs, 4, model.dtype)

@@ -18,7 +18,8 @@ from physics import PotentialContract
 from lamflow.model.nn.config import DPA3Config, ModelConfig
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.schema import parse_config
-from lamflow.model.data.systems import load_systems, max_neighbor_counts
+from lamflow.model.data.systems import load_systems
+from lamflow.model.data.batch import max_neighbor_counts
 from lamflow.model.nn.descriptor.dpa3 import DPA3, from_deepmd_key
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.potential import EnergyModel
@@ -162,7 +163,7 @@ def test_dpa3_resolves_both_sel_from_data_and_fits_std_only_when_asked():
         _, n3 = max_neighbor_counts(systems, 3.0, 2)
         assert rf.e_sel == max(4, int(np.ceil(np.ceil(n4 * 1.1) / 4) * 4))
         assert rf.a_sel == max(4, int(np.ceil(np.ceil(n3 * 1.5) / 4) * 4))
-        from lamflow.model.data.systems import DataSet
+        from lamflow.model.data.batch import DataSet
         from lamflow.model.training.stats import stat_samples
 
         ds = DataSet(systems, model.nlist_requests(), 4, model.dtype)

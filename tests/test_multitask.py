@@ -13,7 +13,8 @@ from multitask_helpers import TYPE_MAP_ALL, multitask_config, pretrained, write_
 
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.model.io.payload import save_model
-from lamflow.model.data.systems import DataSet, load_systems
+from lamflow.model.data.batch import DataSet
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, DataError
 from lamflow.model.training.metrics import predict_dataset
 from lamflow.model.nn.infer import evaluate_system

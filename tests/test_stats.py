@@ -20,7 +20,8 @@ from conftest import data_path
 
 from lamflow.model.training import stats
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.data.systems import DataSet, auto_sel, elements_in, load_systems
+from lamflow.model.data.batch import DataSet, auto_sel
+from lamflow.model.data.systems import elements_in, load_systems
 from lamflow.model.errors import DataError
 from lamflow.model.nn.potential import EnergyModel, predict
 from lamflow.model.training.stats import (StatFile, fit_statistics, neighbor_counter, neighbor_frames, neighbor_stat,

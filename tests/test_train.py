@@ -180,7 +180,7 @@ def test_a_frame_with_more_neighbours_than_sel_met_in_training_names_system_and_
     import shutil
 
     from lamflow.model.training import stats
-    from lamflow.model.data.systems import DataSet
+    from lamflow.model.data.batch import DataSet
     from lamflow.model.errors import DataError
 
     monkeypatch.setattr(stats, "NEIGHBOR_FRAMES", 8)

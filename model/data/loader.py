@@ -24,7 +24,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from lamflow.model.data.systems import Batch, DataSet, RawBatch, make_batch
+from lamflow.model.data.batch import Batch, DataSet, RawBatch, make_batch
 from lamflow.model.errors import LamflowError
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.data.systems import Batch
+from lamflow.model.data.batch import Batch
 from lamflow.model.nn.descriptor import build_descriptor
 from lamflow.model.nn.fitting import EnergyFitting
 from lamflow.model.nn.network import DTYPES

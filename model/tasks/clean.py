@@ -28,7 +28,8 @@ from typing import Callable
 import numpy as np
 
 from lamflow.model.data.checks import REASONS, RuleConfig, Source, apply_rules
-from lamflow.model.data.systems import System, detect_format, elements_in, find_systems, load_system
+from lamflow.model.data.systems import System, elements_in, find_systems, load_system
+from lamflow.model.data.formats import detect_format
 from lamflow.model.data.write import write_system
 from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.files import atomic_write_text

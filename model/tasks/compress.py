@@ -476,7 +476,7 @@ def resolve_min_nbor_dist(payload: dict, rcut: float, type_map: list[str], train
     if min_nbor_dist is not None:
         return float(min_nbor_dist), systems
     if systems is not None:
-        from lamflow.model.data.systems import min_neighbor_distance
+        from lamflow.model.data.batch import min_neighbor_distance
 
         d = min_neighbor_distance(systems, rcut)
         if not math.isfinite(d):

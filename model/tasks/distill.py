@@ -451,7 +451,7 @@ def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, 
 
 def stamp_min_nbor_dist(checkpoint: str | os.PathLike, systems: list[System], rcut: float) -> float:
     """Store the closest pair distance of the training data in the checkpoint (what `compress` needs)."""
-    from lamflow.model.data.systems import min_neighbor_distance
+    from lamflow.model.data.batch import min_neighbor_distance
 
     d = min_neighbor_distance(systems, rcut)
     payload = read_checkpoint(checkpoint)

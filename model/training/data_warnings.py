@@ -148,7 +148,7 @@ def sel_overflow(systems: list[System], descriptor: dict, type_map: list[str], m
                  ) -> str | None:
     """The first sampled frame whose neighbours do not fit the descriptor's sel, as one message
     naming system, frame and the sel needed (from the whole sample); None when all fit."""
-    from lamflow.model.data.systems import auto_sel
+    from lamflow.model.data.batch import auto_sel
     from lamflow.model.data.neighbor import find_pairs, neighbor_counts
 
     reqs = sel_requests(descriptor, len(type_map))

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lamflow.model.nn.config import Activation
 from lamflow.model.schema import Strict
-from lamflow.model.data.systems import Batch
+from lamflow.model.data.batch import Batch
 from lamflow.model.nn.network import DTYPES, FittingNet, make_generator
 
 MASK = "MASK"  # the input-only pseudo-type appended to the type map when types are masked

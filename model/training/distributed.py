@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lamflow.model.io.checkpoint import resolve_device
-from lamflow.model.data.systems import DataSet
+from lamflow.model.data.batch import DataSet
 
 
 def world_from_env() -> tuple[int, int, int]:

@@ -44,7 +44,8 @@ import torch
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.data.systems import System, elements_in, resolve_batch_size
+from lamflow.model.data.systems import System, elements_in
+from lamflow.model.data.batch import resolve_batch_size
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.pretrained import change_bias, zero_shot  # noqa: F401 (zero_shot: workflows/stage_configs.py looks for it here)
@@ -179,7 +180,7 @@ def change_type_map(base: EnergyModel, fresh: EnergyModel, systems: list[System]
     that layer depends on the number of types."""
     import copy
 
-    from lamflow.model.data.systems import DataSet
+    from lamflow.model.data.batch import DataSet
     from lamflow.model.training.stats import stat_samples
 
     new_map, old_map = list(fresh.type_map), list(base.type_map)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from lamflow.model.training.config import LearningRateConfig, LossConfig
-from lamflow.model.data.systems import Batch
+from lamflow.model.data.batch import Batch
 from lamflow.model.nn.potential import predict
 
 

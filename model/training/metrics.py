@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lamflow.model.data.systems import DataSet, System
+from lamflow.model.data.batch import DataSet
+from lamflow.model.data.systems import System
 from lamflow.model.nn.infer import evaluate_system
 
 

@@ -54,7 +54,8 @@ from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
 from lamflow.model.nn.config import DescriptorConfig, FittingConfig, ModelConfig, dtype_name
 from lamflow.model.schema import Strict, strip_comments
-from lamflow.model.data.systems import DataSet, System, load_systems
+from lamflow.model.data.batch import DataSet
+from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.denoise import (MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig,
     denoise_dtype)
 from lamflow.model.nn.descriptor import REGISTRY, build_descriptor

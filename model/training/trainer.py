@@ -28,7 +28,8 @@ from lamflow.model.io.payload import model_payload
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.data.systems import DataSet, System, load_systems
+from lamflow.model.data.batch import DataSet
+from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.data_warnings import warn_suspicious
 from lamflow.model.errors import ConfigError, DataError, TrainingError
 from lamflow.model.data.loader import BatchStream, auto_workers, state_dict

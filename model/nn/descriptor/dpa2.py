@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamflow.model.nn.config import DPA2Config, RepformerConfig, RepinitConfig, dtype_name
-from lamflow.model.data.systems import auto_sel
+from lamflow.model.data.batch import auto_sel
 from lamflow.model.nn.env_mat import gather_neighbors
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.network import ACTIVATIONS, DTYPES, EmbeddingNet, Layer, make_generator

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lamflow.model.nn.config import DPA3Config, RepFlowConfig, dtype_name
-from lamflow.model.data.systems import auto_sel
+from lamflow.model.data.batch import auto_sel
 from lamflow.model.nn.env_mat import EnvStat, gather_neighbors, switch
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.network import ACTIVATIONS, DTYPES, make_generator

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lamflow.model.nn.config import SeAttenConfig, dtype_name
 from lamflow.model.nn.env_mat import gather_neighbors
 from lamflow.model.nn.network import DTYPES, EmbeddingNet, Layer, make_generator
-from lamflow.model.data.systems import auto_sel
+from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock, TypeEmbedding
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lamflow.model.nn.config import SeE2AConfig, dtype_name
 from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
-from lamflow.model.data.systems import auto_sel
+from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock
 
