@@ -47,7 +47,7 @@ def change_model_bias(model, systems, bias, branch, keep: bool, source: str) -> 
     from lamflow.model.training.pretrained import change_bias
 
     target = model
-    if getattr(model, "kind", "energy") == "multitask":
+    if model.kind == "multitask":
         branch = model.resolve_branch(branch)
         target = model.branch_model(branch)
     elif branch is not None:

@@ -78,7 +78,7 @@ def _sizes(cfg: dict, prefix: str = "") -> list[str]:
 def descriptor_config(model):
     """The descriptor's config; a compressed model keeps it in the config of the model it was made from."""
     cfg = model.cfg
-    return cfg.model.descriptor if getattr(model, "kind", "energy") == "compressed" else cfg.descriptor
+    return cfg.model.descriptor if model.kind == "compressed" else cfg.descriptor
 
 
 def summary(model, source: str, trained: list[str] | None = None, by_branch: dict | None = None) -> list[str]:
@@ -86,7 +86,7 @@ def summary(model, source: str, trained: list[str] | None = None, by_branch: dic
     `by_branch`: those of each branch of a multi-task model."""
     from lamflow.model.training.denoise import MASK
 
-    kind = getattr(model, "kind", "energy")
+    kind = model.kind
     tm = list(model.type_map)
     lines = [f"model: {source}  (kind {kind}, {model.cfg.dtype_name})",
              f"type map ({len(elements(model))}): {' '.join(elements(model))}" + ("  (+ MASK token for denoising)" if MASK in tm else "")]

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from lamflow.model.errors import CheckpointError
-from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, DESCRIPTOR_TAGS, DPA2Config, DPA3Config, ModelConfig, SeAttenConfig, SeE2AConfig
 from lamflow.model.schema import format_validation_error
 
 
@@ -179,10 +179,9 @@ def _fitting(o: _Options) -> dict:
     return cfg
 
 
-DESCRIPTORS: dict[str, Callable[[_Options, str], dict]] = {
-    "se_e2_a": _se_e2_a, "se_a": _se_e2_a,
-    "se_atten": _se_atten, "dpa1": _se_atten, "se_atten_v2": _se_atten,
-    "dpa2": _dpa2, "dpa3": _dpa3,
+# descriptor config class -> its translator; a deepmd-kit tag finds its class in DESCRIPTOR_CONFIGS
+DESCRIPTORS: dict[type, Callable[[_Options, str], dict]] = {
+    SeE2AConfig: _se_e2_a, SeAttenConfig: _se_atten, DPA2Config: _dpa2, DPA3Config: _dpa3,
 }
 
 
@@ -193,9 +192,9 @@ def model_config(params: dict, source: str, where: str = "model") -> ModelConfig
     type_map = o.take("type_map")
     d = _Options(o.take("descriptor"), f"{where}.descriptor", source)
     dtype = d.raw.get("type")
-    if dtype not in DESCRIPTORS:
-        raise d.error(f"descriptor type {dtype!r} is not supported by lamflow (supported: {sorted(DESCRIPTORS)})")
-    desc = DESCRIPTORS[d.take("type")](d, dtype)
+    if dtype not in DESCRIPTOR_TAGS:
+        raise d.error(f"descriptor type {dtype!r} is not supported by lamflow (supported: {sorted(DESCRIPTOR_TAGS)})")
+    desc = DESCRIPTORS[DESCRIPTOR_CONFIGS[d.take("type")]](d, dtype)
     d.finish()
     f = _Options(o.take("fitting_net"), f"{where}.fitting_net", source)
     fit = _fitting(f)
@@ -214,4 +213,4 @@ def model_config(params: dict, source: str, where: str = "model") -> ModelConfig
     try:
         return ModelConfig.model_validate(cfg)
     except ValidationError as e:
-        raise CheckpointError(format_validation_error(f"{source}: {where}", e).splitlines()[0]) from None
+        raise CheckpointError(format_validation_error(f"{source}: {where}", e, DESCRIPTOR_TAGS).splitlines()[0]) from None

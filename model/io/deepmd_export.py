@@ -39,7 +39,7 @@ from lamflow.model.nn.descriptor import dpa2, dpa3
 from lamflow.model.errors import CheckpointError
 
 # DPA-2 and DPA-3 modules keep deepmd-kit's names except these (DEEPMD_PREFIXES, read backwards)
-RENAMED = {"dpa2": dpa2.DEEPMD_PREFIXES, "dpa3": dpa3.DEEPMD_PREFIXES}
+RENAMED = {DPA2Config: dpa2.DEEPMD_PREFIXES, DPA3Config: dpa3.DEEPMD_PREFIXES}
 
 NO_MIN_NBOR_DIST = -1.0  # deepmd-kit's model.py: "not computed"
 
@@ -146,7 +146,7 @@ def _bookkeeping(tensors: dict[str, torch.Tensor], ntypes: int, dtype: torch.dty
 def branch_state(model, source: str) -> dict[str, torch.Tensor]:
     """An EnergyModel's tensors under deepmd-kit's names (without the `model.<branch>.atomic_model.` prefix)."""
     cfg = model.cfg
-    kind = cfg.descriptor.type
+    kind = type(cfg.descriptor)
     names = (_renamed_names(model, RENAMED[kind]) if kind in RENAMED else NAMES[kind](model, cfg, [])) + _names_fitting(model, cfg)
     ntypes = len(model.type_map)
     out = {}
@@ -184,12 +184,12 @@ def export_payload(model, source: str, min_nbor_dist: float | None = None, branc
             if not names:
                 raise CheckpointError(f"{source}: no energy branch to export (denoise heads have no deepmd-kit model)")
             models = {b: model.branch_model(b) for b in names}
-    elif getattr(model, "kind", None) == "energy":
+    elif model.kind == "energy":
         if branch is not None:
             raise CheckpointError(f"{source}: a single-task model has no branch {branch!r}")
         models = {"Default": model}
     else:
-        raise CheckpointError(f"{source}: a {getattr(model, 'kind', type(model).__name__)} model cannot be exported "
+        raise CheckpointError(f"{source}: a {model.kind} model cannot be exported "
                               "to deepmd-kit")
     sd: dict = {}
     for b, m in models.items():

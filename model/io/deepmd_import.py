@@ -143,7 +143,7 @@ def load_weights(model, cfg: ModelConfig, sd: dict, prefix: str, source: str) ->
     """Copy the deepmd-kit tensors under `prefix` (`model.<branch>.atomic_model.`) into `model`."""
     tensors = {k: v for k, v in sd.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
     tensors = fold_case_embd(tensors, prefix, cfg, model.descriptor.dim_out, source)
-    names = NAMES[cfg.descriptor.type](model, cfg, [k[len(prefix):] for k in tensors]) + _names_fitting(model, cfg)
+    names = NAMES[type(cfg.descriptor)](model, cfg, [k[len(prefix):] for k in tensors]) + _names_fitting(model, cfg)
     ours = model.state_dict()
     used = set()
     new = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lamflow.model.errors import CheckpointError
+from lamflow.model.nn.config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
 
 
 def _net(ours: str, theirs: str, nlayers: int, names: list[tuple[str, str]]) -> None:
@@ -61,9 +62,8 @@ def _names_by_key(from_deepmd_key, theirs: list[str]) -> list[tuple[str, str]]:
     return names
 
 
-NAMES = {"se_e2_a": _names_se_e2_a, "se_a": _names_se_e2_a,
-         "se_atten": _names_se_atten, "dpa1": _names_se_atten, "se_atten_v2": _names_se_atten,
-         "dpa2": _names_dpa2, "dpa3": _names_dpa3}
+# descriptor config class -> its name table (a config's tags: nn/config.py DESCRIPTOR_CONFIGS)
+NAMES = {SeE2AConfig: _names_se_e2_a, SeAttenConfig: _names_se_atten, DPA2Config: _names_dpa2, DPA3Config: _names_dpa3}
 
 
 def _names_fitting(model, cfg) -> list[tuple[str, str]]:
@@ -101,9 +101,9 @@ def _unused_ok(key: str, value, tensors: dict, prefix: str) -> bool:
 def _check_padding_semantics(cfg, tensors: dict, prefix: str, source: str) -> None:
     """Refuse the one deepmd-kit behaviour we do not reproduce (module docstring)."""
     d = cfg.descriptor
-    if d.type in ("se_atten", "dpa1", "se_atten_v2"):
+    if isinstance(d, SeAttenConfig):
         block, mode, smooth = "se_atten", ("strip" if d.strip else "concat"), d.smooth_type_embedding
-    elif d.type == "dpa2":
+    elif isinstance(d, DPA2Config):
         block, mode, smooth = "repinit", d.repinit.tebd_input_mode, d.smooth
     else:
         return

@@ -15,7 +15,7 @@ VERSION = 1
 
 
 def model_payload(model, kind: str | None = None, extra: dict | None = None) -> dict:
-    kind = kind or getattr(model, "kind", "energy")
+    kind = kind or model.kind
     return {
         "format": FORMAT,
         "version": VERSION,

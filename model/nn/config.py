@@ -8,7 +8,7 @@ Where we deviate from deepmd-kit's argcheck default we say so next to the field.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
@@ -415,6 +415,19 @@ class FittingConfig(Strict):
 
 
 DescriptorConfig = Annotated[Union[SeE2AConfig, SeAttenConfig, DPA2Config, DPA3Config], Field(discriminator="type")]
+
+# The descriptor tags, stated once: each config class's `type` Literal. Everyone reads these (validation
+# messages, deepmd-kit import and export, the data checks, inspect); the descriptor classes register
+# themselves under the same tags (nn/descriptor/base.py: Descriptor).
+DESCRIPTOR_CONFIGS: dict[str, type[Strict]] = {
+    tag: cls for cls in get_args(get_args(DescriptorConfig)[0]) for tag in get_args(cls.model_fields["type"].annotation)
+}
+DESCRIPTOR_TAGS: tuple[str, ...] = tuple(DESCRIPTOR_CONFIGS)
+
+
+def descriptor_tags(cls: type[Strict]) -> tuple[str, ...]:
+    """The `type` tags of one descriptor config class (e.g. SeE2AConfig -> ("se_e2_a", "se_a"))."""
+    return tuple(get_args(cls.model_fields["type"].annotation))
 
 
 class ModelConfig(Strict):

@@ -10,15 +10,38 @@ call; dE/dr_ext is one `autograd.grad` (create_graph only while training, for th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.batch import Batch
+from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.nn.descriptor import build_descriptor
 from lamflow.model.nn.fitting import EnergyFitting
 from lamflow.model.nn.network import DTYPES
+
+
+@runtime_checkable
+class Potential(Protocol):
+    """What lamflow asks of any model it loads, evaluates, tests or exports (EnergyModel,
+    training/multitask.py MultiTaskModel, tasks/compress.py CompressedModel): read these, never
+    probe with getattr/hasattr.
+        kind              checkpoint kind: "energy", "multitask" or "compressed" (io/checkpoint.py KINDS)
+        type_map          element names; atom type t is type_map[t]
+        cfg               its validated config (a pydantic model; `dtype_name` gives the precision)
+        dtype             the float dtype of its weights
+        nlist_requests()  the neighbour lists it needs, each with its rcut and sel (data/neighbor.py)"""
+
+    kind: str
+    type_map: list[str]
+    cfg: Any
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def nlist_requests(self) -> list[NlistRequest]: ...
 
 
 class EnergyModel(nn.Module):

@@ -43,12 +43,12 @@ class LamflowCalculator(Calculator):
             model = model_or_path
         model = model.to(resolve_device(device))
         self.min_nbor_dist = self.min_nbor_dist or getattr(model.cfg, "min_nbor_dist", None)  # compressed models keep it
-        if getattr(model, "kind", "energy") == "multitask":
+        if model.kind == "multitask":
             model = model.branch_model(branch)
         self.model = model.eval()
         self.type_map = list(self.model.type_map)
         self._types_cache: tuple[tuple[str, ...], np.ndarray] | None = None
-        self._tables = getattr(self.model, "descriptor", None) if getattr(self.model, "kind", "") == "compressed" else None
+        self._tables = self.model.descriptor if self.model.kind == "compressed" else None
         if self._tables is not None:
             self._tables.count_range = True
 

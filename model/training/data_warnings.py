@@ -24,7 +24,11 @@ import numpy as np
 
 from lamflow.model.data.systems import System
 from lamflow.model.data.checks import RuleConfig, Source, energy_zscores, find_duplicates, max_atomic_force
+from lamflow.model.data.batch import auto_sel
+from lamflow.model.data.neighbor import find_pairs, neighbor_counts
 from lamflow.model.errors import DataError
+from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, DPA2Config, ModelConfig, SeAttenConfig, SeE2AConfig
+from lamflow.model.training.stats import resolve_sel
 
 MAX_FRAMES = 2000  # frames looked at per dataset (issue 9: checks scale with a sample, not the data)
 
@@ -113,16 +117,17 @@ def sel_requests(descriptor: dict, ntypes: int) -> list[tuple[str, float, list[i
     def fixed(v):
         return v is not None and not isinstance(v, str)
 
-    if t in ("se_e2_a", "se_a"):
+    family = DESCRIPTOR_CONFIGS.get(t)
+    if family is SeE2AConfig:
         sel = descriptor.get("sel", "auto")
         if fixed(sel):
             out.append(("sel", float(descriptor.get("rcut", 6.0)), list(sel) if isinstance(sel, list) else None,
                         None if isinstance(sel, list) else int(sel)))
-    elif t in ("se_atten", "dpa1", "se_atten_v2"):
+    elif family is SeAttenConfig:
         sel = descriptor.get("sel", "auto")
         if fixed(sel):
             out.append(("sel", float(descriptor.get("rcut", 6.0)), None, int(sum(sel) if isinstance(sel, list) else sel)))
-    elif t == "dpa2":
+    elif family is DPA2Config:
         for block in ("repinit", "repformer"):
             b = descriptor.get(block) or {}
             if fixed(b.get("nsel", "auto")) and "rcut" in b:
@@ -135,9 +140,6 @@ def resolved_descriptor(descriptor: dict, type_map: list[str], systems: list[Sys
     """The descriptor with "auto" sels replaced as training would replace them (from these
     systems' neighbour counts), or None when the systems hold more than `max_frames` frames (a
     sample would only give a lower bound of the sel training computes)."""
-    from lamflow.model.nn.config import ModelConfig
-    from lamflow.model.training.stats import resolve_sel
-
     if sum(s.nframes for s in systems) > max_frames:
         return None
     desc = ModelConfig.model_validate({"type_map": list(type_map), "descriptor": descriptor}).descriptor
@@ -148,9 +150,6 @@ def sel_overflow(systems: list[System], descriptor: dict, type_map: list[str], m
                  ) -> str | None:
     """The first sampled frame whose neighbours do not fit the descriptor's sel, as one message
     naming system, frame and the sel needed (from the whole sample); None when all fit."""
-    from lamflow.model.data.batch import auto_sel
-    from lamflow.model.data.neighbor import find_pairs, neighbor_counts
-
     reqs = sel_requests(descriptor, len(type_map))
     if not reqs:
         return None

@@ -73,8 +73,8 @@ def starting_model(pretrained, branch: str | None = None) -> tuple[EnergyModel, 
             return model.branch_model(model.resolve_branch(branch)), branch
         except ConfigError as e:
             raise ConfigError(f"{src}: {e}") from None
-    if getattr(model, "kind", None) != "energy":
-        raise ConfigError(f"{src}: a {getattr(model, 'kind', '?')!r} model cannot be fine-tuned (give the model it was made from)")
+    if model.kind != "energy":
+        raise ConfigError(f"{src}: a {model.kind!r} model cannot be fine-tuned (give the model it was made from)")
     if branch not in (None, RANDOM):
         raise ConfigError(f"{src}: a single-task model has no branch {branch!r} (omit --branch, or RANDOM for a new head)")
     return model, RANDOM if branch == RANDOM else "self"

@@ -51,8 +51,8 @@ def energy_model(pretrained, branch: str | None = None) -> EnergyModel:
             return model.branch_model(branch)
         except ConfigError as e:
             raise ConfigError(f"{src}: {e}") from None
-    if getattr(model, "kind", None) != "energy":
-        raise ConfigError(f"{src}: zero-shot needs an energy model, got a {getattr(model, 'kind', '?')!r} one")
+    if model.kind != "energy":
+        raise ConfigError(f"{src}: zero-shot needs an energy model, got a {model.kind!r} one")
     if branch is not None:
         raise ConfigError(f"{src}: a single-task model has no branch {branch!r}")
     return model
@@ -118,8 +118,8 @@ def zero_shot(pretrained, systems, branch: str | None = None, log: Callable = la
 def bias_delta(model, systems: list[System]) -> tuple[np.ndarray, list[dict]]:
     """delta b = lstsq(N, E_label - E_model) on `systems` (indexing the model's type map), and the
     model's predictions there before the change (the model is not changed)."""
-    if getattr(model, "kind", "energy") != "energy" or not hasattr(model, "out_bias"):
-        raise CheckpointError(f"a bias refit needs a single-task energy model, got kind {getattr(model, 'kind', '?')!r}")
+    if model.kind != "energy":
+        raise CheckpointError(f"a bias refit needs a single-task energy model, got kind {model.kind!r}")
     preds = [evaluate_system(model, s, virial=s.virial is not None and s.box is not None) for s in systems]
     delta, _ = energy_bias(systems, len(model.type_map), residual=[p["energy"] for p in preds])
     return delta, preds

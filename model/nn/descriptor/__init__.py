@@ -1,25 +1,16 @@
-"""Descriptor registry: the `type` key of a descriptor config -> its class."""
+"""Descriptors: se_e2_a, se_atten (DPA-1, se_atten_v2), dpa2, dpa3. Each class registers itself
+under its config's `type` tags (base.py: Descriptor); importing this package fills REGISTRY."""
 
 from __future__ import annotations
 
-from lamflow.model.nn.descriptor.base import DescriptorOutput, TypeEmbedding
+from lamflow.model.nn.descriptor.base import REGISTRY, Descriptor, DescriptorOutput, TypeEmbedding
 from lamflow.model.nn.descriptor.dpa2 import DPA2
 from lamflow.model.nn.descriptor.dpa3 import DPA3
 from lamflow.model.nn.descriptor.se_atten import SeAtten
 from lamflow.model.nn.descriptor.se_e2_a import SeE2A
 
-REGISTRY = {
-    "se_e2_a": SeE2A,
-    "se_a": SeE2A,
-    "se_atten": SeAtten,
-    "dpa1": SeAtten,
-    "se_atten_v2": SeAtten,
-    "dpa2": DPA2,
-    "dpa3": DPA3,
-}
 
-
-def build_descriptor(cfg, ntypes: int):
+def build_descriptor(cfg, ntypes: int) -> Descriptor:
     try:
         cls = REGISTRY[cfg.type]
     except KeyError:
@@ -27,4 +18,5 @@ def build_descriptor(cfg, ntypes: int):
     return cls(cfg, ntypes)
 
 
-__all__ = ["REGISTRY", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A", "DPA2", "DPA3"]
+__all__ = ["REGISTRY", "Descriptor", "build_descriptor", "DescriptorOutput", "TypeEmbedding", "SeAtten", "SeE2A", "DPA2",
+           "DPA3"]

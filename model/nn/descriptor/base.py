@@ -1,12 +1,20 @@
-"""What every descriptor returns and the small pieces they share."""
+"""The Descriptor base class and its registry, what every descriptor returns, and the small
+pieces they share.
+
+A descriptor class names its config class, `class SeE2A(Descriptor, config=SeE2AConfig)`, and
+is registered under that config's `type` tags (nn/config.py: DESCRIPTOR_TAGS, the one list)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.nn.config import descriptor_tags
 from lamflow.model.nn.env_mat import EnvStat, env_mat
 from lamflow.model.nn.network import EmbeddingNet
 
@@ -18,6 +26,41 @@ class DescriptorOutput:
     pair_vec: Tensor  # [nf, nloc, nnei, 3]             r_ij = r_j - r_i, 0 in empty slots
     pair_sw: Tensor  # [nf, nloc, nnei]                 switch sw(r_ij), 0 in empty slots
     nlist: Tensor  # [nf, nloc, nnei]                   the list pair_* refer to
+
+
+REGISTRY: dict[str, type["Descriptor"]] = {}  # config `type` tag -> descriptor class
+
+
+class Descriptor(nn.Module):
+    """Coordinates and neighbour lists -> per-atom rotation-invariant features (DescriptorOutput).
+
+    Every descriptor has: its config (`self.cfg`), `dim_out` (features per atom), `mixed_types`
+    (True: one neighbour list over all types and one shared fitting net; False: per-type blocks
+    and nets), the neighbour lists it needs (`nlist_requests`: rcut and sel of each), and
+    `resolve_sel` (sel "auto" -> counts from the data)."""
+
+    config: ClassVar[type]  # its config class (nn/config.py)
+    mixed_types: ClassVar[bool]
+    dim_out: int
+
+    def __init_subclass__(cls, config: type | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if config is None:
+            return
+        cls.config = config
+        for tag in descriptor_tags(config):
+            if tag in REGISTRY:
+                raise TypeError(f"descriptor tag {tag!r} registered twice ({REGISTRY[tag].__name__}, {cls.__name__})")
+            REGISTRY[tag] = cls
+
+    @abstractmethod
+    def nlist_requests(self) -> list[NlistRequest]:
+        """The neighbour lists forward() takes, in order (rcut, sel, typed or mixed)."""
+
+    @staticmethod
+    @abstractmethod
+    def resolve_sel(cfg, counter: Callable):
+        """`cfg` with sel "auto"/"auto:r" replaced by counts; counter(rcut) -> max neighbour counts per type."""
 
 
 class TypeEmbedding(nn.Module):

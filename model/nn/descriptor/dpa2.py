@@ -85,7 +85,7 @@ from lamflow.model.nn.env_mat import gather_neighbors
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.network import ACTIVATIONS, DTYPES, EmbeddingNet, Layer, make_generator
 from lamflow.model.data.neighbor import NlistRequest
-from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock, TypeEmbedding, rename_deepmd_key
+from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, EnvMatBlock, TypeEmbedding, rename_deepmd_key
 
 ATTN_SHIFT = 20.0
 NNEI_EPS = 1e-4  # protection of 1/n_i in the non-smooth normalisation
@@ -428,7 +428,7 @@ def from_deepmd_key(key: str) -> str | None:
     return rename_deepmd_key(key, DEEPMD_PREFIXES)
 
 
-class DPA2(nn.Module):
+class DPA2(Descriptor, config=DPA2Config):
     mixed_types = True  # one shared fitting net
 
     def __init__(self, cfg: DPA2Config, ntypes: int):

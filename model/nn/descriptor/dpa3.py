@@ -65,7 +65,7 @@ from lamflow.model.nn.env_mat import EnvStat, gather_neighbors, switch
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.network import ACTIVATIONS, DTYPES, make_generator
 from lamflow.model.data.neighbor import NlistRequest
-from lamflow.model.nn.descriptor.base import DescriptorOutput, TypeEmbedding, rename_deepmd_key
+from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, TypeEmbedding, rename_deepmd_key
 from lamflow.model.nn.descriptor.dpa2 import linear, residual_vector
 
 ANGLE_EPS = 1e-6  # deepmd-kit's protection of u = r / (|r| + eps) and cos * (1 - eps)
@@ -304,7 +304,7 @@ def from_deepmd_key(key: str) -> str | None:
     return rename_deepmd_key(key, DEEPMD_PREFIXES)
 
 
-class DPA3(nn.Module):
+class DPA3(Descriptor, config=DPA3Config):
     mixed_types = True  # one shared fitting net
 
     def __init__(self, cfg: DPA3Config, ntypes: int):

@@ -30,7 +30,7 @@ from lamflow.model.nn.env_mat import gather_neighbors
 from lamflow.model.nn.network import DTYPES, EmbeddingNet, Layer, make_generator
 from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import NlistRequest
-from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock, TypeEmbedding
+from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, EnvMatBlock, TypeEmbedding
 
 ATTN_SHIFT = 20.0
 
@@ -68,7 +68,7 @@ class GatedAttentionLayer(nn.Module):
         return self.norm(G + self.out_proj(P @ v))
 
 
-class SeAtten(nn.Module):
+class SeAtten(Descriptor, config=SeAttenConfig):
     mixed_types = True  # one shared fitting net
 
     def __init__(self, cfg: SeAttenConfig, ntypes: int):

@@ -21,10 +21,10 @@ from lamflow.model.nn.config import SeE2AConfig, dtype_name
 from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
 from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import NlistRequest
-from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock
+from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, EnvMatBlock
 
 
-class SeE2A(nn.Module):
+class SeE2A(Descriptor, config=SeE2AConfig):
     mixed_types = False  # one fitting net per atom type
 
     def __init__(self, cfg: SeE2AConfig, ntypes: int):
