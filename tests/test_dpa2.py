@@ -137,7 +137,7 @@ def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
     descriptor and gradient to round-off, with the weights renamed by from_deepmd_key."""
     import json
 
-    from lamflow.model.nn.config import DPA2Config
+    from lamflow.model.nn.descriptor_config import DPA2Config
     from lamflow.model.nn.descriptor.dpa2 import DPA2, from_deepmd_key
 
     ref = np.load(DEEPMD_REFERENCE)

@@ -15,7 +15,8 @@ from conftest import REPO, data_path
 from multitask_helpers import write_subset, write_yaml
 from physics import PotentialContract
 
-from lamflow.model.nn.config import DPA3Config, ModelConfig
+from lamflow.model.nn.descriptor_config import DPA3Config
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.schema import parse_config
 from lamflow.model.data.systems import load_systems

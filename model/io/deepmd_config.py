@@ -9,7 +9,8 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from lamflow.model.errors import CheckpointError
-from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, DESCRIPTOR_TAGS, DPA2Config, DPA3Config, ModelConfig, SeAttenConfig, SeE2AConfig
+from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, DESCRIPTOR_TAGS, ModelConfig
+from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
 from lamflow.model.schema import format_validation_error
 
 

@@ -33,7 +33,8 @@ import torch
 
 from lamflow.model.io.files import atomic_save
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.nn.config import DPA2Config, DPA3Config, ModelConfig, SeAttenConfig, SeE2AConfig
+from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.io.deepmd_names import NAMES, _check_padding_semantics, _names_fitting, _their_key
 from lamflow.model.nn.descriptor import dpa2, dpa3
 from lamflow.model.errors import CheckpointError

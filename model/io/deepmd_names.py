@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lamflow.model.errors import CheckpointError
-from lamflow.model.nn.config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
+from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
 
 
 def _net(ours: str, theirs: str, nlayers: int, names: list[tuple[str, str]]) -> None:

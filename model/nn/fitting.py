@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lamflow.model.nn.config import FittingConfig, dtype_name
+from lamflow.model.nn.config import FittingConfig
+from lamflow.model.nn.descriptor_config import dtype_name
 from lamflow.model.nn.network import DTYPES, FittingNet, make_generator
 
 

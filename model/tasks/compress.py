@@ -54,7 +54,8 @@ from torch import Tensor, nn
 
 from lamflow.model.io.checkpoint import read_checkpoint, build_from_payload, resolve_device
 from lamflow.model.io.payload import save_model
-from lamflow.model.nn.config import ModelConfig, SeE2AConfig, dtype_name
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor_config import SeE2AConfig, dtype_name
 from lamflow.model.schema import Strict
 from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock
 from lamflow.model.nn.env_mat import switch

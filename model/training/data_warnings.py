@@ -27,7 +27,8 @@ from lamflow.model.data.checks import RuleConfig, Source, energy_zscores, find_d
 from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import find_pairs, neighbor_counts
 from lamflow.model.errors import DataError
-from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, DPA2Config, ModelConfig, SeAttenConfig, SeE2AConfig
+from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, ModelConfig
+from lamflow.model.nn.descriptor_config import DPA2Config, SeAttenConfig, SeE2AConfig
 from lamflow.model.training.stats import resolve_sel
 
 MAX_FRAMES = 2000  # frames looked at per dataset (issue 9: checks scale with a sample, not the data)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from lamflow.model.nn.config import Activation
+from lamflow.model.nn.descriptor_config import Activation
 from lamflow.model.schema import Strict
 from lamflow.model.data.batch import Batch
 from lamflow.model.nn.network import DTYPES, FittingNet, make_generator

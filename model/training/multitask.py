@@ -52,7 +52,8 @@ from lamflow.model.training import distributed
 from lamflow.model.io.files import atomic_write_text
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
-from lamflow.model.nn.config import DescriptorConfig, FittingConfig, ModelConfig, dtype_name
+from lamflow.model.nn.config import DescriptorConfig, FittingConfig, ModelConfig
+from lamflow.model.nn.descriptor_config import dtype_name
 from lamflow.model.schema import Strict, strip_comments
 from lamflow.model.data.batch import DataSet
 from lamflow.model.data.systems import System, load_systems
@@ -66,7 +67,8 @@ from lamflow.model.training.loss import EnergyLoss
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.stats import neighbor_counter, sampled_energy_bias, stat_frames, stat_samples
-from lamflow.model.training.trainer import Task, Trainer, TrainResult, plot_lcurve, seed_everything, set_threads
+from lamflow.model.training.trainer import Task, Trainer, TrainResult, seed_everything, set_threads
+from lamflow.model.training.lcurve import plot_lcurve
 from lamflow.model.training.stats import resolve_sel
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")

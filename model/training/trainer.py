@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.data_warnings import warn_suspicious
 from lamflow.model.errors import ConfigError, DataError, TrainingError
 from lamflow.model.data.loader import BatchStream, auto_workers, state_dict
+from lamflow.model.training.lcurve import _fmt_cell, _fmt_time, plot_lcurve
 from lamflow.model.training.loss import EnergyLoss, ExpDecayLR
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
@@ -264,43 +264,6 @@ class Trainer:
         old = sorted(ckdir.glob("model-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
         for p in old[: -self.cfg.training.max_ckpt_keep]:
             p.unlink(missing_ok=True)
-
-
-def _fmt_cell(v) -> str:
-    return f"{v:.6e}" if isinstance(v, float) else str(v)
-
-
-def _fmt_time(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def plot_lcurve(history: list[dict], png: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return None
-    keys = sorted({k for r in history for k in r if "rmse" in k})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in history if isinstance(r.get(k), float) and r[k] > 0]
-        if pts:
-            ax.plot(*zip(*pts), label=k, marker="." if len(pts) < 30 else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("RMSE (eV/atom, eV/A)")
-    ax.legend(fontsize=7)
-    ax.set_title("learning curve")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
 
 
 # ----------------------------------------------------------------------------- single-task entry point

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lamflow.model.nn.config import SeAttenConfig, dtype_name
+from lamflow.model.nn.descriptor_config import SeAttenConfig, dtype_name
 from lamflow.model.nn.env_mat import gather_neighbors
 from lamflow.model.nn.network import DTYPES, EmbeddingNet, Layer, make_generator
 from lamflow.model.data.batch import auto_sel
