@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-from lamflow.model.io.files import atomic_save
-from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.io.deepmd_names import NAMES, _check_padding_semantics, _names_fitting, _their_key
-from lamflow.model.nn.descriptor import dpa2, dpa3
 from lamflow.model.errors import CheckpointError
+from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
+from lamflow.model.io.deepmd_names import NAMES, _check_padding_semantics, _names_fitting, _their_key
+from lamflow.model.io.files import atomic_save
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor import dpa2, dpa3
+from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
 
 # DPA-2 and DPA-3 modules keep deepmd-kit's names except these (DEEPMD_PREFIXES, read backwards)
 RENAMED = {DPA2Config: dpa2.DEEPMD_PREFIXES, DPA3Config: dpa3.DEEPMD_PREFIXES}

@@ -51,12 +51,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from lamflow.model.io.payload import FORMAT, model_payload
-from lamflow.model.io.files import atomic_save
-from lamflow.model.nn.config import ModelConfig
+from lamflow.model.errors import CheckpointError
 from lamflow.model.io.deepmd_config import model_config
 from lamflow.model.io.deepmd_names import NAMES, _check_padding_semantics, _names_fitting, _their_key, _unused_ok
-from lamflow.model.errors import CheckpointError
+from lamflow.model.io.files import atomic_save
+from lamflow.model.io.payload import FORMAT, model_payload
+from lamflow.model.nn.config import ModelConfig
 
 
 # ----------------------------------------------------------------------------- reading

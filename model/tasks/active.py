@@ -31,15 +31,19 @@ from typing import Callable, Literal, Union
 import numpy as np
 from pydantic import Field, field_validator
 
-from lamflow.model.io.files import atomic_write_text
-from lamflow.model.io.checkpoint import resolve_device
-from lamflow.model.training.pretrained import bias_delta, load_pretrained
-from lamflow.model.data.write import write_system
-from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainConfig, TrainingConfig
-from lamflow.model.schema import Strict
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import System
+from lamflow.model.data.write import write_system
 from lamflow.model.errors import ConfigError, DataError
+from lamflow.model.io.checkpoint import load_model, resolve_device
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.schema import Strict
+from lamflow.model.tasks.evaluate import evaluate_systems
+from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainConfig, TrainingConfig
+from lamflow.model.training.metrics import collect
+from lamflow.model.training.pretrained import bias_delta, load_pretrained, refit_bias, retype
+from lamflow.model.training.trainer import train
 
 Frames = list[np.ndarray]  # per system, sorted frame indices
 
@@ -162,7 +166,6 @@ def _trainer(cfg: ActiveConfig, pretrained: str | None, branch: str | None, log:
     """(model config, fn(train_cfg, out_dir) -> checkpoint): fine-tune when pretrained (with
     lamflow.model.training.finetune when present, else: the pretrained weights and a bias refit, then
     train.train), else train from scratch."""
-    from lamflow.model.training.trainer import train
 
     if pretrained is None:
         return cfg.model, lambda tc, out: train(tc, out, log=log).checkpoint
@@ -184,17 +187,11 @@ def _trainer(cfg: ActiveConfig, pretrained: str | None, branch: str | None, log:
 
 
 def _predict(ckpt: Path, systems: list[System], frames: Frames, device: str) -> list[dict | None]:
-    from lamflow.model.io.checkpoint import load_model
-    from lamflow.model.nn.infer import evaluate_system
-
     model = load_model(ckpt, device)
     return [evaluate_system(model, s.subset(fr), virial=False) if len(fr) else None for s, fr in zip(systems, frames)]
 
 
 def _curve_point(ckpt: Path, systems: list[System], frames: Frames, device: str) -> dict:
-    from lamflow.model.io.checkpoint import load_model
-    from lamflow.model.tasks.evaluate import evaluate_systems
-
     subs = [s.subset(fr) for s, fr in zip(systems, frames) if len(fr)]
     return evaluate_systems(load_model(ckpt, device), subs)["overall"]
 
@@ -242,9 +239,6 @@ def active_learning(systems: list[System], out_dir: str | os.PathLike, cfg: Acti
 
     curve, rounds = [], []
     if pretrained is not None and valid_sys is not None:
-        from lamflow.model.training.pretrained import refit_bias, retype
-        from lamflow.model.training.metrics import collect
-
         pre = load_pretrained(pretrained, branch)
         subs = [retype(s.subset(fr), list(pre.type_map), missing="none") for s, fr in zip(valid_sys, valid_frames) if len(fr)]
         subs = [s for s in subs if s is not None and s.energy is not None]  # elements it lacks: fine-tuning refuses them

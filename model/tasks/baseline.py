@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lamflow.model.data.systems import System
+from lamflow.model.training.metrics import collect
 
 # metric keys compared with the baseline (lamflow.model.training.metrics.summarize names)
 COMPARED = ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom")
@@ -55,7 +56,6 @@ def fit_baseline(systems: list[System], ntypes: int) -> Baseline:
 
 def baseline_errors(base: Baseline, systems: list[System]) -> dict:
     """The dummy model's errors in lamflow.model.training.metrics.collect's layout."""
-    from lamflow.model.training.metrics import collect
 
     return collect([(s, base.predict(s)) for s in systems])
 

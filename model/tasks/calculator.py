@@ -24,6 +24,8 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from lamflow.model.errors import DataError
+from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
+from lamflow.model.nn.infer import evaluate
 
 
 class LamflowCalculator(Calculator):
@@ -32,7 +34,6 @@ class LamflowCalculator(Calculator):
     def __init__(self, model_or_path, device: str = "auto", branch: str | None = None, **kwargs):
         """model_or_path: a model object or a checkpoint; `branch` picks the head of a multi-task model."""
         super().__init__(**kwargs)
-        from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
 
         self.min_nbor_dist: float | None = None  # Angstrom, closest pair in the training data, when known
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -70,8 +71,6 @@ class LamflowCalculator(Calculator):
         return types
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        from lamflow.model.nn.infer import evaluate
-
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         pbc = np.asarray(atoms.pbc, dtype=bool)

@@ -28,12 +28,17 @@ from typing import Callable
 import numpy as np
 
 from lamflow.model.data.checks import REASONS, RuleConfig, Source, apply_rules
-from lamflow.model.data.systems import System, elements_in, find_systems, load_system
+from lamflow.model.data.coverage import element_coverage, trained_elements
 from lamflow.model.data.formats import detect_format
+from lamflow.model.data.systems import System, elements_in, find_systems, load_system
 from lamflow.model.data.write import write_system
 from lamflow.model.errors import ConfigError, DataError
+from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.files import atomic_write_text
 from lamflow.model.tasks.active import ActiveConfig
+from lamflow.model.tasks.evaluate import parity_plot
+from lamflow.model.tasks.report import clean_section, write_markdown
+from lamflow.model.training.metrics import collect
 from lamflow.model.training.pretrained import load_pretrained, refit_bias, retype
 
 NATIVE = ("auto", "deepmd/npy", "deepmd/raw")
@@ -143,7 +148,6 @@ def zero_shot_errors(model, sources: list[tuple[str, System]]) -> tuple[dict, li
     """Per-frame and per-system errors of a pretrained `model` after one energy-bias refit on all
     `sources` (name, System) together. Systems with elements outside its type map are listed, not
     evaluated."""
-    from lamflow.model.training.metrics import collect
 
     tm = list(model.type_map)
     named = [(name, retype(s, tm, missing="none")) for name, s in sources]
@@ -188,9 +192,6 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
             detect_format(Path(p))  # a clear error for an unknown file before any work
     pre_tm, pre_model, pre_trained = None, None, None
     if pretrained is not None:
-        from lamflow.model.io.checkpoint import read_checkpoint
-        from lamflow.model.data.coverage import trained_elements
-
         pre_payload = read_checkpoint(pretrained)  # CheckpointError before any work
         pre_tm, pre_trained = list(pre_payload.get("type_map") or []), trained_elements(pre_payload, branch)
         del pre_payload
@@ -238,7 +239,6 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         if coverage["uncovered"]:
             log(f"coverage: element(s) {', '.join(coverage['uncovered'])} not in the pretrained type map {pre_tm}")
         if pre_trained is not None:  # "in the type map" is not "trained on" (coverage.py)
-            from lamflow.model.data.coverage import element_coverage
 
             untrained = element_coverage(data_el, pre_tm, pre_trained)["untrained"]
             coverage.update({"trained_elements": pre_trained, "untrained": untrained})
@@ -269,8 +269,6 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         zs, per = zero_shot_errors(pre_model, kept_named)
         atomic_write_text(out / "zero_shot.json", json.dumps(zs, indent=2))
         if per:
-            from lamflow.model.tasks.evaluate import parity_plot
-
             parity_plot(per, out / "zero_shot_parity.png", "zero-shot (pretrained, energy bias refit) vs DFT",
                         dataset=out.name)
         report["zero_shot"] = {k: zs[k] for k in ("systems", "overall", "skipped", "bias_delta") if k in zs}
@@ -292,7 +290,6 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
 
     plot_clean(diag, cfg, counts, out / "clean.png", title=f"{out.name}: {total} frames, {kept} kept")
     report_json = atomic_write_text(out / "clean.json", json.dumps(report, indent=2))
-    from lamflow.model.tasks.report import clean_section, write_markdown
 
     write_markdown([clean_section(report, out, title="Summary")], out / "report.md", title="Data cleaning")
     return CleanResult(out, written, report_json, kept, total - kept, report)

@@ -14,9 +14,13 @@ from typing import Callable
 
 import numpy as np
 
-from lamflow.model.io.files import atomic_write_text
 from lamflow.model.data.systems import System, load_systems
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.tasks.baseline import baseline_errors, fit_baseline, normalised
+from lamflow.model.tasks.report import (Section, bar_chart, baseline_table, compare_table, metrics_table, short_names,
+                                        verdicts, write_markdown)
 from lamflow.model.training.metrics import collect, predict_systems
+from lamflow.model.training.pretrained import load_pretrained, refit_bias, retype
 
 
 def evaluate_systems(model, systems: list[System], out_dir: str | os.PathLike | None = None, label: str = "model",
@@ -116,8 +120,6 @@ def baseline_section(metrics: dict, systems: list[System], ntypes: int, label: s
     """The model's errors next to the composition-only baseline, fitted here on the tested frames
     themselves (no training data is given to `lamflow test`): an in-sample fit, so the baseline is
     if anything too good and a ratio < 1 is conservative. Writes baseline.json."""
-    from lamflow.model.tasks.baseline import baseline_errors, fit_baseline, normalised
-    from lamflow.model.tasks.report import Section, baseline_table, short_names, verdicts
 
     base = baseline_errors(fit_baseline(systems, ntypes), systems)
     atomic_write_text(out / "baseline.json", json.dumps(base, indent=2))
@@ -142,8 +144,6 @@ def transferability(model, paths: list[str], out_dir: str | os.PathLike, *, fmt:
     parity/<nn>_<system>.png, bars.png and report.md in out_dir. With `zero_shot` (a pretrained
     checkpoint path or model), its energy bias is refit on each system on its own and its errors
     go to zero_shot/metrics.json, beside the model's in compare.json and the report's table."""
-    from lamflow.model.training.pretrained import load_pretrained, refit_bias, retype
-    from lamflow.model.tasks.report import Section, bar_chart, compare_table, metrics_table, short_names, write_markdown
 
     out = Path(out_dir)
     pre = None

@@ -32,8 +32,10 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from lamflow.model.io.files import atomic_write_text
+from lamflow.model.data.neighbor import find_pairs
+from lamflow.model.data.systems import elements_in, find_systems, load_systems
 from lamflow.model.errors import DataError, LamflowError
+from lamflow.model.io.files import atomic_write_text
 
 
 class SimulationError(LamflowError):
@@ -58,7 +60,6 @@ def system_to_atoms(s, frame: int = 0):
 def read_structure(path: str | os.PathLike, frame: int = 0, fmt: str = "auto"):
     """One frame as ase.Atoms: a deepmd system folder (npy/raw; `fmt` may name another dpdata
     format) or any file ase.io.read understands (xyz, extxyz, POSCAR, cif, ...)."""
-    from lamflow.model.data.systems import elements_in, find_systems, load_systems
 
     p = Path(path)
     if not p.exists():
@@ -124,7 +125,6 @@ class MDGuards:
 
 def closest_pair(atoms, radius: float) -> float | None:
     """The smallest interatomic distance below `radius` (A; periodic images included), None if none."""
-    from lamflow.model.data.neighbor import find_pairs
 
     if len(atoms) < 2 or radius <= 0:
         return None
@@ -326,7 +326,6 @@ def run_md(atoms, calc, *, ensemble: Literal["nvt", "nve"] = "nvt", temperature:
 
 def _closest_atoms(atoms, radius: float) -> tuple[int, int]:
     """Indices of the closest pair (for the close-contact message)."""
-    from lamflow.model.data.neighbor import find_pairs
 
     box = np.asarray(atoms.cell.array, dtype=np.float64) if atoms.pbc.all() else None
     p = find_pairs(np.asarray(atoms.positions, dtype=np.float64), box, radius)

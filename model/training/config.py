@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from lamflow.model.io.yamlio import read_yaml as read
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.schema import Strict, parse_config
 
@@ -98,7 +99,6 @@ class TrainConfig(Strict):
 def read_yaml(path: Path) -> Any:
     """Read YAML (or JSON) with safe_load semantics, duplicate keys refused; errors name the file
     (lamflow.model.io.yamlio, the one YAML reader)."""
-    from lamflow.model.io.yamlio import read_yaml as read
 
     return read(path)
 

@@ -22,10 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from lamflow.model.data.systems import System
-from lamflow.model.data.checks import RuleConfig, Source, energy_zscores, find_duplicates, max_atomic_force
 from lamflow.model.data.batch import auto_sel
+from lamflow.model.data.checks import RuleConfig, Source, energy_zscores, find_duplicates, max_atomic_force
 from lamflow.model.data.neighbor import find_pairs, neighbor_counts
+from lamflow.model.data.systems import System
 from lamflow.model.errors import DataError
 from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, ModelConfig
 from lamflow.model.nn.descriptor_config import DPA2Config, SeAttenConfig, SeE2AConfig

@@ -24,8 +24,8 @@ import os
 import numpy as np
 import torch
 
-from lamflow.model.io.checkpoint import resolve_device
 from lamflow.model.data.batch import DataSet
+from lamflow.model.io.checkpoint import resolve_device
 
 
 def world_from_env() -> tuple[int, int, int]:

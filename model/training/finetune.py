@@ -41,14 +41,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lamflow.model.data.batch import resolve_batch_size
+from lamflow.model.data.systems import System, elements_in
+from lamflow.model.errors import ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.training.config import TrainConfig
-from lamflow.model.data.systems import System, elements_in
-from lamflow.model.data.batch import resolve_batch_size
-from lamflow.model.errors import ConfigError
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.pretrained import change_bias, zero_shot  # noqa: F401 (zero_shot: workflows/stage_configs.py looks for it here)
+from lamflow.model.data.batch import DataSet
+from lamflow.model.nn.descriptor import REGISTRY
+from lamflow.model.training.stats import stat_samples
 from lamflow.model.training.trainer import TrainResult, train
 
 RANDOM = "RANDOM"
@@ -87,7 +90,6 @@ def bias_frames(systems: list[System], nbatch: int, batch_size) -> list[System]:
 
 def can_add_elements(descriptor_type: str) -> bool:
     """Whether fine-tuning can give a model of this descriptor elements it was not trained on."""
-    from lamflow.model.nn.descriptor import REGISTRY
 
     return bool(REGISTRY[descriptor_type].mixed_types)
 
@@ -179,9 +181,6 @@ def change_type_map(base: EnergyModel, fresh: EnergyModel, systems: list[System]
     embedding table A (not just the first-layer matrix) is what is kept, since the residual rule of
     that layer depends on the number of types."""
     import copy
-
-    from lamflow.model.data.batch import DataSet
-    from lamflow.model.training.stats import stat_samples
 
     new_map, old_map = list(fresh.type_map), list(base.type_map)
     out = copy.deepcopy(fresh)

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from lamflow.model.training.config import LearningRateConfig, LossConfig
 from lamflow.model.data.batch import Batch
 from lamflow.model.nn.potential import predict
+from lamflow.model.training.config import LearningRateConfig, LossConfig
 
 
 class ExpDecayLR:

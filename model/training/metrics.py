@@ -9,6 +9,7 @@ import numpy as np
 from lamflow.model.data.batch import DataSet
 from lamflow.model.data.systems import System
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.nn.potential import predict
 
 
 def system_errors(pred: dict, s: System) -> dict:
@@ -49,8 +50,6 @@ def collect(per_system: list[tuple[System, dict]]) -> dict:
 
 
 def predict_dataset(model, ds: DataSet) -> list[tuple[System, dict]]:
-    from lamflow.model.nn.potential import predict
-
     device = model.out_bias.device
     acc: dict[int, dict[str, list]] = {}
     for i, batch in ds.batches():

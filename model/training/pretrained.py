@@ -17,6 +17,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.systems import System, load_systems
 from lamflow.model.errors import CheckpointError, ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
@@ -24,7 +25,6 @@ from lamflow.model.nn.infer import evaluate_system
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.bias_check import warn_underdetermined_bias
 from lamflow.model.training.multitask import MultiTaskModel
-from lamflow.model.data.composition import energy_bias
 
 
 def source_name(pretrained) -> str:

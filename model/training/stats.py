@@ -32,12 +32,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lamflow.model.io.files import atomic_save
-from lamflow.model.data.composition import energy_bias
-from lamflow.model.data.systems import OVERLAP, FrameArray, System
 from lamflow.model.data.batch import DataSet, max_neighbor_counts, overlap_error
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.neighbor import find_pairs, neighbor_counts
-from lamflow.model.nn.potential import extended_inputs
+from lamflow.model.data.systems import FrameArray, OVERLAP, System
+from lamflow.model.io.files import atomic_save
+from lamflow.model.nn.descriptor import REGISTRY
+from lamflow.model.nn.potential import extended_inputs, predict
+from lamflow.model.training.bias_check import warn_underdetermined_bias
 
 NEIGHBOR_FRAMES = 256  # frames per system for the neighbour statistic (sel: auto, min_nbor_dist)
 
@@ -80,7 +82,6 @@ def stat_samples(ds: DataSet, nbatch: int, device, dtype, frames: list[np.ndarra
 @torch.no_grad()
 def network_energies(model, ds: DataSet, max_frames: int = 2000) -> list[np.ndarray]:
     """The model's energy of every frame (per system; frames past max_frames reuse the mean)."""
-    from lamflow.model.nn.potential import predict
 
     dev = model.out_bias.device
     out: list[list[np.ndarray]] = [[] for _ in ds.systems]
@@ -101,7 +102,6 @@ def network_energies(model, ds: DataSet, max_frames: int = 2000) -> list[np.ndar
 def sampled_energy_bias(model, ds: DataSet, frames: list[np.ndarray], ntypes: int) -> tuple[np.ndarray, float]:
     """energy_bias of E - E_net: the labels of every frame (one number each, streamed), the model's
     own (bias-free) energies E_net on the sampled frames only (a forward pass each)."""
-    from lamflow.model.nn.potential import predict
 
     dev = model.out_bias.device
     e_net: list[list[np.ndarray]] = [[] for _ in ds.systems]
@@ -139,7 +139,6 @@ def fit_statistics(model, ds: DataSet, nbatch: int, protect: float, log=print, s
     model.out_bias.copy_(torch.as_tensor(bias, dtype=model.dtype))
     log(f"energy bias per type {dict(zip(model.type_map, np.round(bias, 4).tolist()))} (network energies of "
         f"{sum(map(len, frames))} sampled frames); RMSE of energy per atom after linear regression: {rmse:.4g} eV")
-    from lamflow.model.training.bias_check import warn_underdetermined_bias
 
     warn_underdetermined_bias(ds.systems, model.type_map, log)
     return {"bias_rmse_e_per_atom": rmse}
@@ -240,7 +239,6 @@ class StatFile:
 def resolve_sel(desc_cfg, systems: list[System], ntypes: int, counter: Callable | None = None):
     """Replace sel "auto"/"auto:r" by counts from the data (deepmd-kit's neighbour stat): every
     frame, or `counter(rcut)` (stats.neighbor_counter: a sample, cached in the stat file)."""
-    from lamflow.model.nn.descriptor import REGISTRY
 
     cls = REGISTRY[desc_cfg.type]
     return cls.resolve_sel(desc_cfg, counter or (lambda rcut: max_neighbor_counts(systems, rcut, ntypes)))

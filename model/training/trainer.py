@@ -21,22 +21,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from lamflow.model.training import distributed
+from lamflow.model.data.batch import DataSet
+from lamflow.model.data.coverage import observed_elements
+from lamflow.model.data.loader import BatchStream, auto_workers, state_dict
+from lamflow.model.data.systems import System, load_systems
+from lamflow.model.errors import ConfigError, DataError, TrainingError
+from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.files import atomic_save, atomic_write_text
 from lamflow.model.io.payload import model_payload
-from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.training.config import TrainConfig
-from lamflow.model.data.batch import DataSet
-from lamflow.model.data.systems import System, load_systems
-from lamflow.model.training.data_warnings import warn_suspicious
-from lamflow.model.errors import ConfigError, DataError, TrainingError
-from lamflow.model.data.loader import BatchStream, auto_workers, state_dict
-from lamflow.model.training.lcurve import _fmt_cell, _fmt_time, plot_lcurve
-from lamflow.model.training.loss import EnergyLoss, ExpDecayLR
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.training.stats import StatFile, fit_statistics, neighbor_counter, resolve_sel
+from lamflow.model.training import distributed
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.training.data_warnings import warn_suspicious
+from lamflow.model.training.lcurve import _fmt_cell, _fmt_time, plot_lcurve
+from lamflow.model.training.loss import EnergyLoss, ExpDecayLR
+from lamflow.model.training.metrics import dataset_metrics
+from lamflow.model.training.stats import StatFile, fit_statistics, neighbor_counter, resolve_sel, sample_frames
 
 
 @dataclass
@@ -99,7 +101,6 @@ class Trainer:
         self.kind, self.log, self.rank, self.world = kind, log, rank, world
         self.extra_payload = extra_payload or {}
         if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (coverage.py)
-            from lamflow.model.data.coverage import observed_elements
 
             self.extra_payload["trained_elements"] = observed_elements([s for t in tasks for s in getattr(t.train, "systems", [])])
             if len(tasks) > 1:
@@ -355,9 +356,6 @@ FINAL_FRAMES = 2000  # the closing metrics of a larger dataset come from a rando
 
 
 def final_metrics(model, ds: DataSet) -> dict:
-    from lamflow.model.training.metrics import dataset_metrics
-    from lamflow.model.training.stats import sample_frames
-
     if ds.nframes > FINAL_FRAMES:
         frames = sample_frames(ds.systems, [max(1, FINAL_FRAMES // len(ds.systems))] * len(ds.systems))
         sub = DataSet([s.subset(f) for s, f in zip(ds.systems, frames)], ds.requests, 1, ds.dtype)

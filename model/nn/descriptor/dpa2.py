@@ -78,14 +78,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lamflow.model.nn.descriptor_config import DPA2Config, RepinitConfig, dtype_name
 from lamflow.model.data.batch import auto_sel
-from lamflow.model.nn.env_mat import gather_neighbors
-from lamflow.model.errors import ConfigError
-from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
 from lamflow.model.data.neighbor import NlistRequest
-from lamflow.model.nn.descriptor.repformer import Repformers, linear
+from lamflow.model.errors import ConfigError
 from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, EnvMatBlock, TypeEmbedding, rename_deepmd_key
+from lamflow.model.nn.descriptor.repformer import Repformers, linear
+from lamflow.model.nn.descriptor_config import DPA2Config, RepinitConfig, dtype_name
+from lamflow.model.nn.env_mat import gather_neighbors
+from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
 
 
 class Repinit(nn.Module):

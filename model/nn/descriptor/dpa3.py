@@ -59,14 +59,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lamflow.model.nn.descriptor_config import DPA3Config, RepFlowConfig, dtype_name
 from lamflow.model.data.batch import auto_sel
-from lamflow.model.nn.env_mat import EnvStat, gather_neighbors, switch
-from lamflow.model.errors import ConfigError
-from lamflow.model.nn.network import ACTIVATIONS, DTYPES, make_generator
 from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.errors import ConfigError
 from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, TypeEmbedding, rename_deepmd_key
 from lamflow.model.nn.descriptor.repformer import linear, residual_vector
+from lamflow.model.nn.descriptor_config import DPA3Config, RepFlowConfig, dtype_name
+from lamflow.model.nn.env_mat import EnvStat, gather_neighbors, switch
+from lamflow.model.nn.network import ACTIVATIONS, DTYPES, make_generator
 
 ANGLE_EPS = 1e-6  # deepmd-kit's protection of u = r / (|r| + eps) and cos * (1 - eps)
 

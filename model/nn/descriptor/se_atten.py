@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lamflow.model.nn.descriptor_config import SeAttenConfig, dtype_name
-from lamflow.model.nn.env_mat import gather_neighbors
-from lamflow.model.nn.network import DTYPES, EmbeddingNet, Layer, make_generator
 from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, EnvMatBlock, TypeEmbedding
+from lamflow.model.nn.descriptor_config import SeAttenConfig, dtype_name
+from lamflow.model.nn.env_mat import gather_neighbors
+from lamflow.model.nn.network import DTYPES, EmbeddingNet, Layer, make_generator
 
 ATTN_SHIFT = 20.0
 

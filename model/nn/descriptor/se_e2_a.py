@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lamflow.model.nn.descriptor_config import SeE2AConfig, dtype_name
-from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
 from lamflow.model.data.batch import auto_sel
 from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, EnvMatBlock
+from lamflow.model.nn.descriptor_config import SeE2AConfig, dtype_name
+from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
 
 
 class SeE2A(Descriptor, config=SeE2AConfig):
