@@ -123,7 +123,7 @@ from pathlib import Path
 
 import torch
 
-from lamflow.model.checkpoint import load_model
+from lamflow.model.io.checkpoint import load_model
 
 run_c, run_p, rep_c, rep_p = map(Path, sys.argv[1:])
 RTOL, ATOL = 1e-5, 1e-7

@@ -114,9 +114,9 @@ def child(args) -> None:
     import torch
     import yaml
 
-    from lamflow.model.config import load_train_config
-    from lamflow.model.loss import EnergyLoss
-    from lamflow.model.train import train
+    from lamflow.model.training.config import load_train_config
+    from lamflow.model.training.loss import EnergyLoss
+    from lamflow.model.training.trainer import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,8 @@ def deepmd_config(cfg: dict) -> dict:
 
 
 def validate_ours(cfg: dict, path: Path) -> None:
-    from lamflow.model.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     parse_config(TrainConfig, cfg, str(path))
 
@@ -101,8 +102,9 @@ def _ours(cfg_path: str, out: str) -> None:
     """Subprocess body (lamflow's python): train, then print the peak GPU memory."""
     import torch
 
-    from lamflow.model.config import TrainConfig, parse_config, read_yaml
-    from lamflow.model.train import train
+    from lamflow.model.training.config import TrainConfig, read_yaml
+    from lamflow.model.schema import parse_config
+    from lamflow.model.training.trainer import train
 
     torch.cuda.reset_peak_memory_stats()
     res = train(parse_config(TrainConfig, read_yaml(Path(cfg_path)), cfg_path), out)

@@ -152,7 +152,7 @@ def calib_gflops() -> float:
 
 
 def water_systems(rep: int):
-    from lamflow.model.data import load_systems
+    from lamflow.model.data.systems import load_systems
 
     s = load_systems(str(DATA / "water_h2o" / "valid"), ["O", "H"])[0]
     c, b, a = s.coord[0], s.box[0], s.atype
@@ -163,15 +163,15 @@ def water_systems(rep: int):
 
 def student_model(paths: dict | None, workdir: Path, steps: int, log_fn=log):
     """deepmd-kit's trained weights through lamflow's importer; else the same config trained by lamflow."""
-    from lamflow.model.checkpoint import load_model
+    from lamflow.model.io.checkpoint import load_model
 
     if paths:
         try:
             return load_model(paths["model.ckpt.pt"]).eval(), "deepmd-kit weights (imported)"
         except Exception as e:  # importer missing or refusing: train our own below
             log_fn(f"could not import deepmd-kit's checkpoint ({type(e).__name__}: {e}); training lamflow's own")
-    from lamflow.model.config import TrainConfig
-    from lamflow.model.train import train
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.training.trainer import train
 
     raw = json.loads(DP_INPUT.read_text())
     raw["training"]["numb_steps"] = steps
@@ -185,10 +185,10 @@ def student_model(paths: dict | None, workdir: Path, steps: int, log_fn=log):
 def teacher_model(stat_systems):
     import torch
 
-    from lamflow.model.config import ModelConfig
-    from lamflow.model.data import DataSet
-    from lamflow.model.potential import EnergyModel
-    from lamflow.model.stats import fit_statistics
+    from lamflow.model.nn.config import ModelConfig
+    from lamflow.model.data.batch import DataSet
+    from lamflow.model.nn.potential import EnergyModel
+    from lamflow.model.training.stats import fit_statistics
 
     m = EnergyModel(ModelConfig(type_map=["O", "H"], descriptor=TEACHER, fitting_net={"neuron": [240, 240, 240], "seed": 1}))
     fit_statistics(m, DataSet(stat_systems, m.nlist_requests(), 1, torch.float64), 4, 1e-2, log=lambda *a: None)
@@ -206,10 +206,11 @@ def best_time(fn, reps: int) -> float:
 
 def breakdown(model, coord, box, atype, reps: int) -> dict:
     """Best times (s) of the parts of one `evaluate` call: neighbour list, batching, model (forward + backward)."""
-    from lamflow.model.data import System, collate
-    from lamflow.model.infer import evaluate
-    from lamflow.model.neighbor import build_graph
-    from lamflow.model.potential import predict
+    from lamflow.model.data.systems import System
+    from lamflow.model.data.batch import collate
+    from lamflow.model.nn.infer import evaluate
+    from lamflow.model.data.neighbor import build_graph
+    from lamflow.model.nn.potential import predict
 
     reqs = model.nlist_requests()
     s = System("x", list(model.type_map), atype, coord[None], box[None])
@@ -228,7 +229,7 @@ def nn_time(model, batch, reps: int) -> float:
     nets (or their tables) with the R^T G contraction, and the fitting nets."""
     import torch
 
-    from lamflow.model.potential import extended_inputs
+    from lamflow.model.nn.potential import extended_inputs
 
     coord_ext, atype_ext = extended_inputs(batch, model.dtype)
     nlist = batch.nlists[0]
@@ -279,9 +280,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lamflow.model.compress import compress_model
-    from lamflow.model.data import load_systems, min_neighbor_distance
-    from lamflow.model.infer import evaluate
+    from lamflow.model.tasks.compress import compress_model
+    from lamflow.model.data.systems import load_systems
+    from lamflow.model.data.batch import min_neighbor_distance
+    from lamflow.model.nn.infer import evaluate
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     res: dict = {"threads": args.threads, "rounds": args.rounds, "loadavg_start": os.getloadavg(),

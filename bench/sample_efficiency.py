@@ -25,10 +25,10 @@ from conftest import data_path  # noqa: E402
 from multitask_helpers import (PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, multitask_config, pretrain_data,  # noqa: E402
                                write_subset, write_yaml)
 
-from lamflow.model.config import load_train_config  # noqa: E402
-from lamflow.model.finetune import finetune  # noqa: E402
-from lamflow.model.multitask import load_multitask_config, train_multitask  # noqa: E402
-from lamflow.model.train import train  # noqa: E402
+from lamflow.model.training.config import load_train_config # noqa: E402
+from lamflow.model.training.finetune import finetune # noqa: E402
+from lamflow.model.training.multitask import load_multitask_config, train_multitask # noqa: E402
+from lamflow.model.training.trainer import train # noqa: E402
 
 QUIET = lambda *a: None  # noqa: E731
 

@@ -165,9 +165,10 @@ def run_ours(cfg: dict, work: Path, threads: int, init: Path) -> dict:
 
 def _ours_from_init(cfg_path: str, init: str, out: str) -> None:
     """Subprocess body: lamflow training from the imported initial weights."""
-    from lamflow.model.checkpoint import read_checkpoint
-    from lamflow.model.config import parse_config, TrainConfig, read_yaml
-    from lamflow.model.train import train
+    from lamflow.model.io.checkpoint import read_checkpoint
+    from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import TrainConfig, read_yaml
+    from lamflow.model.training.trainer import train
 
     cfg = parse_config(TrainConfig, read_yaml(Path(cfg_path)), cfg_path)
     state = read_checkpoint(init)["state_dict"]

@@ -220,7 +220,7 @@ class CheckpointStore:
         return Path(dest) / "model.ckpt"
 
     def hook(self, background: bool = True):
-        """An `on_checkpoint(path, step)` for lamflow.model.train: sync after each save, in a
+        """An `on_checkpoint(path, step)` for lamflow.model.training.trainer: sync after each save, in a
         background thread (`AsyncSync`) or, with background=False, before training goes on."""
         if background:
             return AsyncSync(self)

@@ -1,4 +1,4 @@
-"""Clean: drop frames whose labels or geometry cannot be right (lamflow.model.clean), per dataset.
+"""Clean: drop frames whose labels or geometry cannot be right (lamflow.model.tasks.clean), per dataset.
 
 Each dataset's splits are cleaned together (one energy fit per input path) and written back in
 the staged layout (ops.common), as deepmd/npy, so later stages read the cleaned copy instead of
@@ -33,8 +33,8 @@ def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, 
     clean.json / clean.png / report.md under report_dir/<dataset>/ and report_dir/summary.json.
     `fanout` ({"finetune": [dataset, ...]}, by item index) with `systems_dir`: also write each
     fan-out item's cleaned dataset under systems_dir/<fanout>/<i>/ (module docstring)."""
-    from lamflow.model.clean import CleanConfig, clean
-    from lamflow.model.config import parse_config
+    from lamflow.model.tasks.clean import CleanConfig, clean
+    from lamflow.model.schema import parse_config
 
     cfg = parse_config(CleanConfig, config or {}, "stages.clean.config")
     out, rep = Path(out_dir), Path(report_dir)
@@ -106,7 +106,7 @@ class Clean(OP):
     def get_input_sign(cls):
         return OPIOSign({
             "datasets": Parameter(List[str]),               # the datasets to clean (others pass through untouched)
-            "config": Parameter(dict),                      # lamflow.model.clean.CleanConfig keys
+            "config": Parameter(dict),                      # lamflow.model.tasks.clean.CleanConfig keys
             "type_map": Parameter(List[str]),               # the pipeline's elements
             "data": Artifact(Path),                         # staged datasets (ops.common layout)
             "pretrained": Artifact(Path, optional=True),    # checkpoint for element coverage and zero-shot errors

@@ -108,7 +108,8 @@ def train_config_dict(settings: dict, type_map: list[str], train: list[str], val
 
 def train_config(settings: dict, type_map: list[str], train: list[str], valid: list[str] | None, fmt: str = "auto",
                  source: str = "stage config", threads: int = 0):
-    from lamflow.model.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     return parse_config(TrainConfig, train_config_dict(settings, type_map, train, valid, fmt, threads), source)
 
@@ -141,11 +142,12 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
     checkpoint is restored first and every save is synced. `launcher`: torchrun arguments, to
     train data-parallel in several processes (the config is checked here first, before any
     process starts). Returns the metrics of the trained model (train.json)."""
-    from lamflow.model.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     work = Path(work)
     if kind == "multitask":
-        from lamflow.model.multitask import parse_multitask_config
+        from lamflow.model.training.multitask import parse_multitask_config
 
         parsed = parse_multitask_config(config, source)
     else:
@@ -166,17 +168,17 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
         job = write_job(work / "job.json", kind, per_rank_threads(config, nproc), work, store=store, finetune=finetune)
         return launch(job, launcher, log=log)
     if kind == "multitask":
-        from lamflow.model.multitask import train_multitask
+        from lamflow.model.training.multitask import train_multitask
 
         return synced(hook, train_multitask(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics)
     if kind == "finetune":
-        from lamflow.model.finetune import finetune as run_ft
+        from lamflow.model.training.finetune import finetune as run_ft
 
         ft = finetune or {}
         return synced(hook, run_ft(parsed, ft["pretrained"], work, branch=ft.get("branch") or None,
                                    freeze_descriptor=bool(ft.get("freeze_descriptor")), restart="auto", log=log,
                                    on_checkpoint=hook).metrics)
-    from lamflow.model.train import train
+    from lamflow.model.training.trainer import train
 
     return synced(hook, train(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics)
 
@@ -193,7 +195,7 @@ def synced(hook, metrics: dict) -> dict:
 
 
 def write_json(path: Path, obj) -> Path:
-    from lamflow.model.checkpoint import atomic_write_text
+    from lamflow.model.io.files import atomic_write_text
 
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
 

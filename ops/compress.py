@@ -1,4 +1,4 @@
-"""Compress: tabulate the student's se_e2_a embedding nets (lamflow.model.compress), check the
+"""Compress: tabulate the student's se_e2_a embedding nets (lamflow.model.tasks.compress), check the
 compressed model against the original on the dataset's frames, and time both."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ def speedup(model, compressed, systems, natoms: int = 1000, repeats: int = 15) -
     """Wall time of one energy+force evaluation, original vs compressed, on the first structure of
     the first system replicated to >= natoms atoms, as a production MD runs it (best of `repeats`
     alternating calls, after a warm-up of both; on a shared neighbour list, and with the list
-    built in each call: lamflow.model.lambench.speedup)."""
-    from lamflow.model.lambench import speedup as grown_speedup
+    built in each call: lamflow.model.tasks.lambench.speedup)."""
+    from lamflow.model.tasks.lambench import speedup as grown_speedup
 
     return grown_speedup(model, compressed, systems[0], natoms, repeats)
 
@@ -26,9 +26,9 @@ def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: P
     """Compress `model` (checkpoint or folder with model.ckpt) into out_dir/model.ckpt; summary.json
     holds the largest energy/force deviation and the measured speed-up (both measured on `device`:
     "auto" is the pod's GPU when it has one)."""
-    from lamflow.model.checkpoint import load_model
-    from lamflow.model.compress import compress
-    from lamflow.model.data import load_systems
+    from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.tasks.compress import compress
+    from lamflow.model.data.systems import load_systems
 
     cfg = dict(config or {})
     known = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}

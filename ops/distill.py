@@ -1,5 +1,5 @@
 """Distill: the fine-tuned teacher explores and labels structures of one dataset; a small
-se_e2_a student is trained on the labels (lamflow.model.distill). The report compares the
+se_e2_a student is trained on the labels (lamflow.model.tasks.distill). The report compares the
 student with the teacher (held-out teacher-labelled frames) and both with DFT (the dataset's
 valid split).
 
@@ -25,7 +25,7 @@ from .common import (copy_outputs, launcher_for, pick_root, run_training, set_th
 def torchrun_student(launcher: list[str]):
     """distill()'s `train_student`: the student's TrainConfig trained under torchrun with `launcher`
     arguments (ops/torchrun.py), from scratch in its folder; returns the TrainResult rank 0 wrote."""
-    from lamflow.model.train import TrainResult
+    from lamflow.model.training.trainer import TrainResult
 
     def train_student(tcfg, out_dir, log):
         out = Path(out_dir)
@@ -42,8 +42,8 @@ def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: 
     """Distill `teacher` (a checkpoint, or a folder with model.ckpt) on `dataset`; write the
     student (model.ckpt), distill.json, the report plots and summary.json into out_dir.
     `launcher`: torchrun arguments to train the student data-parallel (None: in this process)."""
-    from lamflow.model.config import parse_config
-    from lamflow.model.distill import DistillConfig, distill
+    from lamflow.model.schema import parse_config
+    from lamflow.model.tasks.distill import DistillConfig, distill
 
     cfg = parse_config(DistillConfig, config or {}, "stages.distill.config")
     out = Path(out_dir)
@@ -76,7 +76,7 @@ class Distill(OP):
     @classmethod
     def get_input_sign(cls):
         return OPIOSign({
-            "config": Parameter(dict),                      # lamflow.model.distill.DistillConfig keys
+            "config": Parameter(dict),                      # lamflow.model.tasks.distill.DistillConfig keys
             "dataset": Parameter(str),                      # start structures (train) and DFT check (valid)
             "teacher_index": Parameter(int),                # which of `teachers` teaches
             "device": Parameter(str, default="auto"),       # teacher MD/labelling: the pod's GPU when it has one

@@ -1,4 +1,4 @@
-"""Finetune: one downstream system from the pretrained model (lamflow.model.finetune): the
+"""Finetune: one downstream system from the pretrained model (lamflow.model.training.finetune): the
 pretrained descriptor, a kept head (branch NAME) or a new one (RANDOM, the default for a
 multi-task model) with its energy bias re-fitted on the system, then training on its data. A
 rerun of the step continues from its last checkpoint (`restart="auto"`; on Argo from the one
@@ -31,7 +31,7 @@ def with_pretrained_model(config: dict, ckpt: Path) -> dict:
     config = copy.deepcopy(config or {})
     model = config.setdefault("model", {})
     if "descriptor" not in model:
-        from lamflow.model.checkpoint import read_checkpoint
+        from lamflow.model.io.checkpoint import read_checkpoint
 
         model["descriptor"] = read_checkpoint(ckpt)["config"]["descriptor"]
     return config

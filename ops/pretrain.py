@@ -1,9 +1,9 @@
 """Pretrain: train the base model on the pretraining datasets.
 
 Several datasets train one multi-task model (one fitting head per dataset, shared descriptor)
-when lamflow.model.multitask is available; a single dataset trains one energy model with
-lamflow.model.train.train. Heads named in `config["denoise"]` (the spec's stages.pretrain.denoise)
-are denoise branches on structures alone (label-free files converted by lamflow.model.structures);
+when lamflow.model.training.multitask is available; a single dataset trains one energy model with
+lamflow.model.training.trainer.train. Heads named in `config["denoise"]` (the spec's stages.pretrain.denoise)
+are denoise branches on structures alone (label-free files converted by lamflow.model.data.structures);
 they make the model multi-task even with one dataset. Either way the run continues from its last
 checkpoint when the step is rerun (`restart="auto"` in `resume_dir`, or in the step's own output
 folder), and on Argo from the checkpoint synced to the store (`checkpoint_store`,
@@ -104,8 +104,8 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
 
 def _structures(head: dict) -> dict:
     """A denoise head's paths as deepmd/npy structure folders (CIF, POSCAR, extxyz converted once,
-    cached; lamflow.model.structures)."""
-    from lamflow.model.structures import structure_paths
+    cached; lamflow.model.data.structures)."""
+    from lamflow.model.data.structures import structure_paths
 
     train, fmt = structure_paths(head["train"], head["fmt"])
     valid = structure_paths(head["valid"], head["fmt"])[0] if head["valid"] else []

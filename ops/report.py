@@ -4,7 +4,7 @@ fine-tuned errors per system, student vs teacher, compression error and speed-up
 summary.json with the same numbers (what `lamflow status` shows per stage).
 
 Each stage's output folder holds a summary.json (written by its OP); this module only reads
-those and the PNGs next to them, through lamflow.model.report's Markdown helpers.
+those and the PNGs next to them, through lamflow.model.tasks.report's Markdown helpers.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
                compress: Path | None = None, student: Path | None = None) -> dict:
     """Write report.md, its PNGs and summary.json into out_dir; return the summary. `student`: the
     student's test folder (student_test's), shown with the fine-tuned models' tests."""
-    from lamflow.model.report import (NOT_BETTER, Section, Table, baseline_table, bar_chart, compare_table, lambench_table,
-                                      meV, metrics_table, ratio_text, write_markdown)
+    from lamflow.model.tasks.report import (NOT_BETTER, Section, Table, baseline_table, bar_chart, compare_table,
+        lambench_table, meV, metrics_table, ratio_text, write_markdown)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,12 @@
 """Test: errors of a model on one downstream system (its valid and test splits).
 
 With a pretrained model as well, also the zero-shot errors: the pretrained model with only its
-per-element energy bias re-fitted on the system's training data (lamflow.model.finetune.zero_shot),
+per-element energy bias re-fitted on the system's training data (lamflow.model.training.pretrained.zero_shot),
 so the report can show how much fine-tuning gained.
 
-Every error stands next to the composition-only baseline (lamflow.model.baseline, fitted on the
+Every error stands next to the composition-only baseline (lamflow.model.tasks.baseline, fitted on the
 system's training frames), as LAMBench normalises; `transfer` settings add LAMBench's NVE
-stability and efficiency (lamflow.model.lambench). The test frames are the `test` split when the
+stability and efficiency (lamflow.model.tasks.lambench). The test frames are the `test` split when the
 dataset has one (held out from every decision), else `valid`, else `train`.
 """
 
@@ -34,13 +34,13 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
              role: str = "fine-tuned", device: str = "auto", log=print) -> dict:
     """Evaluate `model` (a checkpoint file or a folder holding model.ckpt) on the system; write
     metrics.json, baseline.json, parity.png (and zero_shot/...) into out_dir; return the summary.
-    `transfer`: lamflow.model.lambench settings ({"stability": {...}, "efficiency": {...}}; a
+    `transfer`: lamflow.model.tasks.lambench settings ({"stability": {...}, "efficiency": {...}}; a
     section given as false is skipped). `role` names the model in the report ("fine-tuned", "student").
     `device`: "auto" evaluates on the pod's GPU when it has one."""
-    from lamflow.model.baseline import baseline_errors, fit_baseline, normalised
-    from lamflow.model.checkpoint import load_model
-    from lamflow.model.data import load_systems
-    from lamflow.model.report import short_names, verdicts
+    from lamflow.model.tasks.baseline import baseline_errors, fit_baseline, normalised
+    from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.data.systems import load_systems
+    from lamflow.model.tasks.report import short_names, verdicts
 
     out = Path(out_dir)
     root = pick_root(system, data, cleaned)
@@ -81,7 +81,7 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
 
 def _transfer(net, systems, transfer: dict | None, log) -> dict:
     """LAMBench's stability (NVE drift) and efficiency (us/atom) of the model."""
-    from lamflow.model.lambench import efficiency, stability
+    from lamflow.model.tasks.lambench import efficiency, stability
 
     out = {}
     cfg = dict(transfer or {})
@@ -135,9 +135,9 @@ def _cell(key: str, v) -> str:
 
 
 def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, device, log) -> dict:
-    from lamflow.model.checkpoint import resolve_device
-    from lamflow.model.data import load_systems
-    from lamflow.model.finetune import zero_shot
+    from lamflow.model.io.checkpoint import resolve_device
+    from lamflow.model.data.systems import load_systems
+    from lamflow.model.training.pretrained import zero_shot
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
     net = zero_shot(_ckpt(pretrained), train, branch=branch).to(resolve_device(device))
@@ -148,8 +148,9 @@ def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out
 def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: str = "") -> dict:
     """evaluate_systems, but NaN/inf errors are refused (naming system and frame) before anything
     is written; suspicious labels get one warning line."""
-    from lamflow.model.data_warnings import refuse_non_finite, warn_suspicious
-    from lamflow.model.evaluate import collect, parity_plot, predict_systems
+    from lamflow.model.training.data_warnings import refuse_non_finite, warn_suspicious
+    from lamflow.model.training.metrics import collect, predict_systems
+    from lamflow.model.tasks.evaluate import parity_plot
 
     warn_suspicious(systems, source)
     per = predict_systems(net, systems)
@@ -162,7 +163,7 @@ def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: 
 
 
 def _type_map(ckpt: Path) -> list[str]:
-    from lamflow.model.checkpoint import read_checkpoint
+    from lamflow.model.io.checkpoint import read_checkpoint
 
     return list(read_checkpoint(_ckpt(ckpt))["type_map"])
 
@@ -189,7 +190,7 @@ class Test(OP):
             "cleaned": Artifact(Path, optional=True),       # the clean stage's output, when it ran
             "model": Artifact(Path),                        # folder with model.ckpt (fine-tuned, or pretrained)
             "pretrained": Artifact(Path, optional=True),    # for the zero-shot comparison
-            "transfer": Parameter(dict, default={}),        # lamflow.model.lambench settings: stability, efficiency
+            "transfer": Parameter(dict, default={}),        # lamflow.model.tasks.lambench settings: stability, efficiency
         })
 
     @classmethod

@@ -4,7 +4,7 @@ A training OP with `nproc > 1` (resources.gpus: N) writes a job file and runs
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m lamflow.ops.torchrun worker job.json
 
-in its pod: N ranks (NCCL on GPUs, gloo on CPUs; lamflow.model.distributed joins the group)
+in its pod: N ranks (NCCL on GPUs, gloo on CPUs; lamflow.model.training.distributed joins the group)
 train one model data-parallel; rank 0 writes the checkpoint and syncs it to the checkpoint
 store. On several nodes (a Kubeflow TrainJob, resources.nodes: M) every node runs
 
@@ -71,7 +71,7 @@ def launch(job: Path, launcher_args: list[str], log=print, timeout: float | None
 
 def run_worker(job: dict) -> None:
     """One rank: the same call the one-process OP makes, plus the store hook on rank 0."""
-    from lamflow.model.distributed import world_from_env
+    from lamflow.model.training.distributed import world_from_env
 
     rank = world_from_env()[0]
     store = StoreConfig.from_param(job.get("store"))
@@ -84,21 +84,22 @@ def run_worker(job: dict) -> None:
 
 def _train(kind: str, cfg: dict, out: Path, job: dict, hook) -> None:
     if kind == "multitask":
-        from lamflow.model.multitask import parse_multitask_config, train_multitask
+        from lamflow.model.training.multitask import parse_multitask_config, train_multitask
 
         train_multitask(parse_multitask_config(cfg, "job"), out, restart="auto", on_checkpoint=hook)
         return
-    from lamflow.model.config import TrainConfig, parse_config
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.schema import parse_config
 
     tc = parse_config(TrainConfig, cfg, "job")
     if kind == "finetune":
-        from lamflow.model.finetune import finetune
+        from lamflow.model.training.finetune import finetune
 
         ft = job["finetune"]
         finetune(tc, ft["pretrained"], out, branch=ft.get("branch") or None, freeze_descriptor=bool(ft.get("freeze_descriptor")),
                  restart="auto", on_checkpoint=hook)
     else:
-        from lamflow.model.train import train
+        from lamflow.model.training.trainer import train
 
         train(tc, out, restart="auto", on_checkpoint=hook)
 

@@ -175,7 +175,7 @@ def load_frames(frames: dict[tuple, list[int]], type_map: list[str]) -> dict[str
     """{data path parts: frame indices} -> {"a/b/c": (coord, box or None, atype over type_map)}."""
     from conftest import data_path
 
-    from lamflow.model.data import load_systems
+    from lamflow.model.data.systems import load_systems
 
     out = {}
     for parts, idx in frames.items():

@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 from conftest import data_path
 
-from lamflow.model.data import find_systems, load_systems
+from lamflow.model.data.systems import find_systems, load_systems
 
 PRETRAIN_SETS = {"water": "water_h2o", "mapbi3": "mapbi3_scan", "si": "si_pbe"}
 TYPE_MAP_ALL = ["O", "H", "I", "Pb", "C", "N", "Si"]
@@ -97,7 +97,7 @@ _PRETRAINED: dict = {}
 def pretrained(tmp_path_factory):
     """(TrainResult, data) of the shared multi-task pretraining on water / MAPbI3 / Si, run once."""
     if "result" not in _PRETRAINED:
-        from lamflow.model.multitask import load_multitask_config, train_multitask
+        from lamflow.model.training.multitask import load_multitask_config, train_multitask
 
         root = tmp_path_factory.mktemp("pretrain")
         data = pretrain_data(root / "data")

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from conftest import data_path
 
-from lamflow.model.data import load_systems
-from lamflow.model.infer import evaluate
+from lamflow.model.data.systems import load_systems
+from lamflow.model.nn.infer import evaluate
 
 
 def random_rotation(rng) -> np.ndarray:

@@ -708,9 +708,10 @@ def test_train_warns_once_per_dataset_and_goes_on(tmp_path, capsys):
 
 
 def test_test_stage_warns_once_and_refuses_nan_errors(tmp_path, capsys):
-    from lamflow.model.checkpoint import read_checkpoint, save_model
+    from lamflow.model.io.checkpoint import read_checkpoint
+    from lamflow.model.io.payload import save_model
     from lamflow.model.errors import DataError
-    from lamflow.model.potential import EnergyModel
+    from lamflow.model.nn.potential import EnergyModel
     from lamflow.ops.common import stage_dataset
     from lamflow.ops.test import run_test
 
@@ -774,7 +775,7 @@ def test_render_imports_dflow_offline_with_a_repo_key_in_the_environment(tmp_pat
 def test_stale_checkpoint_temporaries_are_removed_on_the_next_write(tmp_path):
     import os
 
-    from lamflow.model.checkpoint import atomic_save
+    from lamflow.model.io.files import atomic_save
 
     stale = tmp_path / ".model.ckpt.abc123.tmp"  # what a SIGKILL between write and rename leaves
     stale.write_bytes(b"half a checkpoint")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.baseline import baseline_errors, fit_baseline
-from lamflow.model.checkpoint import save_model
-from lamflow.model.config import ModelConfig
-from lamflow.model.data import System, load_systems
-from lamflow.model.lambench import grow, stability
-from lamflow.model.potential import EnergyModel
-from lamflow.model.report import NOT_BETTER, verdicts
+from lamflow.model.tasks.baseline import baseline_errors, fit_baseline
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.data.systems import System, load_systems
+from lamflow.model.tasks.lambench import grow, stability
+from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.tasks.report import NOT_BETTER, verdicts
 from lamflow.ops.common import stage_dataset
 
 
@@ -107,8 +107,8 @@ def test_grow_replicates_a_periodic_cell_and_spaces_molecules_beyond_rcut():
 
 
 def test_stability_counts_a_failed_run_as_unstable(monkeypatch):
-    from lamflow.model import md
-    from lamflow.model.md import SimulationError
+    from lamflow.model.tasks import md
+    from lamflow.model.tasks.md import SimulationError
 
     def blow_up(*a, **k):
         raise SimulationError("step 3: potential energy is nan")

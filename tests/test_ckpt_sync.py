@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import TINY, data_path
 
-from lamflow.model.checkpoint import read_checkpoint
+from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.ops.checkpoint_store import CheckpointStore, StoreConfig
 from lamflow.ops.common import stage_dataset
 

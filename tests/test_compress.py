@@ -16,16 +16,18 @@ from physics import PotentialContract
 
 import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
 
-from lamflow.model.checkpoint import load_model, read_checkpoint, save_model
-from lamflow.model.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model, hermite_coefficients,
-                                    net_derivatives)
-from lamflow.model.config import ModelConfig
-from lamflow.model.data import DataSet, collate, load_systems
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
+from lamflow.model.tasks.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model,
+    hermite_coefficients, net_derivatives)
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.data.batch import DataSet, collate
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
-from lamflow.model.infer import evaluate
-from lamflow.model.neighbor import build_graph
-from lamflow.model.potential import EnergyModel, extended_inputs
-from lamflow.model.stats import fit_statistics
+from lamflow.model.nn.infer import evaluate
+from lamflow.model.data.neighbor import build_graph
+from lamflow.model.nn.potential import EnergyModel, extended_inputs
+from lamflow.model.training.stats import fit_statistics
 from lamflow.workflows.cli import main
 
 E_TOL, F_TOL = 1e-8, 1e-7  # eV/atom, eV/A
@@ -108,7 +110,7 @@ def test_fused_descriptor_and_fitting_gradients_match_finite_differences(chon):
 
 
 def test_fused_path_in_chunks_with_recomputed_backward_gives_the_same_forces(water, water_model, monkeypatch):
-    from lamflow.model.compress import _FusedSeE2A
+    from lamflow.model.tasks.compress import _FusedSeE2A
 
     cm = compress_model(water_model, min_nbor_dist=0.9)
     ref = evaluate(cm, water.coord[:2], water.box[:2], water.atype)
@@ -131,7 +133,7 @@ def test_compressed_model_matches_original_on_water_frames(water, water_model):
 
 def test_compressed_model_matches_original_on_chon_nopbc_frames(chon):
     desc = {"type": "se_e2_a", "rcut": 6.0, "rcut_smth": 1.0, "sel": "auto", "neuron": [8, 16], "axis_neuron": 4, "seed": 5}
-    from lamflow.model.train import resolve_sel
+    from lamflow.model.training.stats import resolve_sel
 
     desc = resolve_sel(ModelConfig(type_map=["C", "H", "O"], descriptor=desc).descriptor, chon, 3).model_dump()
     model = fitted_model(["C", "H", "O"], desc, [s.subset(range(8)) for s in chon])
@@ -172,7 +174,7 @@ def test_inputs_beyond_the_table_extrapolate_linearly_and_warn(water, water_mode
 
 
 def test_compressed_checkpoint_round_trips_and_runs_in_lamflow_test(tmp_path, water, water_model, capsys):
-    from lamflow.model.distill import write_npy
+    from lamflow.model.tasks.distill import write_npy
 
     data = write_npy(water.subset(range(0, 80, 16)), tmp_path / "water5")  # 5 frames, deepmd/npy
     src = save_model(water_model, tmp_path / "model.ckpt")

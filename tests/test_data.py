@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import data_path
 
-from lamflow.model.data import DataSet, load_systems, max_neighbor_counts
+from lamflow.model.data.batch import DataSet, max_neighbor_counts
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import DataError
-from lamflow.model.neighbor import NlistRequest
+from lamflow.model.data.neighbor import NlistRequest
 
 
 def copy_system(tmp_path: Path, *parts) -> Path:
@@ -112,9 +113,9 @@ def test_sel_too_small_is_a_clear_error_when_the_batch_is_made():
 
 
 def test_batches_mix_systems_of_different_sizes():
-    from lamflow.model.data import collate, frame_graph, make_batch, pad_frames
-    from lamflow.model.infer import evaluate
-    from lamflow.model.potential import predict
+    from lamflow.model.data.batch import collate, frame_graph, make_batch, pad_frames
+    from lamflow.model.nn.infer import evaluate
+    from lamflow.model.nn.potential import predict
     from test_descriptors import TestSeAtten
 
     t = TestSeAtten()
@@ -198,7 +199,7 @@ def test_atoms_on_top_of_each_other_are_named_with_system_and_frame(tmp_path, of
 
 
 def test_lazy_systems_read_frames_from_memory_maps_and_match_eager_ones():
-    from lamflow.model.data import FrameArray
+    from lamflow.model.data.systems import FrameArray
 
     lazy = load_systems(str(data_path("water_h2o", "train")), ["H", "O"], lazy=True)
     eager = load_systems(str(data_path("water_h2o", "train")), ["H", "O"])
@@ -223,7 +224,7 @@ def test_frames_are_counted_across_sets(tmp_path):
 def test_other_formats_are_converted_once_into_the_cache(tmp_path, monkeypatch):
     import dpdata
 
-    import lamflow.model.data as data
+    import lamflow.model.data.formats as data
 
     monkeypatch.setenv("LAMFLOW_CACHE", str(tmp_path / "cache"))
     dpdata.LabeledSystem(str(data_path("ch4_pbe", "valid")), fmt="deepmd/npy")[:4].to("extxyz", str(tmp_path / "a.xyz"))

@@ -2,8 +2,8 @@ import pytest
 import torch
 from physics import PotentialContract
 
-from lamflow.model.config import ModelConfig
-from lamflow.model.potential import EnergyModel
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.potential import EnergyModel
 
 
 def _randomize_stats(model, seed=0):
@@ -80,7 +80,7 @@ def test_se_atten_without_smoothing_is_discontinuous_at_rcut():
                       "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1, "smooth_type_embedding": False}, fitting_net={"neuron": [8], "seed": 2})
     model = _randomize_stats(EnergyModel(cfg))
     import numpy as np
-    from lamflow.model.infer import evaluate
+    from lamflow.model.nn.infer import evaluate
     base = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [0.0, 3.999999, 0.0]])
     e_in = evaluate(model, base[None], None, np.array([0, 1, 2]))["energy"][0]
     base[2, 1] = 4.000001
@@ -93,8 +93,8 @@ def test_se_e2_a_real_neighbour_embedding_equals_evaluating_every_slot(type_one_
     """The fast path (nets on real neighbours, one evaluation per empty-slot input) is exact."""
     import numpy as np
     from physics import chon_frame
-    from lamflow.model.descriptor.se_e2_a import SeE2A
-    from lamflow.model.infer import evaluate
+    from lamflow.model.nn.descriptor.se_e2_a import SeE2A
+    from lamflow.model.nn.infer import evaluate
 
     t = TestSeE2A()
     cfg = ModelConfig(type_map=t.type_map, descriptor={"type": "se_e2_a", "rcut": 4.0, "sel": [8, 12, 8], "neuron": [4, 8],

@@ -9,14 +9,14 @@ import pytest
 import yaml
 from conftest import data_path
 
-from lamflow.model.checkpoint import load_model, read_checkpoint
-from lamflow.model.compress import compress
-from lamflow.model.config import TrainConfig
-from lamflow.model.data import load_systems
-from lamflow.model.distill import (Counts, DistillConfig, ExplorationConfig, Frames, LabellingConfig, dedup, distill,
-                                   explore, label, load_distill_config)
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.tasks.compress import compress
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.data.systems import load_systems
+from lamflow.model.tasks.distill import (Counts, DistillConfig, ExplorationConfig, Frames, LabellingConfig, dedup,
+    distill, explore, label, load_distill_config)
 from lamflow.model.errors import ConfigError, DataError
-from lamflow.model.train import train
+from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
 CH4 = data_path("ch4_pbe")
@@ -88,7 +88,7 @@ def test_distill_cli_writes_student_data_and_report_with_consistent_counts(teach
     cells = {round(float(b[0, 0] / a0), 6) for s in tr + te for b in s.box}
     assert cells == {1.0, 1.02}  # the strained runs explored a 2 % larger cell
     tmodel = load_model(teacher)
-    from lamflow.model.infer import evaluate
+    from lamflow.model.nn.infer import evaluate
 
     lab = evaluate(tmodel, te[0].coord, te[0].box, te[0].atype)
     np.testing.assert_allclose(lab["energy"], te[0].energy, atol=1e-8)  # labels are the teacher's
@@ -103,7 +103,7 @@ def test_distill_cli_writes_student_data_and_report_with_consistent_counts(teach
     assert report["student_vs_teacher"]["nframes"] == c["test_frames"] and report["student_vs_dft"]["nframes"] == 60
     assert report["student"]["train"]["steps"] == 60
     # the student checkpoint carries min_nbor_dist, so it compresses without its data
-    from lamflow.model.data import min_neighbor_distance
+    from lamflow.model.data.batch import min_neighbor_distance
 
     d = read_checkpoint(out / "student" / "model.ckpt")["min_nbor_dist"]
     assert d == pytest.approx(min_neighbor_distance(tr + te + load_systems(str(CH4 / "train"), ["H", "C"]), 4.0))

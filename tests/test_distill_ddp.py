@@ -13,7 +13,7 @@ from conftest import TINY, data_path
 from test_render import GPU_SELECTOR, GPU_TOLERATION, IMAGE_CPU, IMAGE_GPU, schema_errors
 from test_trainjob import tasks_of
 
-from lamflow.model.checkpoint import load_model
+from lamflow.model.io.checkpoint import load_model
 from lamflow.ops.common import launcher_for, stage_dataset
 
 STUDENT = {"model": {"descriptor": {"rcut": 4.0, "rcut_smth": 0.5, "sel": [8, 4], "neuron": [4, 8], "axis_neuron": 2,
@@ -57,7 +57,7 @@ def test_two_process_student_matches_one_process_with_the_doubled_batch(tmp_path
 
 
 def read_min_nbor(path):
-    from lamflow.model.checkpoint import read_checkpoint
+    from lamflow.model.io.checkpoint import read_checkpoint
 
     return read_checkpoint(path)["min_nbor_dist"]
 

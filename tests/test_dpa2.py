@@ -11,12 +11,15 @@ import yaml
 from conftest import REPO, data_path
 from physics import PotentialContract
 
-from lamflow.model.config import ModelConfig, TrainConfig, parse_config
-from lamflow.model.data import load_systems, max_neighbor_counts
-from lamflow.model.descriptor.base import EnvMatBlock
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.schema import parse_config
+from lamflow.model.data.systems import load_systems
+from lamflow.model.data.batch import max_neighbor_counts
+from lamflow.model.nn.descriptor.base import EnvMatBlock
 from lamflow.model.errors import ConfigError
-from lamflow.model.potential import EnergyModel
-from lamflow.model.train import build_energy_model, train
+from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.training.trainer import build_energy_model, train
 
 TEMPLATES = REPO / "templates"
 
@@ -86,9 +89,10 @@ class TestDPA2(PotentialContract):
     def test_repformer_reads_ghost_features_through_mapping(self):
         """Ghost neighbours carry their local atom's g1: without the mapping the model refuses,
         and a wrong mapping changes the energy (the supercell test checks the right one)."""
-        from lamflow.model.data import System, collate
-        from lamflow.model.neighbor import build_graph
-        from lamflow.model.potential import extended_inputs
+        from lamflow.model.data.systems import System
+        from lamflow.model.data.batch import collate
+        from lamflow.model.data.neighbor import build_graph
+        from lamflow.model.nn.potential import extended_inputs
 
         model = self.make_model(torch.float64)
         coord, box, atype = self._small_periodic()
@@ -133,8 +137,8 @@ def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
     descriptor and gradient to round-off, with the weights renamed by from_deepmd_key."""
     import json
 
-    from lamflow.model.config import DPA2Config
-    from lamflow.model.descriptor.dpa2 import DPA2, from_deepmd_key
+    from lamflow.model.nn.descriptor_config import DPA2Config
+    from lamflow.model.nn.descriptor.dpa2 import DPA2, from_deepmd_key
 
     ref = np.load(DEEPMD_REFERENCE)
     cases = sorted({k.split("/")[0] for k in ref.files})
@@ -207,8 +211,8 @@ def test_dpa2_resolves_both_nsel_from_data_and_fits_both_statistics():
     assert [(r.rcut, r.sel) for r in reqs] == [(4.0, (d.repinit.nsel,)), (3.0, (d.repformer.nsel,)),
                                                (3.5, (d.repinit.three_body_sel,))]
 
-    from lamflow.model.data import DataSet
-    from lamflow.model.stats import stat_samples
+    from lamflow.model.data.batch import DataSet
+    from lamflow.model.training.stats import stat_samples
 
     ds = DataSet(systems, reqs, 4, model.dtype)
     model.descriptor.set_stats(list(stat_samples(ds, 2, "cpu", model.dtype)), 1e-2)
@@ -256,8 +260,8 @@ def test_dpa2_small_template_trains_on_ch4_and_validation_force_error_falls(tmp_
     first, last = float(rows[0]["rmse_f_val"]), float(rows[-1]["rmse_f_val"])
     assert last < 0.8 * first, (first, last)
     # the checkpoint rebuilds the same model (resolved nsel, three-body list, weights)
-    from lamflow.model.checkpoint import load_model
-    from lamflow.model.evaluate import evaluate_systems
+    from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.tasks.evaluate import evaluate_systems
 
     valid = load_systems(str(data_path("ch4_pbe", "valid")), ["H", "C"])
     again = evaluate_systems(load_model(res.checkpoint), valid)["overall"]

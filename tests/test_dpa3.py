@@ -15,12 +15,16 @@ from conftest import REPO, data_path
 from multitask_helpers import write_subset, write_yaml
 from physics import PotentialContract
 
-from lamflow.model.config import DPA3Config, ModelConfig, TrainConfig, parse_config
-from lamflow.model.data import load_systems, max_neighbor_counts
-from lamflow.model.descriptor.dpa3 import DPA3, from_deepmd_key
+from lamflow.model.nn.descriptor_config import DPA3Config
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.schema import parse_config
+from lamflow.model.data.systems import load_systems
+from lamflow.model.data.batch import max_neighbor_counts
+from lamflow.model.nn.descriptor.dpa3 import DPA3, from_deepmd_key
 from lamflow.model.errors import ConfigError
-from lamflow.model.potential import EnergyModel
-from lamflow.model.train import build_energy_model, train
+from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.training.trainer import build_energy_model, train
 
 TEMPLATES = REPO / "templates"
 DEEPMD_REFERENCE = Path(__file__).parent / "data" / "dpa3_deepmd_3.2.0.npz"  # tests/data/make_dpa3_reference.py
@@ -160,8 +164,8 @@ def test_dpa3_resolves_both_sel_from_data_and_fits_std_only_when_asked():
         _, n3 = max_neighbor_counts(systems, 3.0, 2)
         assert rf.e_sel == max(4, int(np.ceil(np.ceil(n4 * 1.1) / 4) * 4))
         assert rf.a_sel == max(4, int(np.ceil(np.ceil(n3 * 1.5) / 4) * 4))
-        from lamflow.model.data import DataSet
-        from lamflow.model.stats import stat_samples
+        from lamflow.model.data.batch import DataSet
+        from lamflow.model.training.stats import stat_samples
 
         ds = DataSet(systems, model.nlist_requests(), 4, model.dtype)
         model.descriptor.set_stats(list(stat_samples(ds, 2, "cpu", model.dtype)), 1e-2)
@@ -214,8 +218,8 @@ def test_dpa3_small_template_trains_on_ch4_and_validation_energy_error_falls(tmp
     first, last = rows[0], rows[-1]
     assert float(last["rmse_e_val"]) < 0.2 * float(first["rmse_e_val"]), (first, last)
     assert float(last["rmse_f_val"]) <= float(first["rmse_f_val"]), (first, last)
-    from lamflow.model.checkpoint import load_model
-    from lamflow.model.evaluate import evaluate_systems
+    from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.tasks.evaluate import evaluate_systems
 
     valid = load_systems(str(data_path("ch4_pbe", "valid")), ["H", "C"])
     again = evaluate_systems(load_model(res.checkpoint), valid)["overall"]
@@ -225,7 +229,7 @@ def test_dpa3_small_template_trains_on_ch4_and_validation_energy_error_falls(tmp
 def test_dpa3_multitask_energy_and_denoise_losses_fall(tmp_path):
     """A shared DPA-3 with an energy branch on CH4 and a denoise branch (with the MASK token) on
     unlabelled C/H/O molecules: both branches' validation errors fall in 150 steps."""
-    from lamflow.model.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask import load_multitask_config, train_multitask
 
     ch4_tr = write_subset(data_path("ch4_pbe", "train"), tmp_path / "ch4" / "train", 40, 5)
     ch4_va = write_subset(data_path("ch4_pbe", "valid"), tmp_path / "ch4" / "valid", 10, 6)

@@ -18,14 +18,14 @@ import pytest
 import torch
 from deepmd_helpers import load_frames, REPO, _env, deeppot_eval, ensure_deepmd_venv
 
-from lamflow.model.checkpoint import load_model, save_model
-from lamflow.model.compress import compress
-from lamflow.model.deepmd_export import export_deepmd, export_payload
-from lamflow.model.deepmd_import import convert_state
-from lamflow.model.errors import CheckpointError
-from lamflow.model.infer import evaluate
-from lamflow.model.multitask import MultiTaskModel
-from lamflow.model.potential import EnergyModel
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.io.payload import save_model
+from lamflow.model.tasks.compress import compress
+from lamflow.model.io.deepmd_export import export_deepmd, export_payload
+from lamflow.model.io.deepmd_import import convert_state
+from lamflow.model.nn.infer import evaluate
+from lamflow.model.training.multitask import MultiTaskModel
+from lamflow.model.nn.potential import EnergyModel
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "C", "O"]

@@ -22,9 +22,9 @@ CH4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_
 def tiny_pretrained(tmp_path: Path) -> Path:
     import torch
 
-    from lamflow.model.checkpoint import save_model
-    from lamflow.model.config import ModelConfig
-    from lamflow.model.potential import EnergyModel
+    from lamflow.model.io.payload import save_model
+    from lamflow.model.nn.config import ModelConfig
+    from lamflow.model.nn.potential import EnergyModel
 
     torch.manual_seed(0)
     model = {**TINY["model"], "descriptor": {**TINY["model"]["descriptor"], "sel": [8, 4]}}

@@ -11,15 +11,17 @@ import yaml
 from conftest import data_path
 from multitask_helpers import PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, TYPE_MAP_ALL, pretrained, write_subset  # noqa: F401
 
-from lamflow.model.checkpoint import load_model, save_model
-from lamflow.model.config import load_train_config
-from lamflow.model.data import load_systems
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.io.payload import save_model
+from lamflow.model.training.config import load_train_config
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
-from lamflow.model.finetune import change_bias, finetune, zero_shot
-from lamflow.model.infer import evaluate_system
-from lamflow.model.multitask import load_branch
-from lamflow.model.stats import energy_bias
-from lamflow.model.train import train
+from lamflow.model.training.pretrained import change_bias, zero_shot
+from lamflow.model.training.finetune import finetune
+from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.training.multitask import load_branch
+from lamflow.model.data.composition import energy_bias
+from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
 QUIET = lambda *a: None  # noqa: E731
@@ -159,7 +161,7 @@ def water_si(tmp_path_factory):
     """A tiny DPA-3 pretrained on water and Si (two branches, shared descriptor), and MAPbI3 subsets."""
     from multitask_helpers import write_yaml
 
-    from lamflow.model.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask import load_multitask_config, train_multitask
 
     tmp = tmp_path_factory.mktemp("water_si")
     sets = {"water": "water_h2o", "si": "si_pbe"}
@@ -192,8 +194,8 @@ def mapbi3_config(tmp_path, mapbi3, steps=100, descriptor=None):
 def test_change_type_map_keeps_known_elements_and_gives_new_ones_data_statistics(water_si):
     """Re-indexing alone (no training) onto [I, Pb, C, N, H, O]: the water branch predicts water
     exactly as before; I, Pb, C, N get fresh embeddings, std from the MAPbI3 data and bias 0."""
-    from lamflow.model.finetune import change_type_map
-    from lamflow.model.potential import EnergyModel
+    from lamflow.model.training.finetune import change_type_map
+    from lamflow.model.nn.potential import EnergyModel
 
     ckpt, water_valid, mapbi3 = water_si
     base = load_branch(ckpt, "water")
@@ -262,7 +264,7 @@ def test_show_and_change_bias_commands_on_a_multitask_dpa3_checkpoint(water_si, 
 
 
 def read_checkpoint_state(path):
-    from lamflow.model.checkpoint import read_checkpoint
+    from lamflow.model.io.checkpoint import read_checkpoint
 
     return read_checkpoint(path)["state_dict"]
 

@@ -16,10 +16,11 @@ import torch
 from conftest import data_path
 from deepmd_helpers import load_frames, DeepmdUnavailable, deeppot_eval, dp_train, ensure_deepmd_venv, train_input
 
-from lamflow.model.checkpoint import load_model, read_checkpoint
-from lamflow.model.deepmd_import import branches, convert, import_deepmd, load_any, read_deepmd
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.deepmd_import import branches, convert, import_deepmd, read_deepmd
+from lamflow.model.training.pretrained import read_model as load_any
 from lamflow.model.errors import CheckpointError
-from lamflow.model.infer import evaluate
+from lamflow.model.nn.infer import evaluate
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "C", "O"]
@@ -168,7 +169,7 @@ def test_imported_model_matches_deeppot_energy_force_virial(name, trained, frame
 def test_multitask_checkpoint_imports_every_branch(name, trained, frames, reference, tmp_path):
     """DPA-2 with one fitting net per branch; DPA-3 (the DPA-3.1 options) with one fitting net
     shared through a dataset encoding (dim_case_embd), folded into each branch's first-layer bias."""
-    from lamflow.model.multitask import MultiTaskModel, load_branch
+    from lamflow.model.training.multitask import MultiTaskModel, load_branch
 
     assert branches(read_deepmd(trained[name])) == list(BRANCHES)
     out = import_deepmd(trained[name], tmp_path / "mt.pt")
@@ -191,7 +192,7 @@ def test_multitask_branch_imports_as_single_task_model(trained, frames, referenc
 
 def test_lamflow_loaders_accept_a_deepmd_checkpoint_directly(trained, frames, reference):
     """read_checkpoint / load_model (and so fine-tuning and the pipeline) convert on the fly."""
-    from lamflow.model.finetune import load_pretrained
+    from lamflow.model.training.finetune import starting_model as load_pretrained
 
     assert_matches(load_model(trained["se_atten_v2"]), "se_atten_v2", None, frames, reference)
     model, payload = load_any(trained["multitask"], branch="ch4")

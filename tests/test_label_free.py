@@ -24,7 +24,7 @@ def write_structures(root: Path, nframes: int = 6) -> dict[str, Path]:
     import ase
     import ase.io
 
-    from lamflow.model.data import load_systems
+    from lamflow.model.data.systems import load_systems
 
     s = load_systems(str(data_path("ch4_pbe", "valid")), ["H", "C"])[0]
     frames = [ase.Atoms([["H", "C"][t] for t in s.atype], positions=s.coord[k], cell=s.box[k], pbc=True)
@@ -131,7 +131,7 @@ def test_label_free_bad_files_name_the_file_before_training(tmp_path, structs):
 def load_water_frame():
     import ase
 
-    from lamflow.model.data import load_systems
+    from lamflow.model.data.systems import load_systems
 
     w = load_systems(str(data_path("water_h2o", "valid")), ["O", "H"])[0]
     return ase.Atoms([["O", "H"][t] for t in w.atype], positions=w.coord[0], cell=w.box[0], pbc=True)
@@ -139,7 +139,7 @@ def load_water_frame():
 
 @pytest.mark.slow
 def test_pretrain_with_energy_and_label_free_denoise_head_then_finetune(tmp_path, structs, capsys):
-    from lamflow.model.checkpoint import read_checkpoint
+    from lamflow.model.io.checkpoint import read_checkpoint
 
     doc = pipeline(tmp_path, [str(structs["extxyz"]), str(structs["poscar"])])
     doc["datasets"]["crystals"].update(fmt="ase", valid=str(structs["cif"]))  # all through ASE: one format per dataset

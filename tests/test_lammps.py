@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.lammps import (find_lammps, lammps_cell, metal_velocity_to_ase, read_thermo, run_md_lammps,
-                                  structure_from_atoms, write_data, write_input)
+from lamflow.model.io.lammps import (find_lammps, lammps_cell, metal_velocity_to_ase, read_thermo, run_md_lammps,
+    structure_from_atoms, write_data, write_input)
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "O"]
 
 
 def water_atoms(frame: int = 0, velocities: bool = True):
-    from lamflow.model.data import load_systems
-    from lamflow.model.md import system_to_atoms
+    from lamflow.model.data.systems import load_systems
+    from lamflow.model.tasks.md import system_to_atoms
 
     s = load_systems([str(data_path("water_h2o", "train"))], TYPE_MAP)[0]
     atoms = system_to_atoms(s, frame)
@@ -66,8 +66,8 @@ def test_data_file_and_input_hold_what_lammps_needs(tmp_path):
 
 
 def test_md_engine_lammps_dry_run_writes_inputs_and_prints_commands(tmp_path, capsys):
-    from lamflow.model.checkpoint import save_model
-    from lamflow.model.potential import EnergyModel
+    from lamflow.model.io.payload import save_model
+    from lamflow.model.nn.potential import EnergyModel
 
     model = EnergyModel.from_config({"type_map": TYPE_MAP, "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5,
                                      "sel": [20, 10], "neuron": [4, 8], "axis_neuron": 4}, "fitting_net": {"neuron": [8]}})
@@ -92,8 +92,8 @@ def lammps():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small se_e2_a trained briefly on water (real forces, so the MD is not free flight)."""
-    from lamflow.model.config import TrainConfig
-    from lamflow.model.train import train
+    from lamflow.model.training.config import TrainConfig
+    from lamflow.model.training.trainer import train
 
     cfg = TrainConfig.model_validate({
         "model": {"type_map": TYPE_MAP, "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": [40, 20],
@@ -110,7 +110,7 @@ def lamflow_nve(ckpt, atoms, steps: int, dt_fs: float, every: int):
     from ase import units
     from ase.md.verlet import VelocityVerlet
 
-    from lamflow.model.calculator import LamflowCalculator
+    from lamflow.model.tasks.calculator import LamflowCalculator
 
     atoms = atoms.copy()
     atoms.calc = LamflowCalculator(str(ckpt), "cpu")
@@ -127,8 +127,8 @@ def test_lammps_first_step_and_nve_follow_lamflow(lammps, trained, tmp_path):
     atoms = water_atoms()
     run = run_md_lammps(trained, atoms, tmp_path / "lmp", env=lammps, ensemble="nve", steps=200, timestep_fs=0.5,
                         interval=50)
-    from lamflow.model.infer import evaluate
-    from lamflow.model.checkpoint import load_model
+    from lamflow.model.nn.infer import evaluate
+    from lamflow.model.io.checkpoint import load_model
 
     ref = evaluate(load_model(trained), atoms.get_positions()[None], atoms.cell.array[None],
                    np.array([TYPE_MAP.index(s) for s in atoms.get_chemical_symbols()]))

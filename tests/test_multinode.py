@@ -20,10 +20,11 @@ import torch
 from conftest import TINY
 from test_ddp import ch4, curve, multi_task, single_task  # noqa: F401  (ch4 is a fixture)
 
-from lamflow.model.checkpoint import load_model
-from lamflow.model.config import TrainConfig, parse_config
-from lamflow.model.multitask import parse_multitask_config, train_multitask
-from lamflow.model.train import train
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.training.config import TrainConfig
+from lamflow.model.schema import parse_config
+from lamflow.model.training.multitask import parse_multitask_config, train_multitask
+from lamflow.model.training.trainer import train
 
 TIMEOUT = 120  # s, per launcher
 

@@ -9,9 +9,9 @@ import torch
 from conftest import data_path
 from multitask_helpers import write_subset
 
-from lamflow.model import multitask, stats
-from lamflow.model.checkpoint import read_checkpoint
-from lamflow.model.multitask import parse_multitask_config, train_multitask
+from lamflow.model.training import multitask, stats
+from lamflow.model.io.checkpoint import read_checkpoint
+from lamflow.model.training.multitask import parse_multitask_config, train_multitask
 
 
 def config(ch4: str, si: str, stat_file: str) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import TINY, data_path
 
-from lamflow.model.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.ops.common import split_paths, stage_dataset
 
 
@@ -87,7 +87,7 @@ def test_clean_op_drops_a_broken_frame_and_keeps_the_layout(tmp_path):
     stage_dataset(data, "ch4", {"train": [str(data_path("ch4_pbe", "train"))], "valid": [str(bad)]})
     s = run_clean(data, ["ch4"], tmp_path / "cleaned", tmp_path / "report", type_map=["H", "C"], log=quiet)
     assert s["datasets"]["ch4"]["dropped"] == 1 and s["datasets"]["ch4"]["by_reason"] == {"non_finite": 1}
-    from lamflow.model.data import load_systems
+    from lamflow.model.data.systems import load_systems
 
     valid = load_systems(split_paths(tmp_path / "cleaned", "ch4", "valid"), ["H", "C"])
     assert sum(v.nframes for v in valid) == 59

@@ -81,7 +81,7 @@ def test_retry_reruns_only_the_failed_step_and_reuses_the_rest(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_its_outputs_load(tmp_path, monkeypatch, capsys):
-    from lamflow.model.checkpoint import load_model
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.workflows.spec import load_spec
 
     pipe = tmp_path / "quickstart.yaml"
@@ -131,7 +131,7 @@ SPEEDUP = 1.5  # compression, on a shared neighbour list (the issue's target); m
 
 
 def assert_quickstart_learns(summary: dict, md: str) -> None:
-    from lamflow.model.report import NOT_BETTER
+    from lamflow.model.tasks.report import NOT_BETTER
 
     tuned = list(summary["test"].values())
     models = tuned + [summary["student_test"]]

@@ -262,9 +262,9 @@ def test_production_template_passes_validate_for_argo(capsys):
 def test_finetune_from_a_given_checkpoint_gets_it_as_an_input_artifact(tmp_path):
     import torch
 
-    from lamflow.model.checkpoint import save_model
-    from lamflow.model.config import ModelConfig
-    from lamflow.model.potential import EnergyModel
+    from lamflow.model.io.payload import save_model
+    from lamflow.model.nn.config import ModelConfig
+    from lamflow.model.nn.potential import EnergyModel
 
     torch.manual_seed(0)
     ckpt = save_model(EnergyModel(ModelConfig.model_validate({"type_map": ["H", "C"], **TINY["model"]})), tmp_path / "pre.ckpt")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.checkpoint import save_model
-from lamflow.model.config import ModelConfig
-from lamflow.model.evaluate import transferability
-from lamflow.model.potential import EnergyModel
-from lamflow.model.report import Section, Table, gather_report, meV, metrics_table, write_markdown
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.tasks.evaluate import transferability
+from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.tasks.report import Section, Table, gather_report, meV, metrics_table, write_markdown
 from lamflow.workflows.cli import main
 
 
@@ -83,9 +83,9 @@ def test_zero_shot_comparison_skips_systems_with_unknown_elements(tested):
 
 
 def test_zero_shot_refit_matches_a_manual_bias_fit(tested, tmp_path):
-    from lamflow.model.checkpoint import load_model
-    from lamflow.model.data import load_systems
-    from lamflow.model.infer import evaluate_system
+    from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.data.systems import load_systems
+    from lamflow.model.nn.infer import evaluate_system
 
     pre = load_model(tested / "pre.ckpt")
     s = load_systems(str(data_path("ch4_pbe", "valid")), ["H", "C"])[0]
@@ -123,7 +123,7 @@ def test_write_markdown_sections_tables_and_relative_images(tmp_path):
 
 
 def test_lamflow_test_report_flags_an_untrained_model_against_the_baseline(tested):
-    from lamflow.model.report import NOT_BETTER
+    from lamflow.model.tasks.report import NOT_BETTER
 
     out = tested / "test"
     md = (out / "report.md").read_text()

@@ -10,13 +10,14 @@ import torch
 import yaml
 from conftest import data_path
 
-from lamflow.model.checkpoint import load_model, read_checkpoint, save_model
-from lamflow.model.config import load_train_config
-from lamflow.model.data import load_systems
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
+from lamflow.model.training.config import load_train_config
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, TrainingError
-from lamflow.model.evaluate import evaluate_systems
-from lamflow.model.stats import energy_bias
-from lamflow.model.train import train
+from lamflow.model.tasks.evaluate import evaluate_systems
+from lamflow.model.data.composition import energy_bias
+from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
 
@@ -121,7 +122,7 @@ def test_restart_reproduces_an_uninterrupted_run(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
-    from lamflow.model import loss as loss_mod
+    from lamflow.model.training import loss as loss_mod
 
     real = loss_mod.EnergyLoss.__call__
     calls = {"n": 0}
@@ -178,8 +179,8 @@ def test_a_frame_with_more_neighbours_than_sel_met_in_training_names_system_and_
     """sel: auto comes from a sample; a denser frame outside it stops training with one line."""
     import shutil
 
-    from lamflow.model import stats
-    from lamflow.model.data import DataSet
+    from lamflow.model.training import stats
+    from lamflow.model.data.batch import DataSet
     from lamflow.model.errors import DataError
 
     monkeypatch.setattr(stats, "NEIGHBOR_FRAMES", 8)

@@ -189,7 +189,7 @@ def test_a_trainjob_node_trains_from_published_inputs_and_hands_the_model_to_col
     from minio import Minio
     from moto.server import ThreadedMotoServer
 
-    from lamflow.model.checkpoint import load_model
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.ops.checkpoint_store import CheckpointStore, StoreConfig
     from lamflow.ops.common import stage_dataset
     from lamflow.ops.trainjob import JOB_ENV, KEY_ENV, encode_job, run_node

@@ -27,8 +27,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.checkpoint import save_model
-    from lamflow.model.deepmd_import import load_any
+    from lamflow.model.io.payload import save_model
+    from lamflow.model.training.pretrained import read_model as load_any
 
     model, _ = load_any(args.model)
     new = change_model_bias(model, args.system, args.bias, args.branch, args.mode == "change", str(args.model))
@@ -42,12 +42,12 @@ def change_model_bias(model, systems, bias, branch, keep: bool, source: str) -> 
     returns {element: new bias}."""
     import torch
 
-    from lamflow.model.data import load_systems
+    from lamflow.model.data.systems import load_systems
     from lamflow.model.errors import ConfigError
-    from lamflow.model.finetune import change_bias
+    from lamflow.model.training.pretrained import change_bias
 
     target = model
-    if getattr(model, "kind", "energy") == "multitask":
+    if model.kind == "multitask":
         branch = model.resolve_branch(branch)
         target = model.branch_model(branch)
     elif branch is not None:

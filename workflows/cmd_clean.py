@@ -27,8 +27,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.clean import CleanConfig, clean
-    from lamflow.model.config import parse_config, read_yaml
+    from lamflow.model.tasks.clean import CleanConfig, clean
+    from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import read_yaml
     from lamflow.model.errors import DataError
 
     for s in args.system:  # before reading any config or data

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.compress import compress
+    from lamflow.model.tasks.compress import compress
 
     res = compress(args.input, args.output, stride=args.stride, extrapolate=args.extrapolate,
                    check_frequency=args.check_frequency, training_data=args.training_data,

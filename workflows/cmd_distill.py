@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.distill import DistillConfig, distill, load_distill_config
+    from lamflow.model.tasks.distill import DistillConfig, distill, load_distill_config
 
     cfg = load_distill_config(args.config) if args.config else DistillConfig()
     res = distill(args.teacher, args.systems, cfg, args.output, dft_train=args.dft_train, dft_valid=args.dft_valid,

@@ -19,8 +19,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.deepmd_export import export_deepmd
-    from lamflow.model.model_card import write_card
+    from lamflow.model.io.deepmd_export import export_deepmd
+    from lamflow.model.io.model_card import write_card
 
     src = args.checkpoint / "model.ckpt" if args.checkpoint.is_dir() else args.checkpoint
     out, info = export_deepmd(src, args.output, args.branch)

@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.deepmd_import import branches, import_deepmd, read_deepmd
+    from lamflow.model.io.deepmd_import import branches, import_deepmd, read_deepmd
     from lamflow.model.errors import CheckpointError
 
     if args.list_branches:

@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.checkpoint import build_from_payload, read_checkpoint
-    from lamflow.model.coverage import trained_elements
+    from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
+    from lamflow.model.data.coverage import trained_elements
 
     payload = read_checkpoint(args.model)
     model = build_from_payload(payload, str(args.model))
@@ -56,7 +56,7 @@ def trained_line(type_map: list[str], trained: list[str] | None) -> str:
 
 def elements(model) -> list[str]:
     """The model's real elements (the denoise MASK pseudo-type left out)."""
-    from lamflow.model.denoise import MASK
+    from lamflow.model.training.denoise import MASK
 
     return [e for e in model.type_map if e != MASK]
 
@@ -78,15 +78,15 @@ def _sizes(cfg: dict, prefix: str = "") -> list[str]:
 def descriptor_config(model):
     """The descriptor's config; a compressed model keeps it in the config of the model it was made from."""
     cfg = model.cfg
-    return cfg.model.descriptor if getattr(model, "kind", "energy") == "compressed" else cfg.descriptor
+    return cfg.model.descriptor if model.kind == "compressed" else cfg.descriptor
 
 
 def summary(model, source: str, trained: list[str] | None = None, by_branch: dict | None = None) -> list[str]:
     """The printed lines; `trained`: elements of the training data (checkpoint's trained_elements),
     `by_branch`: those of each branch of a multi-task model."""
-    from lamflow.model.denoise import MASK
+    from lamflow.model.training.denoise import MASK
 
-    kind = getattr(model, "kind", "energy")
+    kind = model.kind
     tm = list(model.type_map)
     lines = [f"model: {source}  (kind {kind}, {model.cfg.dtype_name})",
              f"type map ({len(elements(model))}): {' '.join(elements(model))}" + ("  (+ MASK token for denoising)" if MASK in tm else "")]
@@ -121,7 +121,7 @@ def summary(model, source: str, trained: list[str] | None = None, by_branch: dic
 
 def type_embedding_table(model, source: str):
     """[n_elements, tebd_dim] learned embeddings (numpy) of the model's elements."""
-    from lamflow.model.descriptor import TypeEmbedding
+    from lamflow.model.nn.descriptor import TypeEmbedding
     from lamflow.model.errors import ConfigError
 
     found = [m for m in model.descriptor.modules() if isinstance(m, TypeEmbedding)]

@@ -5,7 +5,7 @@ through ASE (default) or in LAMMPS with deepmd-kit's `pair_style deepmd` on the 
 
 With ASE the run stops early, writes its trajectory and JSON summary (`status`, `stopped_at_step`)
 and exits 1 with one line saying why, when the temperature runs away, two atoms come too close, or
-(NVE) the total energy drifts: see lamflow.model.md (MDGuards) for the bounds and their defaults;
+(NVE) the total energy drifts: see lamflow.model.tasks.md (MDGuards) for the bounds and their defaults;
 --max-temperature, --min-distance and --max-energy-drift override them."""
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def register(sub) -> None:
 def run_lammps(args) -> int:
     import json
 
-    from lamflow.model.lammps import LammpsError, commands, find_lammps, prepare, run_md_lammps
-    from lamflow.model.md import read_structure
+    from lamflow.model.io.lammps import LammpsError, commands, find_lammps, prepare, run_md_lammps
+    from lamflow.model.tasks.md import read_structure
 
     atoms = read_structure(args.structure, args.frame, args.fmt)
     workdir = args.traj.parent
@@ -79,8 +79,8 @@ def run(args) -> int:
 
     if args.engine == "lammps":
         return run_lammps(args)
-    from lamflow.model.calculator import LamflowCalculator
-    from lamflow.model.md import MDGuards, SimulationError, read_structure, run_md
+    from lamflow.model.tasks.calculator import LamflowCalculator
+    from lamflow.model.tasks.md import MDGuards, SimulationError, read_structure, run_md
 
     if args.threads:
         torch.set_num_threads(args.threads)

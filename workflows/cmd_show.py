@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.deepmd_import import load_any
+    from lamflow.model.training.pretrained import read_model as load_any
 
     model, payload = load_any(args.model)
     info = model_info(model, payload, str(args.model))
@@ -63,7 +63,7 @@ def model_info(model, payload: dict, source: str) -> dict:
         branches[name] = {"task": task, "fitting_neuron": list(fit.neuron), "parameters": count(module),
                           "observed_types": [] if bias is None else [e for e, b in zip(tm, bias.tolist()) if b != 0.0]}
     return {
-        "source": source, "kind": getattr(model, "kind", "energy"), "precision": model.cfg.dtype_name, "type_map": tm,
+        "source": source, "kind": model.kind, "precision": model.cfg.dtype_name, "type_map": tm,
         "imported_from": (payload.get("imported_from") or {}).get("deepmd_checkpoint"),
         "descriptor": {"type": dcfg.type, "rcut": dcfg.rcut, "inner_rcuts": _inner_rcuts(dcfg),
                        "sel": [list(r.sel) for r in model.nlist_requests()], "dim_out": model.descriptor.dim_out,

@@ -25,17 +25,17 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.checkpoint import load_model
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.errors import ConfigError, DataError
-    from lamflow.model.evaluate import transferability
-    from lamflow.model.report import short_names
+    from lamflow.model.tasks.evaluate import transferability
+    from lamflow.model.tasks.report import short_names
 
     for s in args.system:
         if not Path(s).exists():
             raise DataError(f"{s}: no such file or directory")
     model = load_model(args.model, args.device)
     pre = load_model(args.zero_shot, args.device) if args.zero_shot else None
-    if args.branch is not None and all(getattr(m, "kind", "") != "multitask" for m in (model, pre) if m is not None):
+    if args.branch is not None and all(m.kind != "multitask" for m in (model, pre) if m is not None):
         raise ConfigError(f"--branch {args.branch}: neither -m nor --zero-shot is a multi-task model")
     model = _energy_head(model, args.branch, args.model)
     pre = None if pre is None else _energy_head(pre, args.branch, args.zero_shot)
@@ -65,7 +65,7 @@ def _energy_head(model, branch: str | None, source: str):
     """A multi-task model's energy branch `branch` (None: its only one) as an energy model; others as they are."""
     from lamflow.model.errors import ConfigError
 
-    if getattr(model, "kind", "energy") != "multitask":
+    if model.kind != "multitask":
         return model
     try:
         return model.branch_model(branch).eval()

@@ -1,8 +1,8 @@
 """`lamflow train CONFIG.yaml [-o OUT] [--restart CKPT] [--finetune CKPT [--branch B] [--freeze-descriptor]]`.
 
 A config whose model section has a `model_dict` (deepmd-kit's multi-task input) trains a
-multi-task model (lamflow.model.multitask); run it under `torchrun --nproc_per_node N -m
-lamflow.workflows.cli train ...` for data-parallel training (lamflow.model.distributed)."""
+multi-task model (lamflow.model.training.multitask); run it under `torchrun --nproc_per_node N -m
+lamflow.workflows.cli train ...` for data-parallel training (lamflow.model.training.distributed)."""
 
 from __future__ import annotations
 
@@ -21,17 +21,17 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.config import load_train_config, read_yaml
+    from lamflow.model.training.config import load_train_config, read_yaml
     from lamflow.model.errors import ConfigError
-    from lamflow.model.multitask import is_multitask_config
-    from lamflow.model.train import train
+    from lamflow.model.training.multitask import is_multitask_config
+    from lamflow.model.training.trainer import train
 
     if is_multitask_config(read_yaml(args.config)):
         return _run_multitask(args)
     cfg = load_train_config(args.config)
     if args.finetune:
         try:
-            from lamflow.model.finetune import finetune
+            from lamflow.model.training.finetune import finetune
         except ImportError:
             raise ConfigError("--finetune: fine-tuning is not available in this build") from None
         res = finetune(cfg, args.finetune, args.output, branch=args.branch, freeze_descriptor=args.freeze_descriptor,
@@ -47,7 +47,7 @@ def run(args) -> int:
 
 def _run_multitask(args) -> int:
     from lamflow.model.errors import ConfigError
-    from lamflow.model.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask import load_multitask_config, train_multitask
 
     if args.finetune or args.branch or args.freeze_descriptor:
         raise ConfigError(f"{args.config}: --finetune/--branch/--freeze-descriptor take a single-task config "
@@ -62,6 +62,6 @@ def _run_multitask(args) -> int:
 
 
 def _rank() -> int:
-    from lamflow.model.distributed import world_from_env
+    from lamflow.model.training.distributed import world_from_env
 
     return world_from_env()[0]

@@ -502,7 +502,7 @@ def read_meta(workdir: Path, run_id: str) -> dict | None:
 
 
 def write_meta(workdir: Path, meta: dict) -> None:
-    from lamflow.model.checkpoint import atomic_write_text
+    from lamflow.model.io.files import atomic_write_text
 
     atomic_write_text(meta_path(workdir, meta["id"]), json.dumps(meta, indent=2))
 

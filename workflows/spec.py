@@ -33,7 +33,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lamflow.model.config import TrainConfig, read_yaml, strip_comments
+from lamflow.model.training.config import TrainConfig, read_yaml
+from lamflow.model.schema import strip_comments
 from lamflow.model.errors import LamflowError
 
 STAGES = ("clean", "pretrain", "finetune", "test", "distill", "compress")
@@ -123,13 +124,13 @@ class ModelSettings(StageBase):
 
 class CleanStage(StageBase):
     datasets: list[str] | None = None  # default: every dataset
-    config: dict[str, Any] = {}  # lamflow.model.clean.CleanConfig keys (inline, or a YAML file's path)
+    config: dict[str, Any] = {}  # lamflow.model.tasks.clean.CleanConfig keys (inline, or a YAML file's path)
 
 
 class DenoiseSettings(Strict):
     """One denoise head of the pretrain stage: the keys `lamflow train` takes for a denoise branch."""
 
-    loss: dict[str, Any] = {}  # loss_dict.<branch>: noise, noise_ratio, mask_ratio, pref_coord, pref_type (model/denoise.py)
+    loss: dict[str, Any] = {}  # loss_dict.<branch>: noise, noise_ratio, mask_ratio, pref_coord, pref_type (model/training/denoise.py)
     fitting_net: dict[str, Any] = {}  # model_dict.<branch>.fitting_net: neuron, activation_function, precision, seed
 
 
@@ -151,7 +152,7 @@ class FinetuneStage(ModelSettings):
 
 
 class StabilitySettings(Strict):
-    """LAMBench-style NVE stability (lamflow.model.lambench.stability)."""
+    """LAMBench-style NVE stability (lamflow.model.tasks.lambench.stability)."""
 
     structures: int = Field(3, gt=0)  # start structures drawn from the test frames
     steps: int = Field(200, gt=0)  # NVE steps per run
@@ -161,7 +162,7 @@ class StabilitySettings(Strict):
 
 
 class EfficiencySettings(Strict):
-    """LAMBench-style efficiency (lamflow.model.lambench.efficiency): us/atom on a grown cell."""
+    """LAMBench-style efficiency (lamflow.model.tasks.lambench.efficiency): us/atom on a grown cell."""
 
     natoms: int = Field(1000, gt=0)  # the test structure replicated to at least this many atoms
     repeats: int = Field(3, gt=0)  # best of this many timed evaluations
@@ -182,7 +183,7 @@ class TestStage(StageBase):
 class DistillStage(StageBase):
     teacher: str | None = None  # a fine-tuned system (default: the first); its model teaches
     dataset: str | None = None  # start structures (train) and DFT reference (valid); default: the teacher's
-    config: dict[str, Any] = {}  # lamflow.model.distill.DistillConfig keys, student model included (or a YAML path)
+    config: dict[str, Any] = {}  # lamflow.model.tasks.distill.DistillConfig keys, student model included (or a YAML path)
 
 
 class CompressStage(StageBase):
@@ -602,7 +603,7 @@ def finetune_settings(spec: PipelineSpec) -> dict:
     if spec.stages.pretrain.enabled:
         own["model"] = deep_merge(model_settings(spec.stages.pretrain)["model"], own["model"])
     elif "descriptor" not in own["model"] and spec.stages.finetune.pretrained and not is_s3(spec.stages.finetune.pretrained):
-        from lamflow.model.checkpoint import read_checkpoint
+        from lamflow.model.io.checkpoint import read_checkpoint
 
         p = Path(spec.stages.finetune.pretrained)
         own["model"]["descriptor"] = read_checkpoint(p / "model.ckpt" if p.is_dir() else p)["config"]["descriptor"]
@@ -642,7 +643,7 @@ def model_config_problems(source: str, path: str, d: dict) -> list[str]:
 def native_elements(path: str, fmt: str = "auto") -> list[str] | None:
     """Elements of deepmd/npy or deepmd/raw systems at or below `path`, from type_map.raw and
     type.raw alone (no torch import: `lamflow render` stays quick). None: another format, or no
-    type_map.raw, so lamflow.model.data.elements_in must read it."""
+    type_map.raw, so lamflow.model.data.systems.elements_in must read it."""
     if fmt not in ("auto", "deepmd/npy", "deepmd/raw"):
         return None
     p = Path(path)
@@ -676,7 +677,7 @@ def resolved_type_map(spec: PipelineSpec, elements: dict[str, list[str]] | None 
         for p in paths:
             els = native_elements(p, fmt)
             if els is None:
-                from lamflow.model.data import elements_in as read
+                from lamflow.model.data.systems import elements_in as read
 
                 els = read([p], fmt)
             out += [e for e in els if e not in out]
@@ -708,7 +709,7 @@ def check_spec(spec: PipelineSpec, *, data: bool = True, models: bool = True) ->
     from . import stage_configs
 
     if data:
-        from lamflow.model.data import elements_in, load_systems
+        from lamflow.model.data.systems import elements_in, load_systems
 
     source = spec_source(spec)
     problems: list[str] = []
@@ -779,7 +780,7 @@ def placeholder_type_map(spec: PipelineSpec) -> list[str]:
 
 def spec_elements(spec: PipelineSpec) -> dict[str, list[str]]:
     """"dataset.split" -> elements of the local paths of every used dataset."""
-    from lamflow.model.data import elements_in
+    from lamflow.model.data.systems import elements_in
 
     out: dict[str, list[str]] = {}
     for name in spec.used_datasets():
@@ -802,8 +803,8 @@ def finetune_coverage(spec: PipelineSpec, elements: dict[str, list[str]]) -> lis
     ft = spec.stages.finetune
     if not ft.enabled or spec.stages.pretrain.enabled or not ft.pretrained or is_s3(ft.pretrained):
         return []
-    from lamflow.model.checkpoint import read_checkpoint
-    from lamflow.model.finetune import can_add_elements
+    from lamflow.model.io.checkpoint import read_checkpoint
+    from lamflow.model.training.finetune import can_add_elements
 
     p = Path(ft.pretrained)
     try:

@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 
 # stage -> (module, what it must provide)
 MODULES = {
-    "clean": ("lamflow.model.clean", ("clean", "CleanConfig")),
-    "finetune": ("lamflow.model.finetune", ("finetune", "zero_shot")),
-    "distill": ("lamflow.model.distill", ("distill", "DistillConfig")),
-    "compress": ("lamflow.model.compress", ("compress",)),
+    "clean": ("lamflow.model.tasks.clean", ("clean", "CleanConfig")),
+    "finetune": ("lamflow.model.training.finetune", ("finetune", "zero_shot")),
+    "distill": ("lamflow.model.tasks.distill", ("distill", "DistillConfig")),
+    "compress": ("lamflow.model.tasks.compress", ("compress",)),
 }
 
 
@@ -51,7 +51,7 @@ def _exists(name: str) -> bool:
 
 
 def multitask_available() -> bool:
-    return _exists("lamflow.model.multitask")
+    return _exists("lamflow.model.training.multitask")
 
 
 def validate_config(cls: type[BaseModel], raw: dict, source: str, path: str) -> tuple[BaseModel | None, list[str]]:
@@ -76,7 +76,7 @@ def problems(spec: "PipelineSpec", load: bool = True) -> list[str]:
                        f"disable the stage (enabled: false)")
     st = spec.stages
     if st.pretrain.enabled and (len(st.pretrain.datasets) > 1 or st.pretrain.denoise) and not multitask_available():
-        out.append(f"{source}: stages.pretrain.datasets: multi-task pretraining (lamflow.model.multitask) is not in "
+        out.append(f"{source}: stages.pretrain.datasets: multi-task pretraining (lamflow.model.training.multitask) is not in "
                    "this build; name one dataset")
     if load and st.clean.enabled and available("clean"):
         out += validate_config(module("clean").CleanConfig, dict(st.clean.config), source, "stages.clean.config")[1]
@@ -97,7 +97,7 @@ COMPRESS_KEYS = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
 
 def compress_settings() -> type[BaseModel]:
     """The compress stage's settings as a pydantic model whose fields are those of the compressed
-    checkpoint's own config (lamflow.model.compress.CompressedModelConfig): the same bounds the
+    checkpoint's own config (lamflow.model.tasks.compress.CompressedModelConfig): the same bounds the
     stage applies (stride > 0, extrapolate >= 1, min_nbor_dist > 0), not a second rule set."""
     from pydantic import ConfigDict, create_model
 
@@ -110,8 +110,8 @@ def compress_settings() -> type[BaseModel]:
 
 def sel_problems(spec: "PipelineSpec", dataset: str, where: str, systems: list, type_map: list[str]) -> list[str]:
     """Frames of `dataset` (one split, loaded) whose neighbours exceed the fixed `sel` of a
-    training stage that reads it, from a bounded sample (lamflow.model.data_warnings.sel_overflow)."""
-    from lamflow.model.data_warnings import sel_overflow
+    training stage that reads it, from a bounded sample (lamflow.model.training.data_warnings.sel_overflow)."""
+    from lamflow.model.training.data_warnings import sel_overflow
 
     from .spec import finetune_settings, model_settings, spec_source
 
@@ -141,12 +141,12 @@ _RESOLVED: dict[str, dict | None] = {}
 def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str]) -> dict | None:
     """Fine-tuning keeps the pretrained model's sel; with `sel: auto` pretraining computes it from
     its training data. Compute it the same way when those data are small enough to read whole
-    (lamflow.model.data_warnings.resolved_descriptor), so validate can check the fine-tune data
+    (lamflow.model.training.data_warnings.resolved_descriptor), so validate can check the fine-tune data
     against it; None when that is not possible offline."""
     import json
 
-    from lamflow.model.data import load_systems
-    from lamflow.model.data_warnings import resolved_descriptor
+    from lamflow.model.data.systems import load_systems
+    from lamflow.model.training.data_warnings import resolved_descriptor
 
     from .spec import as_list, is_s3
 
@@ -159,7 +159,7 @@ def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str])
     if cache not in _RESOLVED:
         systems = [s for p, fmt in paths for s in load_systems([p], type_map, fmt)]
         for d in free:  # label-free structures (workflows/label_free.py), for sel only
-            from lamflow.model.structures import structure_paths
+            from lamflow.model.data.structures import structure_paths
 
             paths_d, fmt_d = structure_paths(as_list(spec.datasets[d].train), spec.datasets[d].fmt)
             systems += load_systems(paths_d, type_map, fmt_d, labeled=False)
@@ -178,9 +178,9 @@ MULTITASK_PATHS = [(re.compile(r"\bmodel\.model_dict\.[^.:]+\."), "model."), (re
 
 def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
     """A multi-task pretraining stage's settings checked by the multi-task trainer's own config
-    (lamflow.model.multitask.parse_multitask_config on what the pretrain OP builds), with the
+    (lamflow.model.training.multitask.parse_multitask_config on what the pretrain OP builds), with the
     errors' paths put back into the pipeline's layout (one line per problem, not per head)."""
-    from lamflow.model.multitask import parse_multitask_config
+    from lamflow.model.training.multitask import parse_multitask_config
     from lamflow.ops.pretrain import multitask_config_dict
 
     from .spec import model_settings, spec_source

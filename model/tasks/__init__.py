@@ -1,0 +1,30 @@
+"""lamflow.model.tasks: the stages built on a trained model: clean, active learning, evaluate,
+distill, compress, MD, LAMBench metrics, reports."""
+
+from importlib import import_module
+
+# public name -> the submodule that defines it; imported on first use, so that importing one light
+# submodule (a config, for the CLI's validation) does not import torch and every other module
+_EXPORTS = {
+    "CleanConfig": "clean",
+    "active_learning": "active",
+    "ActiveConfig": "active",
+    "evaluate_systems": "evaluate",
+    "transferability": "evaluate",
+    "parity_plot": "evaluate",
+    "DistillConfig": "distill",
+    "compress_model": "compress",
+    "CompressedModel": "compress",
+    "run_md": "md",
+    "LamflowCalculator": "calculator",
+    "gather_report": "report",
+    "write_markdown": "report",
+    "fit_baseline": "baseline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
