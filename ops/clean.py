@@ -14,6 +14,7 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import model_file
 from .common import SPLITS, dataset_fmt, split_paths, trace, user_errors_are_fatal, write_json
 
 
@@ -28,9 +29,7 @@ def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, 
     out, rep = Path(out_dir), Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep.mkdir(parents=True, exist_ok=True)
-    ckpt = None
-    if pretrained is not None:
-        ckpt = Path(pretrained) / "model.ckpt" if Path(pretrained).is_dir() else Path(pretrained)
+    ckpt = model_file(pretrained) if pretrained is not None else None
     summary = {"datasets": {}, "kept": 0, "dropped": 0}
     for name in datasets:
         fmt = dataset_fmt(data, name)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import model_file
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
@@ -38,11 +39,11 @@ def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: P
         raise ConfigError(f"stages.compress.config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = Path(model) / "model.ckpt" if Path(model).is_dir() else Path(model)
+    src = model_file(model)
     root = pick_root(dataset, data, cleaned)
     fmt = dataset_fmt(root, dataset)
     paths = split_paths(root, dataset, "train")
-    res = compress(src, out / "model.ckpt", training_data=paths, fmt=fmt, device=device, log=log, **cfg)
+    res = compress(src, model_file(out), training_data=paths, fmt=fmt, device=device, log=log, **cfg)
     net, comp = load_model(src, device), load_model(res.checkpoint, device)
     check = split_paths(root, dataset, "valid") or paths
     timing = speedup(net, comp, load_systems(check, list(net.type_map), fmt, labeled=False))

@@ -16,6 +16,7 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import has_model
 from .common import set_threads, trace, user_errors_are_fatal, write_json
 
 
@@ -40,7 +41,7 @@ def student_test(out_dir: Path, *, data: Path | None, dataset: str, student: Pat
     dataset; it runs here because the student exists only after the test fan-out. Returns its folder."""
     from .test import run_test
 
-    if data is None or student is None or not dataset or not (Path(student) / "model.ckpt").is_file():
+    if data is None or student is None or not dataset or not has_model(student):
         return None
     folder = Path(out_dir) / "test-student"
     run_test(data, dataset, student, folder, cleaned=cleaned, transfer=transfer, role="student", log=log)

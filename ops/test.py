@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import model_file
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
@@ -46,7 +47,7 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     root = pick_root(system, data, cleaned)
     fmt = dataset_fmt(root, system)
     split, paths = test_split(root, system)
-    net = load_model(_ckpt(model), device)
+    net = load_model(model_file(model), device)
     tm = list(net.type_map)
     systems = load_systems(paths, tm, fmt)
     train_paths = split_paths(root, system, "train") if split != "train" else []
@@ -140,7 +141,7 @@ def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out
     from lamflow.model.finetune import zero_shot
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
-    net = zero_shot(_ckpt(pretrained), train, branch=branch).to(resolve_device(device))
+    net = zero_shot(model_file(pretrained), train, branch=branch).to(resolve_device(device))
     return _evaluate_finite(net, systems, out, f"test {system} (zero-shot)",
                             f"{system}: zero-shot (pretrained, energy bias refit) vs DFT", system)
 
@@ -164,12 +165,7 @@ def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: 
 def _type_map(ckpt: Path) -> list[str]:
     from lamflow.model.checkpoint import read_checkpoint
 
-    return list(read_checkpoint(_ckpt(ckpt))["type_map"])
-
-
-def _ckpt(p: Path) -> Path:
-    p = Path(p)
-    return p / "model.ckpt" if p.is_dir() else p
+    return list(read_checkpoint(model_file(ckpt))["type_map"])
 
 
 def _headline(m: dict) -> dict:

@@ -16,7 +16,7 @@ from lamflow.model.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTa
 from lamflow.model.potential import EnergyModel
 from lamflow.model.train import train
 from lamflow.workflows.cli import main
-from lamflow.workflows.cmd_inspect import table_position
+from lamflow.workflows.cli.tools.inspect import table_position
 
 ELEMENTS = ["O", "H", "C", "Si", "Pb"]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lamflow.ops.common import per_rank_threads, train_config_dict
+from lamflow.ops.common import train_config_dict
+from lamflow.ops.training import per_rank_threads
 
 
 def test_threads_are_a_parameter_not_the_environment(monkeypatch):
