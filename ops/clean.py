@@ -15,7 +15,7 @@ from typing import List
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
 from .artifacts import model_file
-from .common import SPLITS, dataset_fmt, split_paths, trace, user_errors_are_fatal, write_json
+from .common import SPLITS, dataset_fmt, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
 def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, *, config: dict | None = None,
@@ -70,6 +70,7 @@ class Clean(OP):
             "type_map": Parameter(List[str]),               # the pipeline's elements
             "data": Artifact(Path),                         # staged datasets (ops.common layout)
             "pretrained": Artifact(Path, optional=True),    # checkpoint for element coverage and zero-shot errors
+            "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
         })
 
     @classmethod
@@ -83,6 +84,7 @@ class Clean(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("clean")
+        set_threads(ip["threads"])
         out, rep = Path("cleaned"), Path("clean-report")
         with user_errors_are_fatal():
             summary = run_clean(ip["data"], list(ip["datasets"]), out, rep, config=ip["config"],

@@ -268,7 +268,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     if st.clean.enabled:
         clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key=step_key("clean", h),
                          parameters={"datasets": spec.clean_datasets, "config": dict(st.clean.config),
-                                     "type_map": opts.type_map},
+                                     "type_map": opts.type_map, "threads": threads_of(res("clean"), opts)},
                          artifacts={**common, **({"pretrained": inputs.pretrained} if inputs.pretrained else {})}))
         common["cleaned"] = clean.outputs.artifacts["cleaned"]
 
@@ -345,8 +345,9 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     if st.test.enabled and st.distill.enabled:  # the student is tested in the report step, after distill
         arts.update({**common, "student": dis.outputs.artifacts["model"]})
         params.update(student_dataset=spec.distill_dataset, transfer=st.test.transfer())
-    add(Task(REPORT, template(ops.Report, spec.resources_of("test") if st.test.enabled else spec.resources, opts),
-             key=step_key(REPORT, h), parameters=params, artifacts=arts))
+    report_res = spec.resources_of("test") if st.test.enabled else spec.resources
+    params["threads"] = threads_of(report_res, opts)
+    add(Task(REPORT, template(ops.Report, report_res, opts), key=step_key(REPORT, h), parameters=params, artifacts=arts))
     return dag
 
 

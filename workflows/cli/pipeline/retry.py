@@ -20,10 +20,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .submit import report_debug
     from ...backends import find_run
     from ...retry import retry
     from ...spec import SpecError, check_spec, load_spec
+    from .submit import report_debug
 
     spec = load_spec(args.spec) if args.spec else None
     if spec is not None:  # a bad fixed spec fails before the run is looked up (data are checked by retry)

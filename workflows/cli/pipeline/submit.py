@@ -50,8 +50,8 @@ def containers_of(args):
 
 
 def report_debug(rid: str, status: str, workdir: Path) -> int:
-    from .status import print_status
     from ...backends import find_run
+    from .status import print_status
 
     print()
     print_status(find_run(rid, workdir))

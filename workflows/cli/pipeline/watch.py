@@ -14,9 +14,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .status import headline
     from ...backends import find_run
     from ...runs import FINAL, run_status, steps_of
+    from .status import headline
 
     r = find_run(args.id, args.workdir)
     seen: dict[str, str] = {}
