@@ -11,6 +11,7 @@ from .dag import BuildOptions, build_workflow
 from .dflow_config import ArgoEnv, import_dflow_offline, offline, scrubbed
 from .inputs import dataset_digests, input_keys, s3_inputs
 from .spec import PipelineSpec, resolved_type_map, spec_summary
+from .trainjob import add_trainjob_stage
 
 LABEL = "lamflow.io/pipeline"
 ANNOTATION = "lamflow.io/spec"  # the resolved spec and inputs, for `lamflow retry` of an Argo run
@@ -57,8 +58,6 @@ def argo_workflow(spec: PipelineSpec, *, type_map: list[str] | None = None, keys
     `checkpoint_run`: the run whose checkpoint keys training steps resume from (a retry passes
     its first run's id; default: this workflow's own name)."""
     from dflow import config
-
-    from .trainjob import add_trainjob_stage
 
     if type_map is None:
         type_map = resolved_type_map(spec)
