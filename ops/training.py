@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .checkpoint_store import CheckpointStore, StoreConfig
+from . import checkpoint_store
+from .checkpoint_store import StoreConfig
 from .common import write_json
 
 
@@ -55,7 +56,7 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
         parsed = parse_config(TrainConfig, config, source)
     hook = None
     if store is not None:
-        cs = CheckpointStore(store, log=log)
+        cs = checkpoint_store.CheckpointStore(store, log=log)  # looked up when called (a test swaps the class)
         cs.restore(work)
         hook = cs.hook()
     if launcher is not None:
