@@ -42,3 +42,12 @@ def test_find_run_asks_each_backend_and_names_both_places(tmp_path, monkeypatch)
     assert ARGO.find("quick-x1y2z", tmp_path) is None and ARGO.runs(tmp_path) == []
     with pytest.raises(EngineError, match=r"no run 'quick-x1y2z' in .* \(debug runs\), and LAMFLOW_ARGO_HOST is not set"):
         find_run("quick-x1y2z", tmp_path)
+
+
+def test_the_stage_table_is_what_the_dag_spec_and_download_use():
+    from lamflow.workflows import dag, results, spec, stages
+
+    assert stages.ORDER == dag.ORDER and stages.STAGES == spec.STAGES  # one list of stages, pipeline order
+    assert stages.SLICED == dag.SLICED == ("finetune", "test") and stages.PARALLEL_STAGES == spec.PARALLEL_STAGES
+    assert results.OUTPUT_OF == {s.name: s.outputs[0] for s in stages.TABLE}
+    assert stages.later_stages("distill") == {"distill", "compress", "report"}

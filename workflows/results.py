@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 
 from .backends import list_runs
-from .dag import HELPER_SUFFIXES
 from .dflow_config import EngineError
 from .runs import Run, steps_of
+from .stages import HELPER_SUFFIXES, TABLE
 
-OUTPUT_OF = {"clean": "cleaned", "pretrain": "model", "finetune": "model", "test": "report", "distill": "model",
-             "compress": "model", "report": "report"}
+OUTPUT_OF = {s.name: s.download for s in TABLE}  # what `lamflow download --stage S` fetches
 
 
 def download(run: Run, out_dir: Path, stage: str | None = None) -> list[Path]:

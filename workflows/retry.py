@@ -4,11 +4,12 @@ dflow's reuse_step takes the old steps, and the run's backend resubmits (backend
 
 from __future__ import annotations
 
-from .dag import ORDER, BuildOptions, keys_from, stage_of, step_keys
+from .dag import BuildOptions, stage_of, step_keys
 from .dflow_config import EngineError
 from .inputs import dataset_digests, localize
 from .runs import Run, steps_of
 from .spec import PipelineSpec, SpecError, check_spec, resolved_type_map
+from .stages import ORDER, later_stages
 
 
 def retry(run: Run, from_stage: str | None = None, progress=print, spec: PipelineSpec | None = None,
@@ -33,7 +34,7 @@ def retry(run: Run, from_stage: str | None = None, progress=print, spec: Pipelin
         problems = check_spec(spec, data=check_data)
         if problems:
             raise SpecError(problems)
-    rerun = keys_from(spec, from_stage) if from_stage else set()
+    rerun = later_stages(from_stage) if from_stage else set()
     keys = run_keys(run, spec)
     if from_stage is not None and from_stage not in {stage_of(k) for k in keys}:
         raise EngineError(f"--from {from_stage}: the pipeline has no {from_stage} step "

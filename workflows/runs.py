@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .dag import ORDER, display_key, stage_of
+from .dag import display_key, stage_of
 from .spec import PipelineSpec, spec_from_summary
+from .stages import ORDER
 
 if TYPE_CHECKING:
     from .dflow_config import ArgoEnv

@@ -26,11 +26,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..dag import ORDER, BuildOptions, Inputs, build_workflow, display_key, stage_of, step_keys
+from ..dag import BuildOptions, Inputs, build_workflow, display_key, stage_of, step_keys
 from ..dflow_config import configure_debug, workdir_of
 from ..inputs import dataset_digests, localize, stage_data, stage_pretrained
 from ..runs import FINAL, META, Run, new_run_id, read_meta, write_meta
 from ..spec import PipelineSpec, SpecError, as_list, check_spec, resolved_type_map, spec_summary
+from ..stages import ORDER
 from .base import Backend
 
 
