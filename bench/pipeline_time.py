@@ -37,7 +37,8 @@ def absolute_quickstart(tmp: Path, workdir: Path) -> Path:
 
 
 def quickstart(tmp: Path, keep: Path | None = None) -> None:
-    from lamflow.workflows.engine import read_meta, submit_debug
+    from lamflow.workflows.backends.debug import submit_debug
+    from lamflow.workflows.runs import read_meta
     from lamflow.workflows.spec import load_spec
 
     workdir = tmp / "runs"
@@ -107,7 +108,7 @@ def hundred_systems(tmp: Path) -> Path:
 
 
 def render(tmp: Path) -> None:
-    from lamflow.workflows.engine import render_manifest
+    from lamflow.workflows.render import render_manifest
     from lamflow.workflows.spec import check_spec, load_spec
 
     pipe = hundred_systems(tmp)

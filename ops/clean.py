@@ -21,7 +21,8 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
-from .common import SPLITS, dataset_fmt, split_paths, trace, user_errors_are_fatal, write_json
+from .artifacts import model_file
+from .common import SPLITS, dataset_fmt, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 SYSTEMS_DIR = "cleaned-systems"  # the folder the OP writes `systems` into: the artifact holds it by this name
 
@@ -33,16 +34,14 @@ def run_clean(data: Path, datasets: list[str], out_dir: Path, report_dir: Path, 
     clean.json / clean.png / report.md under report_dir/<dataset>/ and report_dir/summary.json.
     `fanout` ({"finetune": [dataset, ...]}, by item index) with `systems_dir`: also write each
     fan-out item's cleaned dataset under systems_dir/<fanout>/<i>/ (module docstring)."""
-    from lamflow.model.tasks.clean import CleanConfig, clean
     from lamflow.model.schema import parse_config
+    from lamflow.model.tasks.clean import CleanConfig, clean
 
     cfg = parse_config(CleanConfig, config or {}, "stages.clean.config")
     out, rep = Path(out_dir), Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep.mkdir(parents=True, exist_ok=True)
-    ckpt = None
-    if pretrained is not None:
-        ckpt = Path(pretrained) / "model.ckpt" if Path(pretrained).is_dir() else Path(pretrained)
+    ckpt = model_file(pretrained) if pretrained is not None else None
     summary = {"datasets": {}, "kept": 0, "dropped": 0}
     for name in datasets:
         fmt = dataset_fmt(data, name)
@@ -111,6 +110,7 @@ class Clean(OP):
             "data": Artifact(Path),                         # staged datasets (ops.common layout)
             "pretrained": Artifact(Path, optional=True),    # checkpoint for element coverage and zero-shot errors
             "fanout": Parameter(dict, default={}),          # {"finetune" | "test": [dataset of item i, ...]}
+            "threads": Parameter(int, default=0),           # torch threads (0: torch's default)
         })
 
     @classmethod
@@ -125,6 +125,7 @@ class Clean(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("clean")
+        set_threads(ip["threads"])
         out, rep, systems = Path("cleaned"), Path("clean-report"), Path(SYSTEMS_DIR)
         with user_errors_are_fatal():
             summary = run_clean(ip["data"], list(ip["datasets"]), out, rep, config=ip["config"],

@@ -1,4 +1,5 @@
-"""What every stage OP shares: the staged data layout, model-config assembly, error mapping.
+"""What every stage OP shares: the staged data layout, model-config assembly, outputs, error
+mapping. (Running a training, here or under torchrun: ops/training.py.)
 
 Data reach an OP as one artifact folder, staged by the workflow builder (or written by the clean
 stage) in this layout:
@@ -108,87 +109,10 @@ def train_config_dict(settings: dict, type_map: list[str], train: list[str], val
 
 def train_config(settings: dict, type_map: list[str], train: list[str], valid: list[str] | None, fmt: str = "auto",
                  source: str = "stage config", threads: int = 0):
-    from lamflow.model.training.config import TrainConfig
     from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import TrainConfig
 
     return parse_config(TrainConfig, train_config_dict(settings, type_map, train, valid, fmt, threads), source)
-
-
-# ----------------------------------------------------------------------------- running a training
-
-
-def launcher_for(nproc: int) -> list[str] | None:
-    """torchrun arguments for `nproc` processes in this pod (None: train in this process)."""
-    if nproc and nproc > 1:
-        from .torchrun import standalone
-
-        return standalone(nproc)
-    return None
-
-
-def per_rank_threads(config: dict, nproc: int) -> dict:
-    """Split training.num_threads between the ranks of one pod (each rank is its own process)."""
-    tr = config.get("training") or {}
-    n = tr.get("num_threads")
-    if nproc > 1 and n:
-        config = {**config, "training": {**tr, "num_threads": max(1, int(n) // nproc)}}
-    return config
-
-
-def run_training(kind: str, config: dict, work: Path, *, source: str, store=None, launcher: list[str] | None = None,
-                 finetune: dict | None = None, log=print) -> dict:
-    """One training run in `work` (kind "single", "multitask" or "finetune"), continuing from
-    work/model.ckpt when it exists. `store` (a checkpoint_store.StoreConfig): the latest synced
-    checkpoint is restored first and every save is synced. `launcher`: torchrun arguments, to
-    train data-parallel in several processes (the config is checked here first, before any
-    process starts). Returns the metrics of the trained model (train.json)."""
-    from lamflow.model.training.config import TrainConfig
-    from lamflow.model.schema import parse_config
-
-    work = Path(work)
-    if kind == "multitask":
-        from lamflow.model.training.multitask import parse_multitask_config
-
-        parsed = parse_multitask_config(config, source)
-    else:
-        parsed = parse_config(TrainConfig, config, source)
-    hook = None
-    if store is not None:
-        from .checkpoint_store import CheckpointStore
-
-        cs = CheckpointStore(store, log=log)
-        cs.restore(work)
-        hook = cs.hook()
-    if launcher is not None:
-        from .torchrun import launch, write_job
-
-        nproc = next((int(a.split("=")[1]) for a in launcher if a.startswith("--nproc_per_node=")),
-                     int(os.environ.get("PET_NPROC_PER_NODE", "1")) if os.environ.get("PET_NPROC_PER_NODE", "1").isdigit()
-                     else 1)  # a TrainJob node: the runtime's value
-        job = write_job(work / "job.json", kind, per_rank_threads(config, nproc), work, store=store, finetune=finetune)
-        return launch(job, launcher, log=log)
-    if kind == "multitask":
-        from lamflow.model.training.multitask import train_multitask
-
-        return synced(hook, train_multitask(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics)
-    if kind == "finetune":
-        from lamflow.model.training.finetune import finetune as run_ft
-
-        ft = finetune or {}
-        return synced(hook, run_ft(parsed, ft["pretrained"], work, branch=ft.get("branch") or None,
-                                   freeze_descriptor=bool(ft.get("freeze_descriptor")), restart="auto", log=log,
-                                   on_checkpoint=hook).metrics)
-    from lamflow.model.training.trainer import train
-
-    return synced(hook, train(parsed, work, restart="auto", log=log, on_checkpoint=hook).metrics)
-
-
-def synced(hook, metrics: dict) -> dict:
-    """`metrics`, once the background upload of the last checkpoint (checkpoint_store.AsyncSync)
-    is done: a step hands on its outputs only with its final generation in the store."""
-    if hook is not None:
-        hook.wait()
-    return metrics
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import model_file
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
@@ -26,9 +27,9 @@ def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: P
     """Compress `model` (checkpoint or folder with model.ckpt) into out_dir/model.ckpt; summary.json
     holds the largest energy/force deviation and the measured speed-up (both measured on `device`:
     "auto" is the pod's GPU when it has one)."""
+    from lamflow.model.data.systems import load_systems
     from lamflow.model.io.checkpoint import load_model
     from lamflow.model.tasks.compress import compress
-    from lamflow.model.data.systems import load_systems
 
     cfg = dict(config or {})
     known = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
@@ -39,11 +40,11 @@ def run_compress(config: dict, model: Path, data: Path, dataset: str, out_dir: P
         raise ConfigError(f"stages.compress.config: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = Path(model) / "model.ckpt" if Path(model).is_dir() else Path(model)
+    src = model_file(model)
     root = pick_root(dataset, data, cleaned)
     fmt = dataset_fmt(root, dataset)
     paths = split_paths(root, dataset, "train")
-    res = compress(src, out / "model.ckpt", training_data=paths, fmt=fmt, device=device, log=log, **cfg)
+    res = compress(src, model_file(out), training_data=paths, fmt=fmt, device=device, log=log, **cfg)
     net, comp = load_model(src, device), load_model(res.checkpoint, device)
     check = split_paths(root, dataset, "valid") or paths
     timing = speedup(net, comp, load_systems(check, list(net.type_map), fmt, labeled=False))

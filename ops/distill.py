@@ -18,8 +18,9 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
-from .common import (copy_outputs, launcher_for, pick_root, run_training, set_threads, split_paths, trace,
-                     user_errors_are_fatal, write_json)
+from .artifacts import TRAINING_FILES, model_file
+from .common import copy_outputs, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
+from .training import launcher_for, run_training
 
 
 def torchrun_student(launcher: list[str]):
@@ -48,13 +49,12 @@ def run_distill(config: dict, teacher: Path, data: Path, dataset: str, out_dir: 
     cfg = parse_config(DistillConfig, config or {}, "stages.distill.config")
     out = Path(out_dir)
     root = pick_root(dataset, data, cleaned)
-    teacher = Path(teacher)
-    ckpt = teacher / "model.ckpt" if teacher.is_dir() else teacher
+    ckpt = model_file(teacher)
     train, valid = split_paths(root, dataset, "train"), split_paths(root, dataset, "valid")
     work = out / "work"
     res = distill(ckpt, train, cfg, work, dft_valid=valid or None, device=device, log=log,  # teacher MD + labels on `device`
                   train_student=torchrun_student(launcher) if launcher else None)
-    copy_outputs(res.student_checkpoint.parent, out, ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"])
+    copy_outputs(res.student_checkpoint.parent, out, TRAINING_FILES)
     copy_outputs(work, out, ["distill.json"])
     rep = work / "report"
     for png in rep.rglob("*.png") if rep.is_dir() else []:

@@ -13,16 +13,21 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import TRAINING_FILES, model_file
 from .checkpoint_store import StoreConfig
-from .common import (copy_outputs, dataset_fmt, launcher_for, pick_root, run_training, set_threads, split_paths, trace,
-                     train_config_dict, training_dir, user_errors_are_fatal, write_json)
-
-OUTPUT_FILES = ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"]
-
-
-def _ckpt(p: Path) -> Path:
-    p = Path(p)
-    return p / "model.ckpt" if p.is_dir() else p
+from .common import (
+    copy_outputs,
+    dataset_fmt,
+    pick_root,
+    set_threads,
+    split_paths,
+    trace,
+    train_config_dict,
+    training_dir,
+    user_errors_are_fatal,
+    write_json,
+)
+from .training import launcher_for, run_training
 
 
 def with_pretrained_model(config: dict, ckpt: Path) -> dict:
@@ -45,14 +50,14 @@ def run_finetune(config: dict, data: Path, system: str, pretrained: Path, out_di
     summary.json into out_dir; return the summary. `store`, `launcher`: as for run_pretrain."""
     out = Path(out_dir)
     work = training_dir(out, resume_dir)
-    ckpt = _ckpt(pretrained)
+    ckpt = model_file(pretrained)
     root = pick_root(system, data, cleaned)
     cfg = train_config_dict(with_pretrained_model(config, ckpt), type_map, split_paths(root, system, "train"),
                             split_paths(root, system, "valid"), dataset_fmt(root, system), threads)
     metrics = run_training("finetune", cfg, work, source=f"stages.finetune ({system})", store=store, launcher=launcher,
                            finetune={"pretrained": str(Path(ckpt).resolve()), "branch": branch or "",
                                      "freeze_descriptor": freeze_descriptor}, log=log)
-    copy_outputs(work, out, OUTPUT_FILES)
+    copy_outputs(work, out, TRAINING_FILES)
     keys = ("rmse_e_per_atom", "rmse_f", "rmse_v_per_atom")
     summary = {"system": system, "metrics": {k: metrics[k] for k in keys if metrics.get(k) is not None},
                "steps": metrics.get("steps"), "train_wall_s": metrics.get("train_wall_s")}

@@ -16,6 +16,7 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import has_model
 from .common import set_threads, trace, user_errors_are_fatal, write_json
 
 
@@ -35,15 +36,15 @@ def _png(src: Path, out: Path, name: str) -> Path | None:
 
 
 def student_test(out_dir: Path, *, data: Path | None, dataset: str, student: Path | None, cleaned: Path | None = None,
-                 transfer: dict | None = None, log=print) -> Path | None:
+                 transfer: dict | None = None, device: str = "auto", log=print) -> Path | None:
     """The student's transfer test (the test stage's run_test, role "student") on the distill
     dataset; it runs here because the student exists only after the test fan-out. Returns its folder."""
     from .test import run_test
 
-    if data is None or student is None or not dataset or not (Path(student) / "model.ckpt").is_file():
+    if data is None or student is None or not dataset or not has_model(student):
         return None
     folder = Path(out_dir) / "test-student"
-    run_test(data, dataset, student, folder, cleaned=cleaned, transfer=transfer, role="student", log=log)
+    run_test(data, dataset, student, folder, cleaned=cleaned, transfer=transfer, role="student", device=device, log=log)
     return folder
 
 
@@ -52,8 +53,19 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
                compress: Path | None = None, student: Path | None = None) -> dict:
     """Write report.md, its PNGs and summary.json into out_dir; return the summary. `student`: the
     student's test folder (student_test's), shown with the fine-tuned models' tests."""
-    from lamflow.model.tasks.report import (NOT_BETTER, Section, Table, baseline_table, bar_chart, compare_table,
-        lambench_table, meV, metrics_table, ratio_text, write_markdown)
+    from lamflow.model.tasks.report import (
+        NOT_BETTER,
+        Section,
+        Table,
+        bar_chart,
+        baseline_table,
+        compare_table,
+        lambench_table,
+        metrics_table,
+        meV,
+        ratio_text,
+        write_markdown,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +76,8 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
     c = _load(clean)
     if c is not None:
         summary["clean"] = c
-        rows = [[n, d["kept"] + d["dropped"], d["kept"], d["dropped"], ", ".join(f"{k} {v}" for k, v in d.get("by_reason", {}).items()) or "-"]
+        rows = [[n, d["kept"] + d["dropped"], d["kept"], d["dropped"],
+                 ", ".join(f"{k} {v}" for k, v in d.get("by_reason", {}).items()) or "-"]
                 for n, d in c["datasets"].items()]
         images = [p for n in c["datasets"] if (p := _png(Path(clean) / n / "clean.png", out, f"clean-{n}.png"))]
         sections.append(Section("Data cleaning", "Frames dropped because their labels or geometry cannot be right "
@@ -203,6 +216,8 @@ class Report(OP):
             "cleaned": Artifact(Path, optional=True),        # the clean stage's output, when it ran
             "student_dataset": Parameter(str, default=""),   # the distill dataset the student is tested on
             "transfer": Parameter(dict, default={}),         # the test stage's stability / efficiency settings
+            "device": Parameter(str, default="auto"),        # the student's test: the pod's GPU when it has one
+            "threads": Parameter(int, default=0),            # torch threads (0: torch's default)
         })
 
     @classmethod
@@ -215,11 +230,11 @@ class Report(OP):
     @OP.exec_sign_check
     def execute(self, ip: OPIO) -> OPIO:
         trace("report")
-        set_threads()
+        set_threads(ip["threads"])
         out = Path("report")
         with user_errors_are_fatal():
             student = student_test(Path("student-test"), data=ip["data"], dataset=ip["student_dataset"], student=ip["student"],
-                                   cleaned=ip["cleaned"], transfer=ip["transfer"])
+                                   cleaned=ip["cleaned"], transfer=ip["transfer"], device=ip["device"])
         summary = run_report(out, title=ip["title"], clean=ip["clean"], pretrain=ip["pretrain"], finetune=ip["finetune"],
                              tests=ip["tests"], distill=ip["distill"], compress=ip["compress"], student=student)
         return OPIO({"report": out, "summary": json.loads(json.dumps(summary))})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import model_file
 from .common import dataset_fmt, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 
 
@@ -37,16 +38,16 @@ def run_test(data: Path, system: str, model: Path, out_dir: Path, *, cleaned: Pa
     `transfer`: lamflow.model.tasks.lambench settings ({"stability": {...}, "efficiency": {...}}; a
     section given as false is skipped). `role` names the model in the report ("fine-tuned", "student").
     `device`: "auto" evaluates on the pod's GPU when it has one."""
-    from lamflow.model.tasks.baseline import baseline_errors, fit_baseline, normalised
-    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.data.systems import load_systems
+    from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.tasks.baseline import baseline_errors, fit_baseline, normalised
     from lamflow.model.tasks.report import short_names, verdicts
 
     out = Path(out_dir)
     root = pick_root(system, data, cleaned)
     fmt = dataset_fmt(root, system)
     split, paths = test_split(root, system)
-    net = load_model(_ckpt(model), device)
+    net = load_model(model_file(model), device)
     tm = list(net.type_map)
     systems = load_systems(paths, tm, fmt)
     train_paths = split_paths(root, system, "train") if split != "train" else []
@@ -135,12 +136,12 @@ def _cell(key: str, v) -> str:
 
 
 def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out: Path, branch, device, log) -> dict:
-    from lamflow.model.io.checkpoint import resolve_device
     from lamflow.model.data.systems import load_systems
+    from lamflow.model.io.checkpoint import resolve_device
     from lamflow.model.training.pretrained import zero_shot
 
     train = load_systems(split_paths(root, system, "train"), _type_map(pretrained), fmt)
-    net = zero_shot(_ckpt(pretrained), train, branch=branch).to(resolve_device(device))
+    net = zero_shot(model_file(pretrained), train, branch=branch).to(resolve_device(device))
     return _evaluate_finite(net, systems, out, f"test {system} (zero-shot)",
                             f"{system}: zero-shot (pretrained, energy bias refit) vs DFT", system)
 
@@ -148,9 +149,9 @@ def _zero_shot(pretrained: Path, root: Path, system: str, fmt: str, systems, out
 def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: str = "") -> dict:
     """evaluate_systems, but NaN/inf errors are refused (naming system and frame) before anything
     is written; suspicious labels get one warning line."""
+    from lamflow.model.tasks.evaluate import parity_plot
     from lamflow.model.training.data_warnings import refuse_non_finite, warn_suspicious
     from lamflow.model.training.metrics import collect, predict_systems
-    from lamflow.model.tasks.evaluate import parity_plot
 
     warn_suspicious(systems, source)
     per = predict_systems(net, systems)
@@ -165,12 +166,7 @@ def _evaluate_finite(net, systems, out: Path, source: str, label: str, dataset: 
 def _type_map(ckpt: Path) -> list[str]:
     from lamflow.model.io.checkpoint import read_checkpoint
 
-    return list(read_checkpoint(_ckpt(ckpt))["type_map"])
-
-
-def _ckpt(p: Path) -> Path:
-    p = Path(p)
-    return p / "model.ckpt" if p.is_dir() else p
+    return list(read_checkpoint(model_file(ckpt))["type_map"])
 
 
 def _headline(m: dict) -> dict:

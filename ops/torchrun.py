@@ -17,56 +17,18 @@ which torchrun reads as its defaults.
 
 job.json: {"kind": "single" | "multitask" | "finetune", "config": {...}, "out": DIR,
            "finetune": {"pretrained", "branch", "freeze_descriptor"}, "store": StoreConfig param}
+
+This module is the in-pod entry point (`worker`, `node`); the OP side that writes job.json and
+starts torchrun is ops/training.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from .checkpoint_store import CheckpointStore, StoreConfig
-
-
-def torchrun_command(job: Path, launcher_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "lamflow.ops.torchrun", "worker", str(job)]
-
-
-def standalone(nproc: int) -> list[str]:
-    """One node, `nproc` processes (GPUs of the pod, or CPU processes)."""
-    return ["--standalone", f"--nproc_per_node={nproc}"]
-
-
-def write_job(path: Path, kind: str, config: dict, out: Path, *, store: StoreConfig | None = None,
-              finetune: dict | None = None) -> Path:
-    from .common import write_json
-
-    job = {"kind": kind, "config": config, "out": str(Path(out).resolve()), "finetune": finetune or {},
-           "store": store.to_param() if store else {}}
-    return write_json(Path(path), job)
-
-
-def launch(job: Path, launcher_args: list[str], log=print, timeout: float | None = None) -> dict:
-    """Run the job under torchrun; stream its output; return rank 0's train.json metrics. A rank
-    that dies (lost peer, NCCL error, OOM) is a RuntimeError, i.e. a transient failure Argo may
-    retry (the config was checked before launching)."""
-    cmd = torchrun_command(job, launcher_args)
-    log("launch: " + " ".join(cmd[1:]))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default; the config's num_threads sets torch's
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    tail: list[str] = []
-    for line in proc.stdout:
-        log(line.rstrip())
-        tail = (tail + [line.rstrip()])[-30:]
-    rc = proc.wait(timeout=timeout)
-    if rc != 0:
-        raise RuntimeError(f"torchrun exited with status {rc}: " + " | ".join(tail[-5:]))
-    out = Path(json.loads(Path(job).read_text())["out"])
-    metrics = out / "train.json"  # written by global rank 0: on the other nodes of a TrainJob there is none
-    return json.loads(metrics.read_text()) if metrics.is_file() else {}
 
 
 def run_worker(job: dict) -> None:
@@ -88,8 +50,8 @@ def _train(kind: str, cfg: dict, out: Path, job: dict, hook) -> None:
 
         train_multitask(parse_multitask_config(cfg, "job"), out, restart="auto", on_checkpoint=hook)
         return
-    from lamflow.model.training.config import TrainConfig
     from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import TrainConfig
 
     tc = parse_config(TrainConfig, cfg, "job")
     if kind == "finetune":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import has_model
 from .checkpoint_store import CheckpointStore, StoreConfig
 from .common import trace, user_errors_are_fatal
 from .pretrain import pretrain_outputs
@@ -46,7 +47,7 @@ def run_node(_job_file: Path | None = None, env=None, log=print) -> int:
     out = root / "out"
     run_pretrain(job["config"], data, job["datasets"], out, type_map=job["type_map"], cleaned=cleaned,
                  resume_dir=str(root / "work"), store=store, launcher=[], threads=int(job.get("threads", 0)), log=log)
-    if env.get("PET_NODE_RANK", "0") == "0" and (out / "model.ckpt").is_file():
+    if env.get("PET_NODE_RANK", "0") == "0" and has_model(out):
         cs.put_tree("results", out)
     return 0
 

@@ -64,7 +64,7 @@ def read_min_nbor(path):
 
 def test_distill_with_two_gpus_renders_torchrun_ranks_and_gpu_limits(tmp_path):
     from lamflow.ops.torchrun import torchrun_command
-    from lamflow.workflows.engine import render_manifest
+    from lamflow.workflows.render import render_manifest
     from lamflow.workflows.spec import load_spec
 
     ch4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_pbe", "valid"))}

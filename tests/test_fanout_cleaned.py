@@ -13,7 +13,7 @@ from conftest import TINY, data_path
 
 from lamflow.ops.common import pick_root
 from lamflow.workflows.cli import main
-from lamflow.workflows.engine import render_manifest
+from lamflow.workflows.render import render_manifest
 from lamflow.workflows.spec import load_spec
 
 CH4 = {"train": str(data_path("ch4_pbe", "train")), "valid": str(data_path("ch4_pbe", "valid"))}

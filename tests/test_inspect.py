@@ -18,7 +18,7 @@ from lamflow.model.training.multitask import DenoiseHeadConfig, EnergyHeadConfig
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
-from lamflow.workflows.cmd_inspect import table_position
+from lamflow.workflows.cli.tools.inspect import table_position
 
 ELEMENTS = ["O", "H", "C", "Si", "Pb"]
 

@@ -92,7 +92,8 @@ def test_two_torchrun_nodes_on_loopback_match_one_process_with_the_same_global_b
 def test_pretrain_op_with_two_processes_matches_one_process(tmp_path):
     from conftest import data_path
 
-    from lamflow.ops.common import launcher_for, stage_dataset
+    from lamflow.ops.common import stage_dataset
+    from lamflow.ops.training import launcher_for
     from lamflow.ops.pretrain import run_pretrain
 
     root = tmp_path / "data"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lamflow.ops.common import per_rank_threads, train_config_dict
+from lamflow.ops.common import train_config_dict
+from lamflow.ops.training import per_rank_threads
 
 
 def test_threads_are_a_parameter_not_the_environment(monkeypatch):
@@ -19,15 +20,15 @@ def test_threads_are_a_parameter_not_the_environment(monkeypatch):
     assert per_rank_threads({"training": {"num_threads": 3}}, 4)["training"]["num_threads"] == 1
 
 
-@pytest.mark.parametrize("name", ["Test", "Distill", "Compress", "Pretrain", "Finetune"])
+@pytest.mark.parametrize("name", ["Test", "Distill", "Compress", "Pretrain", "Finetune", "Clean", "Report"])
 def test_evaluating_and_training_ops_declare_threads_and_device(name):
     from lamflow import ops
 
     sign = getattr(ops, name).get_input_sign()
     assert sign["threads"].default == 0
-    if name in ("Test", "Distill", "Compress"):
+    if name in ("Test", "Distill", "Compress", "Report"):
         assert sign["device"].default == "auto"  # the pod's GPU when it has one
-    else:
+    elif name != "Clean":
         assert sign["nproc"].default == 1 and sign["checkpoint_store"].default == {}
 
 

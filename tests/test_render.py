@@ -16,7 +16,7 @@ import yaml
 from conftest import data_path
 
 from lamflow.workflows.cli import main
-from lamflow.workflows.engine import render_manifest
+from lamflow.workflows.render import render_manifest
 from lamflow.workflows.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_gpu_fields_appear_on_gpu_stages_only(manifest):
 
 
 def test_no_secret_from_the_environment_reaches_the_manifest(tmp_path, monkeypatch):
-    from lamflow.workflows.engine import ArgoEnv, configure_argo
+    from lamflow.workflows.dflow_config import ArgoEnv, configure_argo
 
     secrets = {"LAMFLOW_ARGO_TOKEN": "tok-3f9a7c1e5b", "LAMFLOW_S3_ACCESS_KEY": "AKIA7QZ3EXAMPLE",
                "LAMFLOW_S3_SECRET_KEY": "s3cr3t-9d8e7f6a5b4c"}

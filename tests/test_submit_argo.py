@@ -145,7 +145,7 @@ def submitted_id(out: str) -> str:
 
 
 def test_submit_uploads_inputs_to_s3_and_posts_the_rendered_manifest(tmp_path, argo, s3, capsys):
-    from lamflow.workflows.engine import render_manifest
+    from lamflow.workflows.render import render_manifest
     from lamflow.workflows.spec import load_spec
 
     _, client = s3

@@ -22,7 +22,7 @@ import yaml
 from conftest import TINY, data_path
 from test_render import IMAGE_CPU, IMAGE_GPU, SCHEMAS, schema_errors, strict
 
-from lamflow.workflows.engine import render_manifest
+from lamflow.workflows.render import render_manifest
 from lamflow.workflows.spec import SpecError, load_spec
 
 TRAINJOB_CRD = SCHEMAS / "kubeflow-trainer" / "trainer.kubeflow.org_trainjobs.yaml"
@@ -228,7 +228,7 @@ def test_a_trainjob_node_trains_from_published_inputs_and_hands_the_model_to_col
 def test_production_template_pretrains_on_two_nodes_of_eight_gpus_and_fine_tunes_on_one_each(monkeypatch):
     from test_render import REPO
 
-    from lamflow.workflows.engine import ArgoEnv, configure_argo
+    from lamflow.workflows.dflow_config import ArgoEnv, configure_argo
 
     secrets = {"LAMFLOW_ARGO_TOKEN": "tok-prod-8e1f2a", "LAMFLOW_S3_ACCESS_KEY": "AKIAPRODEXAMPLE7",
                "LAMFLOW_S3_SECRET_KEY": "prod-s3cr3t-1a2b3c4d"}

@@ -1,3 +1,14 @@
 """lamflow.workflows: the pipeline layer. A pipeline YAML (spec.py) becomes a dflow DAG (dag.py)
-that runs locally in dflow's debug mode or on Argo Workflows (engine.py); cli.py and cmd_*.py
-are the `lamflow` command line."""
+that a backend runs: locally in dflow's debug mode or on Argo Workflows (backends/).
+
+    spec.py, stage_configs.py   the pipeline spec: schema, loading, checks
+    dag.py, trainjob.py         the DAG (and a multi-node stage as a Kubeflow TrainJob)
+    dflow_config.py             pointing dflow at an engine; building workflows offline, secrets blanked
+    inputs.py, s3_cache.py      staging, digesting and uploading a run's inputs; the s3:// cache
+    render.py                   the Argo Workflow manifest (`lamflow render`)
+    backends/                   the `Backend` interface; debug.py (runner + watcher), argo.py
+    runs.py                     a run: its record, its steps, its status
+    retry.py, results.py        `lamflow retry`; download, logs, list
+    containers.py               debug runs with every step in the step image
+    cli/                        the `lamflow` command: cli/pipeline/ (run pipelines), cli/tools/ (model tools)
+"""

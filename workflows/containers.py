@@ -13,7 +13,8 @@ executor:
   interpreter), and no pulls (a run must not reach a registry);
 - on the `docker run` line dflow writes: `--rm`, `--network none` (no network in any step),
   the user (the image's own non-root user; the caller's uid when lamflow itself is not root,
-  so that files stay the caller's), and the thread settings of the run (`-e LAMFLOW_THREADS ...`);
+  so that files stay the caller's), and the thread settings of the run (`-e OMP_NUM_THREADS ...`;
+  torch's own threads are each OP's `threads` parameter);
 - the training stages' resume folder (`<workdir>/.lamflow/<group>/resume`) as a host mount at the
   same path, through dflow's own host-path mounts, so a retried step resumes from its checkpoint.
 """
@@ -36,7 +37,7 @@ from lamflow.model.errors import LamflowError
 ENGINES = ("docker",)
 # passed by name (`-e NAME`): docker copies each one's value from the environment it runs in
 # (the step's, which is lamflow's), and sets nothing for a name that is not set there
-PASSED_ENV = ("LAMFLOW_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND", "LAMFLOW_FAIL_STAGE")
+PASSED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MPLBACKEND", "LAMFLOW_FAIL_STAGE")
 RESUME_VOLUME = "lamflow-resume"
 
 

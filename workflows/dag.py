@@ -21,7 +21,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .spec import STAGES, PipelineSpec, Resources, finetune_settings, model_settings, zero_shot_branch
 
@@ -49,6 +49,9 @@ class BuildOptions:
     threads: int = 0  # torch threads per step in debug mode (0: torch's default)
     checkpoint_run: str = "{{workflow.name}}"  # argo: names the checkpoint keys; a retry passes its root run's id
     inputs_key: str | None = None  # argo: S3 prefix of the workflow's inputs (per-system data under <prefix>/systems)
+    # argo: builds a multi-node pretrain (resources.nodes > 1) as its own tasks, given by the backend
+    # (workflows/trainjob.py: add_trainjob_stage); None: the stage runs in one pod
+    multinode: Callable | None = None
 
 
 PREEMPTED = 'lastRetry.status == "Error" || (lastRetry.status == "Failed" && asInt(lastRetry.exitCode) == 1)'
@@ -266,14 +269,13 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     if st.clean.enabled:
         clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key=step_key("clean", h),
                          parameters={"datasets": spec.clean_datasets, "config": dict(st.clean.config),
-                                     "type_map": opts.type_map, "fanout": fanout_systems(spec)},
+                                     "type_map": opts.type_map, "fanout": fanout_systems(spec),
+                                     "threads": threads_of(res("clean"), opts)},
                          artifacts={**common, **({"pretrained": inputs.pretrained} if inputs.pretrained else {})}))
         common["cleaned"] = clean.outputs.artifacts["cleaned"]
 
-    if st.pretrain.enabled and res("pretrain").nodes > 1 and opts.mode == "argo":
-        from .trainjob import add_trainjob_stage
-
-        pre = add_trainjob_stage(dag, add, spec, opts, common)
+    if st.pretrain.enabled and res("pretrain").nodes > 1 and opts.multinode is not None:
+        pre = opts.multinode(dag, add, spec, opts, common)
         pretrained = pre.outputs.artifacts["model"]
     elif st.pretrain.enabled:
         pre = add(Task("pretrain", training_template(ops.Pretrain, spec, "pretrain", opts), key=step_key("pretrain", h),
@@ -348,8 +350,9 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     if st.test.enabled and st.distill.enabled:  # the student is tested in the report step, after distill
         arts.update({**common, "student": dis.outputs.artifacts["model"]})
         params.update(student_dataset=spec.distill_dataset, transfer=st.test.transfer())
-    add(Task(REPORT, template(ops.Report, spec.resources_of("test") if st.test.enabled else spec.resources, opts),
-             key=step_key(REPORT, h), parameters=params, artifacts=arts))
+    report_res = spec.resources_of("test") if st.test.enabled else spec.resources
+    params["threads"] = threads_of(report_res, opts)
+    add(Task(REPORT, template(ops.Report, report_res, opts), key=step_key(REPORT, h), parameters=params, artifacts=arts))
     return dag
 
 

@@ -124,8 +124,8 @@ def label_free_problems(spec: "PipelineSpec") -> list[str]:
 
 def structure_elements(paths: list[str], fmt: str) -> list[str]:
     """Elements of label-free structures, in order of first appearance (converted once, cached)."""
-    from lamflow.model.data.systems import elements_in
     from lamflow.model.data.structures import structure_paths
+    from lamflow.model.data.systems import elements_in
 
     return list(dict.fromkeys(elements_in(*structure_paths(paths, fmt))))
 
@@ -165,8 +165,8 @@ def label_free_elements(spec: "PipelineSpec", name: str, elements: dict[str, lis
 def label_free_systems(spec: "PipelineSpec", name: str, type_map: list[str]) -> list[str]:
     """check_spec's second pass: the structures load without labels on the type map (an element
     outside it names the file), and fit the pretrain descriptor's sel."""
-    from lamflow.model.data.systems import load_systems
     from lamflow.model.data.structures import source_of, structure_paths
+    from lamflow.model.data.systems import load_systems
 
     from . import stage_configs
     from .spec import as_list, spec_source

@@ -33,9 +33,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lamflow.model.training.config import TrainConfig, read_yaml
-from lamflow.model.schema import strip_comments
 from lamflow.model.errors import LamflowError
+from lamflow.model.schema import strip_comments
+from lamflow.model.training.config import TrainConfig, read_yaml
 
 STAGES = ("clean", "pretrain", "finetune", "test", "distill", "compress")
 PARALLEL_STAGES = ("pretrain", "finetune", "distill")  # stages whose training runs data-parallel (torchrun;

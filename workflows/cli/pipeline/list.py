@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .engine import list_runs
+    from ...backends import list_runs
 
     rows = list_runs(args.workdir)
     if not rows:

@@ -18,8 +18,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.io.deepmd_import import branches, import_deepmd, read_deepmd
     from lamflow.model.errors import CheckpointError
+    from lamflow.model.io.deepmd_import import branches, import_deepmd, read_deepmd
 
     if args.list_branches:
         print("\n".join(branches(read_deepmd(args.checkpoint))))

@@ -17,8 +17,8 @@ def register(sub) -> None:
 def run(args) -> int:
     import yaml
 
-    from .engine import render_manifest
-    from .spec import SpecError, check_spec, image_problems, load_spec
+    from ...render import render_manifest
+    from ...spec import SpecError, check_spec, image_problems, load_spec
 
     if args.output is not None and not args.output.parent.is_dir():  # before any work, so nothing is left behind
         raise SpecError(f"-o {args.output}: folder {args.output.parent} does not exist")

@@ -20,9 +20,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .cmd_submit import report_debug
-    from .engine import find_run, retry
-    from .spec import SpecError, check_spec, load_spec
+    from ...backends import find_run
+    from ...retry import retry
+    from ...spec import SpecError, check_spec, load_spec
+    from .submit import report_debug
 
     spec = load_spec(args.spec) if args.spec else None
     if spec is not None:  # a bad fixed spec fails before the run is looked up (data are checked by retry)
@@ -33,7 +34,7 @@ def run(args) -> int:
     rid, status = retry(r, args.from_stage, spec=spec, check_data=not args.skip_data_check)
     if rid is None:
         return 0
-    if r.mode == "debug":
+    if status is not None:  # the backend ran it here (debug): its outcome
         return report_debug(rid, status, r.workdir)
     print(f"submitted {rid} (retry of {args.id})\n  lamflow watch {rid}")
     return 0

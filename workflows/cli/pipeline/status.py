@@ -11,7 +11,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .engine import find_run
+    from ...backends import find_run
 
     print_status(find_run(args.id, args.workdir))
     return 0
@@ -67,10 +67,10 @@ def test_headline(s: dict) -> str:
 
 
 def print_status(run) -> None:
-    from .engine import run_status, steps_of
+    from ...runs import run_status, steps_of
 
     print(f"{run.id} ({run.mode}): {run_status(run)}")
-    times = (run.meta or {}).get("steps", {}) if run.mode == "debug" else {}
+    times = run.backend.step_times(run)
     for i in steps_of(run):
         name = i.key + (f" [{i.system}]" if i.system else "")
         t = times.get(i.key, {})

@@ -10,10 +10,12 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("compress", help="compress an se_e2_a model: embedding nets -> quintic polynomial tables")
     p.add_argument("-i", "--input", required=True, help="se_e2_a model checkpoint")
-    p.add_argument("-o", "--output", type=Path, default=Path("compressed.ckpt"), help="compressed checkpoint (default compressed.ckpt)")
+    p.add_argument("-o", "--output", type=Path, default=Path("compressed.ckpt"),
+                   help="compressed checkpoint (default compressed.ckpt)")
     p.add_argument("-s", "--step", "--stride", dest="stride", type=float, default=0.01,
                    help="stride of the first table (the second uses 10x); default 0.01")
-    p.add_argument("-e", "--extrapolate", type=float, default=5.0, help="the second table reaches extrapolate x upper (default 5)")
+    p.add_argument("-e", "--extrapolate", type=float, default=5.0,
+                   help="the second table reaches extrapolate x upper (default 5)")
     p.add_argument("-f", "--frequency", dest="check_frequency", type=int, default=-1,
                    help="warn about inputs outside the tables every N evaluations (-1: never)")
     p.add_argument("-t", "--training-data", nargs="+", default=None,

@@ -12,7 +12,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .engine import find_run, logs
+    from ...backends import find_run
+    from ...results import logs
 
     for key, text in logs(find_run(args.id, args.workdir), args.stage):
         print(f"==> {key} <==")

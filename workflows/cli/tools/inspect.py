@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
     from lamflow.model.data.coverage import trained_elements
+    from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 
     payload = read_checkpoint(args.model)
     model = build_from_payload(payload, str(args.model))
@@ -89,7 +89,8 @@ def summary(model, source: str, trained: list[str] | None = None, by_branch: dic
     kind = model.kind
     tm = list(model.type_map)
     lines = [f"model: {source}  (kind {kind}, {model.cfg.dtype_name})",
-             f"type map ({len(elements(model))}): {' '.join(elements(model))}" + ("  (+ MASK token for denoising)" if MASK in tm else "")]
+             f"type map ({len(elements(model))}): {' '.join(elements(model))}"
+             + ("  (+ MASK token for denoising)" if MASK in tm else "")]
     lines.append(trained_line(elements(model), trained))
     if by_branch:
         lines.append("  by branch: " + "; ".join(f"{n}: {' '.join(e)}" for n, e in by_branch.items()))
@@ -102,7 +103,8 @@ def summary(model, source: str, trained: list[str] | None = None, by_branch: dic
     lines.append(f"descriptor: {dcfg.type}  " + "  ".join(_sizes(dcfg.model_dump())) + f"  dim_out {desc.dim_out}")
     if kind == "compressed":
         c = model.cfg
-        lines.append(f"compressed: {len(c.tables)} tables, {desc.coef.shape[1]} rows of {desc.coef.shape[0]} x {desc.coef.shape[2]} "
+        rows, ntab, ncoef = desc.coef.shape[1], desc.coef.shape[0], desc.coef.shape[2]
+        lines.append(f"compressed: {len(c.tables)} tables, {rows} rows of {ntab} x {ncoef} "
                      f"coefficients (stride {c.stride}, extrapolate {c.extrapolate}, min_nbor_dist {c.min_nbor_dist:.4f} A)")
     lines.append("parameters:")
     rows = [("descriptor", _count(desc))] + [(f"  {n}", _count(m)) for n, m in desc.named_children() if _count(m)]
@@ -121,8 +123,8 @@ def summary(model, source: str, trained: list[str] | None = None, by_branch: dic
 
 def type_embedding_table(model, source: str):
     """[n_elements, tebd_dim] learned embeddings (numpy) of the model's elements."""
-    from lamflow.model.nn.descriptor import TypeEmbedding
     from lamflow.model.errors import ConfigError
+    from lamflow.model.nn.descriptor import TypeEmbedding
 
     found = [m for m in model.descriptor.modules() if isinstance(m, TypeEmbedding)]
     if not found:

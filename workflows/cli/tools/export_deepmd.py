@@ -21,8 +21,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from lamflow.model.io.deepmd_export import export_deepmd
     from lamflow.model.io.model_card import write_card
+    from lamflow.ops.artifacts import model_file
 
-    src = args.checkpoint / "model.ckpt" if args.checkpoint.is_dir() else args.checkpoint
+    src = model_file(args.checkpoint)
     out, info = export_deepmd(src, args.output, args.branch)
     card = write_card(out, src, info, args.report)
     print(f"wrote {out} (deepmd-kit checkpoint, branches {', '.join(info['branches'])}) and {card}")

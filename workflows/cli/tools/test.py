@@ -25,8 +25,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.errors import ConfigError, DataError
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.tasks.evaluate import transferability
     from lamflow.model.tasks.report import short_names
 

@@ -21,8 +21,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.training.config import load_train_config, read_yaml
     from lamflow.model.errors import ConfigError
+    from lamflow.model.training.config import load_train_config, read_yaml
     from lamflow.model.training.multitask import is_multitask_config
     from lamflow.model.training.trainer import train
 

@@ -14,8 +14,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .cmd_status import headline
-    from .engine import FINAL, find_run, run_status, steps_of
+    from ...backends import find_run
+    from ...runs import FINAL, run_status, steps_of
+    from .status import headline
 
     r = find_run(args.id, args.workdir)
     seen: dict[str, str] = {}

@@ -15,7 +15,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .engine import download, find_run
+    from ...backends import find_run
+    from ...results import download
 
     got = download(find_run(args.id, args.workdir), args.output, args.stage)
     for p in got:

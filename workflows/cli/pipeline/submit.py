@@ -20,23 +20,24 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .engine import submit_argo, submit_debug, workdir_of
-    from .spec import load_spec
+    from ...backends import ARGO, DEBUG
+    from ...dflow_config import workdir_of
+    from ...spec import load_spec
 
     container = containers_of(args)
     spec = load_spec(args.pipeline)
     if args.debug:
         workdir = workdir_of(spec, args.workdir)
-        rid, status = submit_debug(spec, workdir=workdir, check_data=not args.skip_data_check, container=container)
+        rid, status = DEBUG.submit(spec, workdir=workdir, check_data=not args.skip_data_check, container=container)
         return report_debug(rid, status, workdir)
-    rid = submit_argo(spec, check_data=not args.skip_data_check)
+    rid, _ = ARGO.submit(spec, check_data=not args.skip_data_check)
     print(f"submitted {rid}\n  lamflow watch {rid}\n  lamflow download {rid} -o results/")
     return 0
 
 
 def containers_of(args):
     """--container / --container-image -> a containers.Container (debug mode only), or None."""
-    from .containers import Container, ContainerError
+    from ...containers import Container, ContainerError
 
     if args.container_image and not args.container:
         raise ContainerError("--container-image needs --container docker")
@@ -49,8 +50,8 @@ def containers_of(args):
 
 
 def report_debug(rid: str, status: str, workdir: Path) -> int:
-    from .cmd_status import print_status
-    from .engine import find_run
+    from ...backends import find_run
+    from .status import print_status
 
     print()
     print_status(find_run(rid, workdir))

@@ -27,10 +27,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lamflow.model.tasks.clean import CleanConfig, clean
-    from lamflow.model.schema import parse_config
-    from lamflow.model.training.config import read_yaml
     from lamflow.model.errors import DataError
+    from lamflow.model.schema import parse_config
+    from lamflow.model.tasks.clean import CleanConfig, clean
+    from lamflow.model.training.config import read_yaml
 
     for s in args.system:  # before reading any config or data
         if not Path(s).exists():

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .spec import SpecError, check_spec, image_problems, load_spec, resolved_type_map
+    from ...spec import SpecError, check_spec, image_problems, load_spec, resolved_type_map
 
     try:
         spec = load_spec(args.pipeline)
@@ -30,14 +30,14 @@ def run(args) -> int:
             print(line, file=sys.stderr)
         print(f"{args.pipeline}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
-    from .spec import as_list, is_s3
+    from ...spec import as_list, is_s3
 
     remote = sorted({n for n, d in spec.datasets.items() for sp in ("train", "valid", "test")
                      for p in as_list(getattr(d, sp)) if is_s3(p)})
     if remote and not args.no_data:
         print(f"note: datasets on S3 ({', '.join(remote)}) were not read; lamflow submit fetches and checks them")
     if not args.no_data:  # fine-tuning onto elements the pretrained checkpoint lacks, where it can add them
-        from .spec import finetune_coverage, spec_elements
+        from ...spec import finetune_coverage, spec_elements
 
         for line in finetune_coverage(spec, spec_elements(spec)):
             print(f"note: {line}")

@@ -1,6 +1,14 @@
-"""`lamflow` command line. Each command lives in its own module `workflows/cmd_<name>.py` with
-`register(subparsers)`; they are discovered here. A `LamflowError` becomes one line on stderr
-and exit status 1; anything else is a bug and keeps its traceback."""
+"""`lamflow` command line. Two kinds of command, one module each with `register(subparsers)`:
+
+    cli/pipeline/   run and follow pipelines: submit, render, validate, status, watch, logs,
+                    list, download, retry (they read a pipeline YAML or a run id)
+    cli/tools/      model tools, one stage by hand, no workflow: train, test, md, inspect,
+                    compress, clean, distill, export-deepmd, import-deepmd, show, change-bias
+
+They are discovered here and listed in one alphabetical order. A `LamflowError` becomes one line
+on stderr and exit status 1; anything else is a bug and keeps its traceback. `python -m
+lamflow.workflows.cli` (cli/__main__.py) is the same command, for `torchrun -m`.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamflow", description="Large Atomic Model workflows: train, test, run pipelines.")
     parser.add_argument("--version", action="version", version=f"lamflow {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    here = Path(__file__).parent
-    for mod in sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("cmd_")):
-        importlib.import_module(f"lamflow.workflows.{mod}").register(sub)
+    for module in command_modules():
+        importlib.import_module(module).register(sub)
     return parser
+
+
+GROUPS = ("pipeline", "tools")
+
+
+def command_modules() -> list[str]:
+    """Every command module of both groups, in the order of their names (the order `--help` lists)."""
+    here = Path(__file__).parent
+    found = [(m.name, f"{__name__}.{group}.{m.name}") for group in GROUPS
+             for m in pkgutil.iter_modules([str(here / group)])]
+    return [module for _, module in sorted(found)]
 
 
 def package_version() -> str:
@@ -47,7 +65,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lamflow {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m lamflow.workflows.cli ...`: the `lamflow` command (as `torchrun -m` runs it)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pipeline commands: submit, render, validate, status, watch, logs, list, download, retry."""
