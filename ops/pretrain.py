@@ -44,8 +44,10 @@ def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *
                             dataset_fmt(root, name), threads)
     metrics = run_training("single", cfg, work, source=f"stages.pretrain ({name})", store=store, launcher=launcher, log=log)
     copy_outputs(work, out, OUTPUT_FILES)
-    summary = {"kind": "single-task", "heads": {name: _headline(metrics)}, "steps": metrics.get("steps"),
-               "train_wall_s": metrics.get("train_wall_s")}
+    heads = {name: {"train": split_paths(root, name, "train"), "valid": split_paths(root, name, "valid"),
+                    "fmt": dataset_fmt(root, name)}}
+    summary = {"kind": "single-task", "heads": _with_baselines({name: _headline(metrics)}, heads, type_map),
+               "steps": metrics.get("steps"), "train_wall_s": metrics.get("train_wall_s")}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -97,7 +99,10 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
     cfg = multitask_config_dict(config, heads, type_map, threads)
     metrics = run_training("multitask", cfg, work, source="stages.pretrain", store=store, launcher=launcher, log=log)
     copy_outputs(work, out, OUTPUT_FILES)
-    summary = {"kind": "multi-task", "heads": {h: _headline(m) for h, m in metrics.get("branches", {}).items()},
+    energy_heads = {h: p for h, p in heads.items() if h not in (config.get("denoise") or {})}
+    summary = {"kind": "multi-task",
+               "heads": _with_baselines({h: _headline(m) for h, m in metrics.get("branches", {}).items()}, energy_heads,
+                                        type_map),
                "steps": metrics.get("steps"), "train_wall_s": metrics.get("train_wall_s")}
     write_json(out / "summary.json", summary)
     return summary
@@ -111,6 +116,18 @@ def _structures(head: dict) -> dict:
     train, fmt = structure_paths(head["train"], head["fmt"])
     valid = structure_paths(head["valid"], head["fmt"])[0] if head["valid"] else []
     return {"train": train, "valid": valid, "fmt": fmt}
+
+
+def _with_baselines(headlines: dict[str, dict], heads: dict[str, dict], type_map: list[str]) -> dict[str, dict]:
+    """Each energy head's validation errors next to its dataset's composition-only baseline
+    (lamflow.model.tasks.baseline), as the test stage reports them: "normalised" per metric."""
+    from lamflow.model.tasks.baseline import dataset_baseline, normalised
+
+    for h, paths in heads.items():
+        if h in headlines and paths.get("valid"):
+            base = dataset_baseline(paths["train"], paths["valid"], type_map, paths["fmt"])
+            headlines[h] = {**headlines[h], "nframes": base["nframes"], "normalised": normalised(headlines[h], base)}
+    return headlines
 
 
 def _headline(m: dict) -> dict:

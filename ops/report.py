@@ -64,6 +64,7 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         metrics_table,
         meV,
         ratio_text,
+        verdicts,
         write_markdown,
     )
 
@@ -72,6 +73,7 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
     summary: dict = {}
     sections: list[Section] = []
     headline: list[list[str]] = []
+    flags: list[str] = []
 
     c = _load(clean)
     if c is not None:
@@ -90,9 +92,19 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         summary["pretrain"] = p
         rows = [[h, meV(m.get("rmse_e_per_atom")), meV(m.get("rmse_f"))] for h, m in p.get("heads", {}).items()]
         img = _png(Path(pretrain) / "lcurve.png", out, "pretrain-lcurve.png")
-        sections.append(Section("Pretraining", f"{p.get('kind', '')} model, {p.get('steps', '?')} steps; validation errors "
-                                "of each branch (head) at the end.",
-                                [Table(["branch", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows)], [img] if img else []))
+        # energy heads next to their dataset's composition-only baseline, on their validation frames
+        heads = [{"system": h, "role": "pretrained head", "nframes": m.get("nframes", "-"), "normalised": m["normalised"]}
+                 for h, m in p.get("heads", {}).items() if m.get("normalised")]
+        pre_flags = [f for t in heads for f in verdicts(t)]
+        flags += pre_flags
+        text = (f"{p.get('kind', '')} model, {p.get('steps', '?')} steps; validation errors of each branch (head) at the end"
+                + (", each next to the composition-only baseline of its dataset." if heads else "."))
+        if heads:
+            text += (" **Not better than its baseline:** " + "; ".join(pre_flags) + "." if pre_flags else
+                     " Every energy head is better than its baseline.")
+        tables = [baseline_table(heads)] if heads else [Table(["branch", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows)]
+        sections.append(Section("Pretraining", text, tables, [img] if img else []))
+        summary["flags"] = flags
         headline.append(["pretrain", "; ".join(f"{h}: F {f} meV/A" for h, _, f in rows)])
 
     ft = [(Path(f), s) for f in finetune or [] if (s := _load(f)) is not None]
@@ -107,7 +119,7 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
 
     ts = [(Path(f), s) for f in tests or [] if (s := _load(f)) is not None]
     st_sum = _load(student)
-    flags = [f for _, t in ts for f in t.get("flags", [])] + (st_sum or {}).get("flags", [])
+    flags += [f for _, t in ts for f in t.get("flags", [])] + (st_sum or {}).get("flags", [])
     if ts or st_sum:
         everyone = [t for _, t in ts] + ([st_sum] if st_sum else [])
         text = ("Each error next to the composition-only baseline (LAMBench's dummy model); any result not better "

@@ -118,3 +118,39 @@ def test_stability_counts_a_failed_run_as_unstable(monkeypatch):
     r = stability(untrained(["H", "C"]), [ch4], structures=2, steps=5, log=quiet)
     assert r["stable"] == 0 and r["total"] == 2 and r["stable_fraction"] == 0.0
     assert all("potential energy is nan" in run["error"] for run in r["runs"])
+
+
+def test_pretraining_heads_stand_next_to_their_baseline_and_an_untrained_one_is_named(tmp_path):
+    """The pretrain OP puts each energy head's validation errors next to its dataset's dummy model
+    (the same `normalised` layout as the test stage); the run report flags a head that is not
+    better in words, and says so when every head is."""
+    from lamflow.model.tasks.baseline import dataset_baseline
+    from lamflow.ops.pretrain import _with_baselines
+    from lamflow.ops.report import run_report
+
+    ch4 = data_path("ch4_pbe")
+    tm = ["H", "C"]
+    base = dataset_baseline([str(ch4 / "train")], [str(ch4 / "valid")], tm)
+    assert base["nframes"] > 0 and base["rmse_e_per_atom"] > 0 and base["rmse_f"] > 0
+    paths = {"ch4": {"train": [str(ch4 / "train")], "valid": [str(ch4 / "valid")], "fmt": "auto"}}
+    good = _with_baselines({"ch4": {"rmse_e_per_atom": 0.5 * base["rmse_e_per_atom"], "rmse_f": 0.2 * base["rmse_f"]}},
+                           paths, tm)["ch4"]
+    assert good["nframes"] == base["nframes"]
+    assert good["normalised"]["rmse_e_per_atom"]["ratio"] == pytest.approx(0.5)
+    assert good["normalised"]["rmse_f"]["ratio"] == pytest.approx(0.2)
+    untrained = _with_baselines({"ch4": {"rmse_e_per_atom": 2 * base["rmse_e_per_atom"], "rmse_f": base["rmse_f"]}},
+                                paths, tm)["ch4"]
+
+    def report(head, name):
+        pre = tmp_path / name
+        pre.mkdir()
+        (pre / "summary.json").write_text(json.dumps({"kind": "single-task", "steps": 4, "heads": {"ch4": head}}))
+        summary = run_report(tmp_path / f"{name}-report", title="t", pretrain=pre)
+        return summary, (tmp_path / f"{name}-report" / "report.md").read_text()
+
+    summary, md = report(untrained, "untrained")
+    assert [f for f in summary["flags"] if "ch4: pretrained head E RMSE" in f and NOT_BETTER in f]
+    assert [f for f in summary["flags"] if "ch4: pretrained head F RMSE" in f and NOT_BETTER in f]  # ratio 1.0
+    assert "**Not better than its baseline:**" in md and "| ch4 | pretrained head |" in md
+    summary, md = report(good, "good")
+    assert summary["flags"] == [] and "Every energy head is better than its baseline." in md

@@ -5,6 +5,7 @@ has learned nothing beyond counting atoms.
 
     base = fit_baseline(train_systems, ntypes)       # e_t [ntypes], eV
     errs = baseline_errors(base, test_systems)       # same keys as lamflow.model.training.metrics.collect
+    dataset_baseline(train_paths, valid_paths, type_map)  # the same for one dataset on disk (overall errors)
     ratio(model_rmse, base_rmse)                     # < 1: better than the baseline
 
 Energy RMSEs are per atom, forces per component (eV/A), virials per atom, as everywhere else.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lamflow.model.data.systems import System
+from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.metrics import collect
 
 # metric keys compared with the baseline (lamflow.model.training.metrics.summarize names)
@@ -58,6 +59,13 @@ def baseline_errors(base: Baseline, systems: list[System]) -> dict:
     """The dummy model's errors in lamflow.model.training.metrics.collect's layout."""
 
     return collect([(s, base.predict(s)) for s in systems])
+
+
+def dataset_baseline(train: list[str], valid: list[str], type_map: list[str], fmt: str = "auto") -> dict:
+    """The dummy model of one dataset: fitted on its `train` systems, its overall errors on the
+    `valid` systems (collect()'s "overall" dict, with "nframes"). Frames are read lazily."""
+    fit = fit_baseline(load_systems(train, type_map, fmt, lazy=True), len(type_map))
+    return baseline_errors(fit, load_systems(valid, type_map, fmt, lazy=True))["overall"]
 
 
 def ratio(model_value: float | None, base_value: float | None) -> float | None:
