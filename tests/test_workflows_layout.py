@@ -45,9 +45,12 @@ def test_find_run_asks_each_backend_and_names_both_places(tmp_path, monkeypatch)
 
 
 def test_the_stage_table_is_what_the_dag_spec_and_download_use():
+    from lamflow import ops
     from lamflow.workflows import dag, results, spec, stages
 
-    assert stages.ORDER == dag.ORDER and stages.STAGES == spec.STAGES  # one list of stages, pipeline order
-    assert stages.SLICED == dag.SLICED == ("finetune", "test") and stages.PARALLEL_STAGES == spec.PARALLEL_STAGES
+    assert stages.ORDER == (*spec.STAGES, "report") and dag.ORDER is stages.ORDER  # one list of stages, in pipeline order
+    assert stages.SLICED == ("finetune", "test") and dag.SLICED is stages.SLICED
+    assert spec.PARALLEL_STAGES is stages.PARALLEL_STAGES == ("pretrain", "finetune", "distill")
+    assert all(s.op in ops._MODULES for s in stages.TABLE)  # every stage's OP exists in lamflow.ops
     assert results.OUTPUT_OF == {s.name: s.outputs[0] for s in stages.TABLE}
     assert stages.later_stages("distill") == {"distill", "compress", "report"}
