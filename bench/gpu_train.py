@@ -125,7 +125,7 @@ print(%r + json.dumps({"peak_alloc": torch.cuda.max_memory_allocated(), "peak_re
 
 
 def last_json(text: str) -> dict | None:
-    lines = [l for l in text.splitlines() if l.startswith(PEAK)]
+    lines = [ln for ln in text.splitlines() if ln.startswith(PEAK)]
     return json.loads(lines[-1][len(PEAK):]) if lines else None
 
 

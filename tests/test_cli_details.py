@@ -85,7 +85,8 @@ def test_template_comment_commands_parse_and_name_existing_inputs(template):
         for key in ("config", "spec", "pipeline"):
             value = getattr(args, key, None)
             if value is not None:
-                assert (REPO / value).is_file(), f"{template}: `lamflow {' '.join(argv)}`: {value} does not exist from the repo root"
+                assert (REPO / value).is_file(), \
+                    f"{template}: `lamflow {' '.join(argv)}`: {value} does not exist from the repo root"
     if template == "multitask-pretrain.yaml":
         assert [a[0] for a in cmds] == ["train", "train", "inspect", "train"]
         assert (REPO / cmds[-1][1]).is_file()

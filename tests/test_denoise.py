@@ -122,7 +122,8 @@ def denoise_run(tmp_path_factory):
             "tebd_dim": 8, "attn_layer": 0, "seed": 1}
     cfg = {
         "model": {"shared_dict": {"type_map_all": ["H", "C", "O"], "dpa1": desc},
-                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa1", "fitting_net": {"neuron": [16], "seed": 2}},
+                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa1",
+                                         "fitting_net": {"neuron": [16], "seed": 2}},
                                  "noise": {"task": "denoise", "type_map": "type_map_all", "descriptor": "dpa1",
                                            "fitting_net": {"neuron": [16], "seed": 3}}}},
         "learning_rate": {"start_lr": 0.01, "stop_lr": 0.0005, "decay_steps": 20},

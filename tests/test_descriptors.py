@@ -76,8 +76,10 @@ class TestSeAttenV2Strip(PotentialContract):
 def test_se_atten_without_smoothing_is_discontinuous_at_rcut():
     """deepmd-kit's smooth_type_embedding=false masks attention: the energy jumps at rcut."""
     t = TestSeAtten()
-    cfg = ModelConfig(type_map=t.type_map, descriptor={"type": "se_atten", "rcut": 4.0, "sel": 40, "neuron": [4, 8], "axis_neuron": 2,
-                      "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1, "smooth_type_embedding": False}, fitting_net={"neuron": [8], "seed": 2})
+    cfg = ModelConfig(type_map=t.type_map,
+                      descriptor={"type": "se_atten", "rcut": 4.0, "sel": 40, "neuron": [4, 8], "axis_neuron": 2,
+                      "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1, "smooth_type_embedding": False},
+                      fitting_net={"neuron": [8], "seed": 2})
     model = _randomize_stats(EnergyModel(cfg))
     import numpy as np
     from lamflow.model.nn.infer import evaluate

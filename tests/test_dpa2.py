@@ -35,7 +35,8 @@ def randomize_stats(model: EnergyModel, seed: int = 0) -> EnergyModel:
             m[..., 1:] = 0
             block.mean.copy_((0 * m if block.set_davg_zero else m).expand(block.mean.shape).to(block.mean))
             s = 0.5 + torch.rand(block.mean.shape[0], 1, 2, generator=g, dtype=torch.float64)
-            block.stddev.copy_(torch.cat([s[..., :1], s[..., 1:].expand(-1, -1, 3)], -1).expand(block.stddev.shape).to(block.stddev))
+            s = torch.cat([s[..., :1], s[..., 1:].expand(-1, -1, 3)], -1)
+            block.stddev.copy_(s.expand(block.stddev.shape).to(block.stddev))
         model.out_bias.copy_(torch.tensor([-3.0, -1.0, -7.0]).to(model.out_bias))
         for name, p in model.named_parameters():
             if "_residual." in name:

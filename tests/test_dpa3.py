@@ -238,7 +238,8 @@ def test_dpa3_multitask_energy_and_denoise_losses_fall(tmp_path):
     desc = small_template(["H", "C", "O"])["model"]["descriptor"]
     cfg = {
         "model": {"shared_dict": {"type_map_all": ["H", "C", "O"], "dpa3": desc},
-                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa3", "fitting_net": {"neuron": [16], "seed": 2}},
+                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa3",
+                                         "fitting_net": {"neuron": [16], "seed": 2}},
                                  "noise": {"task": "denoise", "type_map": "type_map_all", "descriptor": "dpa3",
                                            "fitting_net": {"neuron": [16], "seed": 3}}}},
         "learning_rate": {"start_lr": 0.01, "stop_lr": 0.001, "decay_steps": 20},

@@ -77,7 +77,8 @@ def test_training_records_trained_elements_and_coverage_tells_them_from_the_type
     inspect prints and draws, its compressed form keeps, and clean reports for water data."""
     cfg = TrainConfig.model_validate({
         "model": {"type_map": ["H", "C", "O"],
-                  "descriptor": {"type": "se_e2_a", "rcut": 4.0, "sel": [24, 4, 12], "neuron": [4, 8], "axis_neuron": 2, "seed": 1},
+                  "descriptor": {"type": "se_e2_a", "rcut": 4.0, "sel": [24, 4, 12], "neuron": [4, 8], "axis_neuron": 2,
+                                 "seed": 1},
                   "fitting_net": {"neuron": [8], "seed": 1}},
         "learning_rate": {"start_lr": 0.005, "stop_lr": 1e-4, "decay_steps": 5},
         "training": {"training_data": {"systems": str(data_path("ch4_pbe", "valid")), "batch_size": 4}, "numb_steps": 2,
@@ -103,7 +104,8 @@ def test_training_records_trained_elements_and_coverage_tells_them_from_the_type
                 pretrained=str(ckpt), log=lambda *a: None)
     c = res.report["coverage"]
     assert c["uncovered"] == [] and c["trained_elements"] == ["H", "C"] and c["untrained"] == ["O"]
-    assert "Element(s) O are in the pretrained type map but not in its training data" in (tmp_path / "clean" / "report.md").read_text()
+    report = (tmp_path / "clean" / "report.md").read_text()
+    assert "Element(s) O are in the pretrained type map but not in its training data" in report
 
 
 def test_multitask_training_records_the_elements_of_each_branch(tmp_path, capsys):

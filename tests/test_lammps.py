@@ -152,8 +152,8 @@ def test_lammps_first_step_and_nve_follow_lamflow(lammps, trained, tmp_path):
 @pytest.mark.lammps
 def test_two_mpi_ranks_give_the_energies_of_one(lammps, trained, tmp_path):
     atoms = water_atoms()
-    one = run_md_lammps(trained, atoms, tmp_path / "one", env=lammps, ensemble="nve", steps=20, interval=10)
-    two = run_md_lammps(trained, atoms, tmp_path / "two", env=lammps, ensemble="nve", steps=20, interval=10, nprocs=2)
+    run_md_lammps(trained, atoms, tmp_path / "one", env=lammps, ensemble="nve", steps=20, interval=10)
+    run_md_lammps(trained, atoms, tmp_path / "two", env=lammps, ensemble="nve", steps=20, interval=10, nprocs=2)
     assert "2 by 1 by 1 MPI processor grid" in (tmp_path / "two" / "log.lammps").read_text() or \
         "1 by 2 by 1 MPI processor grid" in (tmp_path / "two" / "log.lammps").read_text() or \
         "1 by 1 by 2 MPI processor grid" in (tmp_path / "two" / "log.lammps").read_text()

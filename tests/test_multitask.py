@@ -121,7 +121,8 @@ def test_restart_reproduces_an_uninterrupted_multitask_run(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")} for r in rows]  # noqa: E731
     a, b = strip(lcurve(full.lcurve)), strip(lcurve(resumed.lcurve))
     assert len(a) == 5 and a == b and {r["task"] for r in a} == {"a", "b"}
-    for (k, v), (_, w) in zip(load_model(full.checkpoint).state_dict().items(), load_model(resumed.checkpoint).state_dict().items()):
+    for (k, v), (_, w) in zip(load_model(full.checkpoint).state_dict().items(),
+                              load_model(resumed.checkpoint).state_dict().items()):
         assert torch.equal(v, w), k
 
 

@@ -171,7 +171,8 @@ def test_loader_workers_do_not_change_the_run(tmp_path):
     rows = [[{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")} for r in
              __import__("csv").DictReader((r.out_dir / "lcurve.csv").read_text().splitlines())] for r in runs]
     assert rows[0] == rows[1] and len(rows[0]) == 4
-    for (k, v), (_, w) in zip(load_model(runs[0].checkpoint).state_dict().items(), load_model(runs[1].checkpoint).state_dict().items()):
+    for (k, v), (_, w) in zip(load_model(runs[0].checkpoint).state_dict().items(),
+                              load_model(runs[1].checkpoint).state_dict().items()):
         assert torch.equal(v, w), k
 
 
