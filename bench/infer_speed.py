@@ -185,8 +185,8 @@ def student_model(paths: dict | None, workdir: Path, steps: int, log_fn=log):
 def teacher_model(stat_systems):
     import torch
 
-    from lamflow.model.nn.config import ModelConfig
     from lamflow.model.data.batch import DataSet
+    from lamflow.model.nn.config import ModelConfig
     from lamflow.model.nn.potential import EnergyModel
     from lamflow.model.training.stats import fit_statistics
 
@@ -206,10 +206,10 @@ def best_time(fn, reps: int) -> float:
 
 def breakdown(model, coord, box, atype, reps: int) -> dict:
     """Best times (s) of the parts of one `evaluate` call: neighbour list, batching, model (forward + backward)."""
-    from lamflow.model.data.systems import System
     from lamflow.model.data.batch import collate
-    from lamflow.model.nn.infer import evaluate
     from lamflow.model.data.neighbor import build_graph
+    from lamflow.model.data.systems import System
+    from lamflow.model.nn.infer import evaluate
     from lamflow.model.nn.potential import predict
 
     reqs = model.nlist_requests()
@@ -283,10 +283,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lamflow.model.tasks.compress import compress_model
-    from lamflow.model.data.systems import load_systems
     from lamflow.model.data.batch import min_neighbor_distance
+    from lamflow.model.data.systems import load_systems
     from lamflow.model.nn.infer import evaluate
+    from lamflow.model.tasks.compress import compress_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     res: dict = {"threads": args.threads, "rounds": args.rounds, "loadavg_start": os.getloadavg(),

@@ -19,8 +19,18 @@ from typing import List
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
 from .checkpoint_store import StoreConfig
-from .common import (copy_outputs, dataset_fmt, pick_root, set_threads, split_paths, trace, train_config_dict, training_dir,
-                     user_errors_are_fatal, write_json)
+from .common import (
+    copy_outputs,
+    dataset_fmt,
+    pick_root,
+    set_threads,
+    split_paths,
+    trace,
+    train_config_dict,
+    training_dir,
+    user_errors_are_fatal,
+    write_json,
+)
 from .training import launcher_for, run_training
 
 OUTPUT_FILES = ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"]

@@ -10,13 +10,13 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from conftest import data_path
 
-from lamflow.model.tasks.calculator import LamflowCalculator
-from lamflow.model.tasks.compress import compress
-from lamflow.model.training.config import TrainConfig
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import DataError
 from lamflow.model.nn.infer import evaluate
+from lamflow.model.tasks.calculator import LamflowCalculator
+from lamflow.model.tasks.compress import compress
 from lamflow.model.tasks.md import read_structure, run_md
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 

@@ -10,23 +10,28 @@ import warnings
 
 import numpy as np
 import pytest
+import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
 import torch
 from conftest import data_path
 from physics import PotentialContract
 
-import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
-
-from lamflow.model.io.checkpoint import load_model, read_checkpoint
-from lamflow.model.io.payload import save_model
-from lamflow.model.tasks.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model,
-    hermite_coefficients, net_derivatives)
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.batch import DataSet, collate
+from lamflow.model.data.neighbor import build_graph
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.infer import evaluate
-from lamflow.model.data.neighbor import build_graph
 from lamflow.model.nn.potential import EnergyModel, extended_inputs
+from lamflow.model.tasks.compress import (
+    CompressedModel,
+    TabulatedSeE2A,
+    compress,
+    compress_model,
+    hermite_coefficients,
+    net_derivatives,
+)
 from lamflow.model.training.stats import fit_statistics
 from lamflow.workflows.cli import main
 

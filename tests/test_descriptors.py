@@ -82,6 +82,7 @@ def test_se_atten_without_smoothing_is_discontinuous_at_rcut():
                       fitting_net={"neuron": [8], "seed": 2})
     model = _randomize_stats(EnergyModel(cfg))
     import numpy as np
+
     from lamflow.model.nn.infer import evaluate
     base = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [0.0, 3.999999, 0.0]])
     e_in = evaluate(model, base[None], None, np.array([0, 1, 2]))["energy"][0]
@@ -95,6 +96,7 @@ def test_se_e2_a_real_neighbour_embedding_equals_evaluating_every_slot(type_one_
     """The fast path (nets on real neighbours, one evaluation per empty-slot input) is exact."""
     import numpy as np
     from physics import chon_frame
+
     from lamflow.model.nn.descriptor.se_e2_a import SeE2A
     from lamflow.model.nn.infer import evaluate
 

@@ -11,14 +11,14 @@ import yaml
 from conftest import REPO, data_path
 from physics import PotentialContract
 
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.training.config import TrainConfig
-from lamflow.model.schema import parse_config
-from lamflow.model.data.systems import load_systems
 from lamflow.model.data.batch import max_neighbor_counts
-from lamflow.model.nn.descriptor.base import EnvMatBlock
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor.base import EnvMatBlock
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.schema import parse_config
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import build_energy_model, train
 
 TEMPLATES = REPO / "templates"
@@ -90,9 +90,9 @@ class TestDPA2(PotentialContract):
     def test_repformer_reads_ghost_features_through_mapping(self):
         """Ghost neighbours carry their local atom's g1: without the mapping the model refuses,
         and a wrong mapping changes the energy (the supercell test checks the right one)."""
-        from lamflow.model.data.systems import System
         from lamflow.model.data.batch import collate
         from lamflow.model.data.neighbor import build_graph
+        from lamflow.model.data.systems import System
         from lamflow.model.nn.potential import extended_inputs
 
         model = self.make_model(torch.float64)
@@ -138,8 +138,8 @@ def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
     descriptor and gradient to round-off, with the weights renamed by from_deepmd_key."""
     import json
 
-    from lamflow.model.nn.descriptor_config import DPA2Config
     from lamflow.model.nn.descriptor.dpa2 import DPA2, from_deepmd_key
+    from lamflow.model.nn.descriptor_config import DPA2Config
 
     ref = np.load(DEEPMD_REFERENCE)
     cases = sorted({k.split("/")[0] for k in ref.files})

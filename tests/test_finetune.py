@@ -11,16 +11,16 @@ import yaml
 from conftest import data_path
 from multitask_helpers import PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, TYPE_MAP_ALL, pretrained, write_subset  # noqa: F401
 
-from lamflow.model.io.checkpoint import load_model
-from lamflow.model.io.payload import save_model
-from lamflow.model.training.config import load_train_config
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
-from lamflow.model.training.pretrained import change_bias, zero_shot
-from lamflow.model.training.finetune import finetune
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.training.config import load_train_config
+from lamflow.model.training.finetune import finetune
 from lamflow.model.training.multitask import load_branch
-from lamflow.model.data.composition import energy_bias
+from lamflow.model.training.pretrained import change_bias, zero_shot
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
@@ -199,8 +199,8 @@ def mapbi3_config(tmp_path, mapbi3, steps=100, descriptor=None):
 def test_change_type_map_keeps_known_elements_and_gives_new_ones_data_statistics(water_si):
     """Re-indexing alone (no training) onto [I, Pb, C, N, H, O]: the water branch predicts water
     exactly as before; I, Pb, C, N get fresh embeddings, std from the MAPbI3 data and bias 0."""
-    from lamflow.model.training.finetune import change_type_map
     from lamflow.model.nn.potential import EnergyModel
+    from lamflow.model.training.finetune import change_type_map
 
     ckpt, water_valid, mapbi3 = water_si
     base = load_branch(ckpt, "water")

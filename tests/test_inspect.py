@@ -4,18 +4,17 @@ descriptor without type embedding. Training records the elements of its data in 
 and coverage (inspect, clean) tells "trained on" from "in the type map"."""
 
 import pytest
-
 from conftest import data_path
 
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.tasks.clean import CleanConfig, clean
 from lamflow.model.tasks.compress import compress
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.denoise import MASK
 from lamflow.model.training.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
-from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 from lamflow.workflows.cli.tools.inspect import table_position

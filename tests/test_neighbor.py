@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import EXAMPLE_DATA, SHARED_DATA
 
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.data.systems import System, find_systems, load_system
 from lamflow.model.data.batch import collate, frame_graph
-from lamflow.model.data.neighbor import NeighborOverflow, NlistRequest, neighbor_counts, find_pairs
 from lamflow.model.data.batch_neighbors import batch_graph, batch_graph_reference
+from lamflow.model.data.neighbor import NeighborOverflow, NlistRequest, find_pairs, neighbor_counts
+from lamflow.model.data.systems import System, find_systems, load_system
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.potential import EnergyModel, predict
 
 TYPE_MAP = ["O", "H", "C", "N", "Si", "I", "Pb"]

@@ -12,9 +12,9 @@ from conftest import data_path
 
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.tasks.evaluate import transferability
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.tasks.report import Section, Table, gather_report, meV, metrics_table, write_markdown
+from lamflow.model.tasks.evaluate import transferability
+from lamflow.model.tasks.report import Section, Table, gather_report, metrics_table, meV, write_markdown
 from lamflow.workflows.cli import main
 
 
@@ -84,8 +84,8 @@ def test_zero_shot_comparison_skips_systems_with_unknown_elements(tested):
 
 
 def test_zero_shot_refit_matches_a_manual_bias_fit(tested, tmp_path):
-    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.data.systems import load_systems
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.nn.infer import evaluate_system
 
     pre = load_model(tested / "pre.ckpt")

@@ -50,29 +50,34 @@ import torch
 from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
 from torch import Tensor, nn
 
-from lamflow.model.training import distributed
-from lamflow.model.io.files import atomic_write_text
-from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
-from lamflow.model.nn.config import DESCRIPTOR_TAGS, DescriptorConfig, FittingConfig, ModelConfig
-from lamflow.model.schema import Strict, error_lines, strip_comments
-from lamflow.model.nn.descriptor_config import dtype_name
 from lamflow.model.data.batch import DataSet
 from lamflow.model.data.systems import System, load_systems
-from lamflow.model.training.denoise import (MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig,
-    denoise_dtype)
+from lamflow.model.errors import CheckpointError, ConfigError, DataError
+from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.nn.config import DESCRIPTOR_TAGS, DescriptorConfig, FittingConfig, ModelConfig
 from lamflow.model.nn.descriptor import REGISTRY, build_descriptor
 from lamflow.model.nn.descriptor.base import EnvMatBlock
-from lamflow.model.errors import CheckpointError, ConfigError, DataError
+from lamflow.model.nn.descriptor_config import dtype_name
 from lamflow.model.nn.fitting import EnergyFitting
-from lamflow.model.training.loss import EnergyLoss
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.training.stats import (data_fingerprint, neighbor_counter, sampled_energy_bias, stat_buffers,
-    stat_frames, stat_samples)
-from lamflow.model.training.trainer import Task, Trainer, TrainResult, seed_everything, set_threads, stat_file
+from lamflow.model.schema import Strict, error_lines, strip_comments
+from lamflow.model.training import distributed
+from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
+from lamflow.model.training.denoise import MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig, denoise_dtype
 from lamflow.model.training.lcurve import plot_lcurve
-from lamflow.model.training.stats import resolve_sel
+from lamflow.model.training.loss import EnergyLoss
+from lamflow.model.training.stats import (
+    data_fingerprint,
+    neighbor_counter,
+    resolve_sel,
+    sampled_energy_bias,
+    stat_buffers,
+    stat_frames,
+    stat_samples,
+)
+from lamflow.model.training.trainer import Task, Trainer, TrainResult, seed_everything, set_threads, stat_file
 
 BRANCH_TAGS = frozenset(DESCRIPTOR_TAGS) | {"ener", "denoise"}  # left out of error locations
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
