@@ -14,7 +14,8 @@ from test_render import GPU_SELECTOR, GPU_TOLERATION, IMAGE_CPU, IMAGE_GPU, sche
 from test_trainjob import tasks_of
 
 from lamflow.model.io.checkpoint import load_model
-from lamflow.ops.common import launcher_for, stage_dataset
+from lamflow.ops.common import stage_dataset
+from lamflow.ops.training import launcher_for
 
 STUDENT = {"model": {"descriptor": {"rcut": 4.0, "rcut_smth": 0.5, "sel": [8, 4], "neuron": [4, 8], "axis_neuron": 2,
                                     "seed": 2},
@@ -63,7 +64,7 @@ def read_min_nbor(path):
 
 
 def test_distill_with_two_gpus_renders_torchrun_ranks_and_gpu_limits(tmp_path):
-    from lamflow.ops.torchrun import torchrun_command
+    from lamflow.ops.training import torchrun_command
     from lamflow.workflows.render import render_manifest
     from lamflow.workflows.spec import load_spec
 
