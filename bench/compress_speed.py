@@ -31,11 +31,10 @@ STUDENT = {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": "auto", "neu
 
 
 def student(system, precision: str):
-    from lamflow.model.nn.config import ModelConfig
     from lamflow.model.data.batch import DataSet
+    from lamflow.model.nn.config import ModelConfig
     from lamflow.model.nn.potential import EnergyModel
-    from lamflow.model.training.stats import fit_statistics
-    from lamflow.model.training.stats import resolve_sel
+    from lamflow.model.training.stats import fit_statistics, resolve_sel
 
     cfg = ModelConfig(type_map=["C", "H"], descriptor={**STUDENT, "precision": precision},
                       fitting_net={"neuron": [32, 32], "seed": 1, "precision": precision})
@@ -75,13 +74,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from lamflow.model.io.checkpoint import load_model
-    from lamflow.model.tasks.compress import compress_model
-    from lamflow.model.data.systems import System, load_systems
     from lamflow.model.data.batch import collate, min_neighbor_distance
+    from lamflow.model.data.systems import System, load_systems
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.nn.infer import _graph, evaluate
-    from lamflow.model.tasks.lambench import grow
     from lamflow.model.nn.potential import predict
+    from lamflow.model.tasks.compress import compress_model
+    from lamflow.model.tasks.lambench import grow
 
     s = load_systems(str(CH4), ["C", "H"])[0]
     dmin = min_neighbor_distance([s], 4.0)

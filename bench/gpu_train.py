@@ -89,8 +89,8 @@ def deepmd_config(cfg: dict) -> dict:
 
 
 def validate_ours(cfg: dict, path: Path) -> None:
-    from lamflow.model.training.config import TrainConfig
     from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import TrainConfig
 
     parse_config(TrainConfig, cfg, str(path))
 
@@ -102,8 +102,8 @@ def _ours(cfg_path: str, out: str) -> None:
     """Subprocess body (lamflow's python): train, then print the peak GPU memory."""
     import torch
 
-    from lamflow.model.training.config import TrainConfig, read_yaml
     from lamflow.model.schema import parse_config
+    from lamflow.model.training.config import TrainConfig, read_yaml
     from lamflow.model.training.trainer import train
 
     torch.cuda.reset_peak_memory_stats()
@@ -125,7 +125,7 @@ print(%r + json.dumps({"peak_alloc": torch.cuda.max_memory_allocated(), "peak_re
 
 
 def last_json(text: str) -> dict | None:
-    lines = [l for l in text.splitlines() if l.startswith(PEAK)]
+    lines = [ln for ln in text.splitlines() if ln.startswith(PEAK)]
     return json.loads(lines[-1][len(PEAK):]) if lines else None
 
 

@@ -185,8 +185,8 @@ def student_model(paths: dict | None, workdir: Path, steps: int, log_fn=log):
 def teacher_model(stat_systems):
     import torch
 
-    from lamflow.model.nn.config import ModelConfig
     from lamflow.model.data.batch import DataSet
+    from lamflow.model.nn.config import ModelConfig
     from lamflow.model.nn.potential import EnergyModel
     from lamflow.model.training.stats import fit_statistics
 
@@ -206,10 +206,10 @@ def best_time(fn, reps: int) -> float:
 
 def breakdown(model, coord, box, atype, reps: int) -> dict:
     """Best times (s) of the parts of one `evaluate` call: neighbour list, batching, model (forward + backward)."""
-    from lamflow.model.data.systems import System
     from lamflow.model.data.batch import collate
-    from lamflow.model.nn.infer import evaluate
     from lamflow.model.data.neighbor import build_graph
+    from lamflow.model.data.systems import System
+    from lamflow.model.nn.infer import evaluate
     from lamflow.model.nn.potential import predict
 
     reqs = model.nlist_requests()
@@ -247,7 +247,10 @@ def nn_time(model, batch, reps: int) -> float:
     D = D.detach().requires_grad_(True)
 
     def embed():  # gradients w.r.t. the inputs only, as for forces
-        T = desc.features(R, atype_ext, batch.nlists) if tabulated else R.transpose(-1, -2) @ desc.embed(R[..., 0], nlist >= 0, atype)
+        if tabulated:
+            T = desc.features(R, atype_ext, batch.nlists)
+        else:
+            T = R.transpose(-1, -2) @ desc.embed(R[..., 0], nlist >= 0, atype)
         torch.autograd.grad(T.sum(), R)
 
     def fit():
@@ -280,10 +283,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lamflow.model.tasks.compress import compress_model
-    from lamflow.model.data.systems import load_systems
     from lamflow.model.data.batch import min_neighbor_distance
+    from lamflow.model.data.systems import load_systems
     from lamflow.model.nn.infer import evaluate
+    from lamflow.model.tasks.compress import compress_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     res: dict = {"threads": args.threads, "rounds": args.rounds, "loadavg_start": os.getloadavg(),
@@ -323,7 +326,8 @@ def main(argv=None) -> int:
     dp = None
     dp_names = []
     if dp_paths:
-        dp = DeepmdWorker(dpy, [dp_paths["frozen.pth"], dp_paths["compressed.pth"]], args.threads, args.workdir / "deepmd_worker.log")
+        dp = DeepmdWorker(dpy, [dp_paths["frozen.pth"], dp_paths["compressed.pth"]], args.threads,
+                          args.workdir / "deepmd_worker.log")
         dp_names = ["dp frozen (se_e2_a)", "dp compressed"]
 
     # cross-check: the same function on both sides (when the weights were imported)
@@ -333,7 +337,8 @@ def main(argv=None) -> int:
         for i, name in enumerate(dp_names):
             r = dp.time(i, sysfiles[n], 1)
             checks[f"{n}: |E_lamflow - E_{name}| per atom"] = abs(ours["student (se_e2_a)"]["energy"][0] - r["energy"]) / n
-            checks[f"{n}: max |F_lamflow - F_{name}| (4 atoms)"] = float(np.abs(ours["student (se_e2_a)"]["force"][0][:4] - np.array(r["force"])).max())
+            dF = ours["student (se_e2_a)"]["force"][0][:4] - np.array(r["force"])
+            checks[f"{n}: max |F_lamflow - F_{name}| (4 atoms)"] = float(np.abs(dF).max())
     res["cross_checks"] = checks
 
     # alternating rounds
@@ -392,7 +397,8 @@ def report(res, systems, models, dp_names, best, rounds) -> None:
     print()
     for n in systems:
         c = best[("compressed student", n)]
-        parts = [f"vs student {best[('student (se_e2_a)', n)] / c:.2f}x", f"vs teacher {best[('teacher (se_atten)', n)] / c:.1f}x"]
+        parts = [f"vs student {best[('student (se_e2_a)', n)] / c:.2f}x",
+                 f"vs teacher {best[('teacher (se_atten)', n)] / c:.1f}x"]
         for name in dp_names:
             parts.append(f"vs {name} {best[(name, n)] / c:.2f}x")
         if dp_names:

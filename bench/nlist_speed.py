@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lamflow.model.data.systems import load_system
-from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.data.batch_neighbors import batch_graph_reference, batch_graph_torch
+from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.data.systems import load_system
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LAMFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))

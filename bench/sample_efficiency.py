@@ -22,13 +22,19 @@ sys.path.insert(0, str(REPO / "tests"))  # the test helpers hold the data subset
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from conftest import data_path  # noqa: E402
-from multitask_helpers import (PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, multitask_config, pretrain_data,  # noqa: E402
-                               write_subset, write_yaml)
+from multitask_helpers import (  # noqa: E402
+    PRETRAIN_DESCRIPTOR,
+    PRETRAIN_FITTING,
+    multitask_config,
+    pretrain_data,
+    write_subset,
+    write_yaml,
+)
 
-from lamflow.model.training.config import load_train_config # noqa: E402
-from lamflow.model.training.finetune import finetune # noqa: E402
-from lamflow.model.training.multitask import load_multitask_config, train_multitask # noqa: E402
-from lamflow.model.training.trainer import train # noqa: E402
+from lamflow.model.training.config import load_train_config  # noqa: E402
+from lamflow.model.training.finetune import finetune  # noqa: E402
+from lamflow.model.training.multitask import load_multitask_config, train_multitask  # noqa: E402
+from lamflow.model.training.trainer import train  # noqa: E402
 
 QUIET = lambda *a: None  # noqa: E731
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -41,7 +42,8 @@ def water(descriptor: dict, steps: int) -> dict:
         "learning_rate": {"type": "exp", "decay_steps": max(1, steps // 10), "start_lr": 1e-3, "stop_lr": 1e-5},
         "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1,
                  "start_pref_v": 0, "limit_pref_v": 0},
-        "training": {"training_data": {"systems": [str(DATA / "water_h2o/train" / f"data_{i}") for i in range(3)], "batch_size": 1},
+        "training": {"training_data": {"systems": [str(DATA / "water_h2o/train" / f"data_{i}") for i in range(3)],
+                                       "batch_size": 1},
                      "validation_data": {"systems": [str(DATA / "water_h2o/valid")], "batch_size": 1, "numb_btch": 1},
                      "numb_steps": steps, "seed": 10, "disp_freq": max(1, steps // 5), "save_freq": steps},
     }
@@ -65,7 +67,8 @@ SE_ATTEN_CH4 = {"type": "se_atten", "sel": 8, "rcut_smth": 0.5, "rcut": 6.0, "ne
                 "axis_neuron": 4, "attn": 32, "attn_layer": 1, "attn_dotr": True, "attn_mask": False, "tebd_dim": 8,
                 "tebd_input_mode": "concat", "type_one_side": False, "smooth_type_embedding": True,
                 "precision": "float64", "seed": 1}
-# the small DPA-2 of templates/dpa2-small.yaml with explicit sel (deepmd-kit needs them and repinit nsel > repformer nsel); CH4 has <= 4 neighbours
+# the small DPA-2 of templates/dpa2-small.yaml with explicit sel (deepmd-kit needs them and repinit nsel > repformer
+# nsel); CH4 has <= 4 neighbours
 DPA2_CH4 = {"type": "dpa2", "precision": "float64", "smooth": True, "concat_output_tebd": True,
             "add_tebd_to_repinit_out": False, "seed": 1,
             "repinit": {"rcut": 6.0, "rcut_smth": 0.5, "nsel": 12, "neuron": [6, 12, 24], "axis_neuron": 4, "tebd_dim": 8,
@@ -138,7 +141,7 @@ def run_deepmd(dpy: str, cfg: dict, work: Path, threads: int, init: Path) -> dic
            "--test-systems", *d["training"]["validation_data"]["systems"], "--threads", str(threads),
            "--init-model", str(init)]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not line:
         return {"error": (out.stderr or out.stdout)[-2000:]}
     return json.loads(line[-1])
@@ -200,7 +203,8 @@ def main() -> None:
             res = {}
             for side in order:
                 w = work / case / f"{side}-{r}"
-                res[side] = run_ours(cfg, w, args.threads, init) if side == "ours" else run_deepmd(dpy, cfg, w, args.threads, init)
+                run = run_ours if side == "ours" else functools.partial(run_deepmd, dpy)
+                res[side] = run(cfg, w, args.threads, init)
             results.append({"case": case, "repeat": r, **res})
             print_row(case, r, res["ours"], res["deepmd"])
     if args.json:

@@ -57,19 +57,44 @@ def union_tags(cls: type[BaseModel]) -> frozenset[str]:
     return frozenset(tags)
 
 
-def format_validation_error(source: str, err: ValidationError, tags: frozenset[str] | set[str] = frozenset()) -> str:
-    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`;
-    `tags` (union_tags of the config class) are left out of the key path."""
+# members of plain (not discriminated) unions, which pydantic also names in an error's location
+UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "list[str]", "list[int]", "list[float]"})
+
+
+def error_lines(source: str, err: ValidationError, prefix: str = "", *, tags: frozenset[str] | set[str] = frozenset(),
+                pipeline: bool = False) -> list[str]:
+    """pydantic errors -> one line each, `source: key.path[i]: message`: the one formatter of
+    lamflow's config errors (training and multi-task configs, checkpoints' configs, pipeline specs).
+    `tags` (union_tags of the config class, DESCRIPTOR_TAGS) and union members are left out of the
+    key path; `prefix` goes in front of it. `pipeline`: a pipeline spec, whose validators' messages
+    are lines of their own ("stages.x: ...", several per error), without pydantic's "Value error, "."""
+    skip = UNION_MEMBERS | set(tags)
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in tags))
+        path = prefix
+        for p in e["loc"]:
+            if isinstance(p, int):
+                path += f"[{p}]"
+            elif p in skip or str(p).startswith(("function-", "tagged-union")):
+                continue
+            else:
+                path += ("." if path else "") + str(p)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown type {e.get('input', {}).get('type') if isinstance(e.get('input'), dict) else e.get('input')!r}"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
+            msg = f"unknown type {e['ctx']['tag']!r} (expected {e['ctx']['expected_tags']})"
+        elif pipeline and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        for part in msg.split("\n") if pipeline else [msg]:
+            own_path = pipeline and path == prefix and ":" in part and e["type"] == "value_error"
+            lines.append(f"{source}: {part}" if own_path else f"{source}: {path or '(top level)'}: {part}")
+    return list(dict.fromkeys(lines))
+
+
+def format_validation_error(source: str, err: ValidationError, tags: frozenset[str] | set[str] = frozenset()) -> str:
+    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`."""
+    return "\n".join(error_lines(source, err, tags=tags))
 
 
 def parse_config(cls: type[BaseModel], raw: Any, source: str):

@@ -5,7 +5,7 @@ valid split).
 
 With `nproc > 1` (resources.gpus: N) the exploration and labelling stay in this process (teacher
 MD is cheap next to training), and only the student's training runs data-parallel under
-`torchrun --standalone --nproc_per_node N` (ops/torchrun.py, the same launcher and DDP code as
+`torchrun --standalone --nproc_per_node N` (ops/training.py, the same launcher and DDP code as
 pretrain / finetune): one global batch of N x the student's batch_size; then the report
 continues here on the trained student."""
 

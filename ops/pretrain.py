@@ -19,8 +19,18 @@ from typing import List
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
 from .checkpoint_store import StoreConfig
-from .common import (copy_outputs, dataset_fmt, pick_root, set_threads, split_paths, trace, train_config_dict, training_dir,
-                     user_errors_are_fatal, write_json)
+from .common import (
+    copy_outputs,
+    dataset_fmt,
+    pick_root,
+    set_threads,
+    split_paths,
+    trace,
+    train_config_dict,
+    training_dir,
+    user_errors_are_fatal,
+    write_json,
+)
 from .training import launcher_for, run_training
 
 OUTPUT_FILES = ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"]
@@ -52,41 +62,6 @@ def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *
     return summary
 
 
-def multitask_config_dict(config: dict, heads: dict[str, dict], type_map: list[str], threads: int = 0) -> dict:
-    """The stage's single-model settings -> deepmd-kit's multi-task layout: one shared descriptor
-    (`model.descriptor`), one energy branch per dataset with `model.fitting_net`, the same loss
-    for every branch, and `training` with a data_dict. `model.model_prob` is not a key here:
-    `training.model_prob` (optional) weights the branches. `config["denoise"]` (head -> {loss,
-    fitting_net}) makes those heads denoise branches (task denoise, loss type denoise)."""
-    model = dict(config.get("model") or {})
-    tr = {k: v for k, v in (config.get("training") or {}).items() if k not in ("training_data", "validation_data")}
-    td = (config.get("training") or {}).get("training_data") or {}
-    vd = (config.get("training") or {}).get("validation_data") or {}
-    data_dict = {}
-    for name, h in heads.items():
-        d = {"training_data": {**td, "systems": h["train"], "fmt": h["fmt"]}}
-        if h["valid"]:
-            d["validation_data"] = {**vd, "systems": h["valid"], "fmt": h["fmt"]}
-        data_dict[name] = d
-    if threads and "num_threads" not in tr:
-        tr["num_threads"] = int(threads)
-    extra = {k: model[k] for k in ("data_stat_nbatch", "data_stat_protect") if k in model}
-    model_dict = {name: {"type_map": "type_map_all", "descriptor": "descriptor", "fitting_net": model.get("fitting_net", {})}
-                  for name in heads}
-    loss_dict = {name: config.get("loss") or {} for name in heads}
-    for name, dn in (config.get("denoise") or {}).items():
-        model_dict[name] = {"task": "denoise", "type_map": "type_map_all", "descriptor": "descriptor",
-                            "fitting_net": dn.get("fitting_net") or {}}
-        loss_dict[name] = {"type": "denoise", **(dn.get("loss") or {})}
-    return {
-        "model": {"shared_dict": {"type_map_all": list(model.get("type_map") or type_map), "descriptor": model.get("descriptor", {})},
-                  "model_dict": model_dict, **extra},
-        "learning_rate": config.get("learning_rate") or {},
-        "loss_dict": loss_dict,
-        "training": {**tr, "data_dict": data_dict},
-    }
-
-
 def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, work: Path, *, type_map, cleaned, store,
                    launcher, threads, log) -> dict:
     heads = {}
@@ -96,7 +71,9 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
                        "fmt": dataset_fmt(root, name)}
         if name in (config.get("denoise") or {}):
             heads[name] = _structures(heads[name])
-    cfg = multitask_config_dict(config, heads, type_map, threads)
+    from lamflow.model.training.multitask import multitask_layout  # torch: not at import (render builds OPs)
+
+    cfg = multitask_layout(config, heads, type_map, threads)
     metrics = run_training("multitask", cfg, work, source="stages.pretrain", store=store, launcher=launcher, log=log)
     copy_outputs(work, out, OUTPUT_FILES)
     energy_heads = {h: p for h, p in heads.items() if h not in (config.get("denoise") or {})}

@@ -192,7 +192,7 @@ class Test(OP):
     @classmethod
     def get_output_sign(cls):
         return OPIOSign({
-            "report": Artifact(Path),                       # folder: metrics.json, baseline.json, parity.png, zero_shot/, summary.json
+            "report": Artifact(Path),                       # metrics.json, baseline.json, parity.png, zero_shot/, summary.json
             "summary": Parameter(dict),                     # RMSEs, baseline ratios (and zero-shot), stability, efficiency
         })
 

@@ -66,7 +66,8 @@ class PotentialContract:
                 cp, cm = coord.copy(), coord.copy()
                 cp[i, a] += h
                 cm[i, a] -= h
-                fd = -(self.energy(model, cp, box, atype)["energy"][0] - self.energy(model, cm, box, atype)["energy"][0]) / (2 * h)
+                e_plus, e_minus = self.energy(model, cp, box, atype)["energy"][0], self.energy(model, cm, box, atype)["energy"][0]
+                fd = -(e_plus - e_minus) / (2 * h)
                 assert abs(fd - ref["force"][0][i, a]) < 1e-6, (i, a, fd, ref["force"][0][i, a])
         # virial W_ab = -dE/d(eps_ab) under r -> r (1 + eps)^T, box likewise
         W = np.zeros((3, 3))

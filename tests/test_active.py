@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.tasks.active import active_learning, force_deviation, frame_force_errors, select_worst
-from lamflow.model.io.checkpoint import load_model
-from lamflow.model.tasks.active import ActiveConfig
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.io.checkpoint import load_model
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.tasks.active import ActiveConfig, active_learning, force_deviation, frame_force_errors, select_worst
 
 MODEL = {"type_map": ["H", "C"],
          "descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": [4, 1], "neuron": [4, 8],
@@ -85,7 +84,7 @@ def test_active_learning_needs_a_model_or_a_pretrained_one(ch4_40, tmp_path):
     with pytest.raises(ConfigError, match="active.model: needed"):
         active_learning(ch4_40, tmp_path / "x", config(model=None))
     with pytest.raises(ConfigError, match=r"ratio_selected: Value error, every ratio must be in \(0, 1\]"):
-        from lamflow.model.tasks.clean import CleanConfig
         from lamflow.model.schema import parse_config
+        from lamflow.model.tasks.clean import CleanConfig
 
         parse_config(CleanConfig, {"active": {"ratio_selected": [0.5, 2]}}, "clean.yaml")

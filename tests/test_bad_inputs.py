@@ -708,9 +708,9 @@ def test_train_warns_once_per_dataset_and_goes_on(tmp_path, capsys):
 
 
 def test_test_stage_warns_once_and_refuses_nan_errors(tmp_path, capsys):
+    from lamflow.model.errors import DataError
     from lamflow.model.io.checkpoint import read_checkpoint
     from lamflow.model.io.payload import save_model
-    from lamflow.model.errors import DataError
     from lamflow.model.nn.potential import EnergyModel
     from lamflow.ops.common import stage_dataset
     from lamflow.ops.test import run_test

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.tasks.baseline import baseline_errors, fit_baseline
+from lamflow.model.data.systems import System, load_systems
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.data.systems import System, load_systems
-from lamflow.model.tasks.lambench import grow, stability
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.tasks.baseline import baseline_errors, fit_baseline
+from lamflow.model.tasks.lambench import grow, stability
 from lamflow.model.tasks.report import NOT_BETTER, verdicts
 from lamflow.ops.common import stage_dataset
 

@@ -4,9 +4,9 @@ N_H = 2 N_O in every frame) come with a warning; data that determine them do not
 import numpy as np
 from conftest import data_path
 
+from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.bias_check import underdetermined_bias
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.data.systems import System, load_systems
 from lamflow.model.training.trainer import train
 
 TM = ["H", "C", "O"]

@@ -10,13 +10,13 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from conftest import data_path
 
-from lamflow.model.tasks.calculator import LamflowCalculator
-from lamflow.model.tasks.compress import compress
-from lamflow.model.training.config import TrainConfig
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import DataError
 from lamflow.model.nn.infer import evaluate
+from lamflow.model.tasks.calculator import LamflowCalculator
+from lamflow.model.tasks.compress import compress
 from lamflow.model.tasks.md import read_structure, run_md
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
@@ -106,7 +106,8 @@ def test_nve_md_conserves_energy_with_a_trained_model(ch4_model, tmp_path, compr
     atoms = read_structure(CH4 / "valid", frame=0)
     res = run_md(atoms, LamflowCalculator(model), ensemble="nve", temperature=300, steps=400, timestep=0.2, interval=100,
                  seed=1, summary=tmp_path / "nve.json", log=lambda *a: None)
-    print(f"NVE drift {res.energy_drift_eV_per_atom_per_ps:.2e} eV/atom/ps, max dev {res.max_energy_deviation_eV_per_atom:.2e} eV/atom")
+    print(f"NVE drift {res.energy_drift_eV_per_atom_per_ps:.2e} eV/atom/ps, "
+          f"max dev {res.max_energy_deviation_eV_per_atom:.2e} eV/atom")
     assert len(res.total_energy) == 401 and res.mean_temperature_K > 50
     assert abs(res.energy_drift_eV_per_atom_per_ps) < 1e-3
     assert res.max_energy_deviation_eV_per_atom < 2e-5
@@ -129,7 +130,8 @@ def test_md_cli_nvt_writes_extxyz_trajectory_and_summary(ch4_model, tmp_path, ca
     summary = json.loads(traj.with_suffix(".json").read_text())
     assert summary["steps"] == 30 and summary["ensemble"] == "nvt" and "energy_drift_eV_per_atom_per_ps" in summary
     assert summary["status"] == "completed" and summary["steps_done"] == 30 and summary["stopped_at_step"] is None
-    assert 0.9 < summary["min_distance_seen_A"] < 1.3 and summary["max_temperature_seen_K"] < summary["limits"]["max_temperature_K"]
+    assert 0.9 < summary["min_distance_seen_A"] < 1.3
+    assert summary["max_temperature_seen_K"] < summary["limits"]["max_temperature_K"]
     assert not list(traj.parent.glob("*.part"))
 
 
@@ -139,5 +141,6 @@ def test_md_cli_bad_structure_is_one_line(tmp_path, ch4_model, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lamflow md: error: ") and "frame 99 out of range (it has 60 frames)" in err
     (tmp_path / "mol.xyz").write_text("2\n\nC 0 0 0\nSi 0 0 1.8\n")
-    assert main(["md", "-m", str(ch4_model), "-s", str(tmp_path / "mol.xyz"), "--steps", "1", "--traj", str(tmp_path / "x.extxyz")]) == 1
+    assert main(["md", "-m", str(ch4_model), "-s", str(tmp_path / "mol.xyz"), "--steps", "1", "--traj",
+                 str(tmp_path / "x.extxyz")]) == 1
     assert "element(s) Si not in the model type map" in capsys.readouterr().err

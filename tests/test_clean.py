@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.io.payload import save_model
-from lamflow.model.tasks.clean import CleanConfig, clean
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError, DataError
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.tasks.clean import CleanConfig, clean
 from lamflow.workflows.cli import main
 
 QUIET = dict(log=lambda *a: None)

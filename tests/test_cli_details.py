@@ -12,8 +12,8 @@ from conftest import REPO, data_path
 
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.training.multitask import EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.training.multitask import EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.ops.test import summary_table
 from lamflow.workflows.cli import build_parser, main
 
@@ -85,7 +85,8 @@ def test_template_comment_commands_parse_and_name_existing_inputs(template):
         for key in ("config", "spec", "pipeline"):
             value = getattr(args, key, None)
             if value is not None:
-                assert (REPO / value).is_file(), f"{template}: `lamflow {' '.join(argv)}`: {value} does not exist from the repo root"
+                assert (REPO / value).is_file(), \
+                    f"{template}: `lamflow {' '.join(argv)}`: {value} does not exist from the repo root"
     if template == "multitask-pretrain.yaml":
         assert [a[0] for a in cmds] == ["train", "train", "inspect", "train"]
         assert (REPO / cmds[-1][1]).is_file()

@@ -10,23 +10,28 @@ import warnings
 
 import numpy as np
 import pytest
+import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
 import torch
 from conftest import data_path
 from physics import PotentialContract
 
-import test_descriptors as td  # its models, compressed (a module import, so pytest does not collect its classes twice)
-
-from lamflow.model.io.checkpoint import load_model, read_checkpoint
-from lamflow.model.io.payload import save_model
-from lamflow.model.tasks.compress import (CompressedModel, TabulatedSeE2A, compress, compress_model,
-    hermite_coefficients, net_derivatives)
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.batch import DataSet, collate
+from lamflow.model.data.neighbor import build_graph
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.infer import evaluate
-from lamflow.model.data.neighbor import build_graph
 from lamflow.model.nn.potential import EnergyModel, extended_inputs
+from lamflow.model.tasks.compress import (
+    CompressedModel,
+    TabulatedSeE2A,
+    compress,
+    compress_model,
+    hermite_coefficients,
+    net_derivatives,
+)
 from lamflow.model.training.stats import fit_statistics
 from lamflow.workflows.cli import main
 
@@ -65,15 +70,15 @@ def test_hermite_quintic_matches_value_slope_curvature_at_both_knots():
     x = torch.tensor([0.3, 0.31, 0.41], dtype=torch.float64)
     y, dy, d2y = net_derivatives(net, x)
     c = hermite_coefficients(x, y, dy, d2y)  # [2, 6, 3]
-    for l in range(2):
-        D = x[l + 1] - x[l]
-        p = sum(c[l, k] * D**k for k in range(6))
-        dp = sum(k * c[l, k] * D ** (k - 1) for k in range(1, 6))
-        d2p = sum(k * (k - 1) * c[l, k] * D ** (k - 2) for k in range(2, 6))
-        torch.testing.assert_close(c[l, 0], y[l], rtol=0, atol=1e-15)
-        torch.testing.assert_close(p, y[l + 1], rtol=0, atol=1e-12)
-        torch.testing.assert_close(dp, dy[l + 1], rtol=0, atol=1e-10)
-        torch.testing.assert_close(d2p, d2y[l + 1], rtol=0, atol=1e-8)
+    for i in range(2):
+        D = x[i + 1] - x[i]
+        p = sum(c[i, k] * D**k for k in range(6))
+        dp = sum(k * c[i, k] * D ** (k - 1) for k in range(1, 6))
+        d2p = sum(k * (k - 1) * c[i, k] * D ** (k - 2) for k in range(2, 6))
+        torch.testing.assert_close(c[i, 0], y[i], rtol=0, atol=1e-15)
+        torch.testing.assert_close(p, y[i + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(dp, dy[i + 1], rtol=0, atol=1e-10)
+        torch.testing.assert_close(d2p, d2y[i + 1], rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize("one_side", [True, False])
@@ -205,7 +210,8 @@ def test_compress_cli_options_and_one_line_errors(tmp_path, water_model, capsys)
     # only single se_e2_a energy models compress
     assert main(["compress", "-i", str(out.with_name("c.ckpt")), "-o", str(tmp_path / "d.ckpt")]) == 1
     assert "a 'compressed' model" in capsys.readouterr().err
-    atten = EnergyModel(ModelConfig(type_map=["O", "H"], descriptor={"type": "se_atten", "sel": 20, "neuron": [4], "axis_neuron": 2,
+    atten = EnergyModel(ModelConfig(type_map=["O", "H"],
+                                    descriptor={"type": "se_atten", "sel": 20, "neuron": [4], "axis_neuron": 2,
                                                                       "attn_layer": 0}))
     save_model(atten, tmp_path / "atten.ckpt")
     assert main(["compress", "-i", str(tmp_path / "atten.ckpt"), "-o", str(out), "--min-nbor-dist", "1"]) == 1

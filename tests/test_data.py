@@ -9,9 +9,9 @@ import torch
 from conftest import data_path
 
 from lamflow.model.data.batch import DataSet, max_neighbor_counts
+from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import DataError
-from lamflow.model.data.neighbor import NlistRequest
 
 
 def copy_system(tmp_path: Path, *parts) -> Path:
@@ -113,10 +113,11 @@ def test_sel_too_small_is_a_clear_error_when_the_batch_is_made():
 
 
 def test_batches_mix_systems_of_different_sizes():
+    from test_descriptors import TestSeAtten
+
     from lamflow.model.data.batch import collate, frame_graph, make_batch, pad_frames
     from lamflow.model.nn.infer import evaluate
     from lamflow.model.nn.potential import predict
-    from test_descriptors import TestSeAtten
 
     t = TestSeAtten()
     model = t.make_model()

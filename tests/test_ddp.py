@@ -13,13 +13,13 @@ import torch
 from conftest import data_path
 from multitask_helpers import write_subset, write_yaml  # noqa: F401
 
+from lamflow.model.data.batch import DataSet
+from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.data.systems import load_systems
 from lamflow.model.io.checkpoint import load_model
 from lamflow.model.training.config import load_train_config
-from lamflow.model.data.batch import DataSet
-from lamflow.model.data.systems import load_systems
 from lamflow.model.training.distributed import ShardedDataSet
 from lamflow.model.training.multitask import load_multitask_config, train_multitask
-from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.training.trainer import train
 
 DESCRIPTOR = {"type": "se_atten", "rcut": 3.0, "rcut_smth": 0.5, "sel": 8, "neuron": [4, 8], "axis_neuron": 2,

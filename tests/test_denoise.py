@@ -11,14 +11,22 @@ from conftest import data_path
 from multitask_helpers import write_subset, write_yaml  # noqa: F401
 from physics import random_rotation
 
-from lamflow.model.data.systems import System, load_systems
 from lamflow.model.data.batch import collate
-from lamflow.model.training.denoise import MASK, DenoiseLossConfig, corrupt
-from lamflow.model.errors import ConfigError
-from lamflow.model.training.multitask import (DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel,
-    MultiTaskModelConfig, load_branch, load_multitask_config, parse_multitask_config, train_multitask)
 from lamflow.model.data.neighbor import build_graph
+from lamflow.model.data.systems import System, load_systems
+from lamflow.model.errors import ConfigError
 from lamflow.model.nn.potential import extended_inputs
+from lamflow.model.training.denoise import MASK, DenoiseLossConfig, corrupt
+from lamflow.model.training.multitask import (
+    DenoiseHeadConfig,
+    EnergyHeadConfig,
+    MultiTaskModel,
+    MultiTaskModelConfig,
+    load_branch,
+    load_multitask_config,
+    parse_multitask_config,
+    train_multitask,
+)
 
 SE_ATTEN = {"type": "se_atten", "rcut": 3.5, "rcut_smth": 0.5, "sel": 60, "neuron": [4, 8], "axis_neuron": 4,
             "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1}
@@ -122,7 +130,8 @@ def denoise_run(tmp_path_factory):
             "tebd_dim": 8, "attn_layer": 0, "seed": 1}
     cfg = {
         "model": {"shared_dict": {"type_map_all": ["H", "C", "O"], "dpa1": desc},
-                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa1", "fitting_net": {"neuron": [16], "seed": 2}},
+                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa1",
+                                         "fitting_net": {"neuron": [16], "seed": 2}},
                                  "noise": {"task": "denoise", "type_map": "type_map_all", "descriptor": "dpa1",
                                            "fitting_net": {"neuron": [16], "seed": 3}}}},
         "learning_rate": {"start_lr": 0.01, "stop_lr": 0.0005, "decay_steps": 20},

@@ -76,10 +76,13 @@ class TestSeAttenV2Strip(PotentialContract):
 def test_se_atten_without_smoothing_is_discontinuous_at_rcut():
     """deepmd-kit's smooth_type_embedding=false masks attention: the energy jumps at rcut."""
     t = TestSeAtten()
-    cfg = ModelConfig(type_map=t.type_map, descriptor={"type": "se_atten", "rcut": 4.0, "sel": 40, "neuron": [4, 8], "axis_neuron": 2,
-                      "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1, "smooth_type_embedding": False}, fitting_net={"neuron": [8], "seed": 2})
+    cfg = ModelConfig(type_map=t.type_map,
+                      descriptor={"type": "se_atten", "rcut": 4.0, "sel": 40, "neuron": [4, 8], "axis_neuron": 2,
+                      "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1, "smooth_type_embedding": False},
+                      fitting_net={"neuron": [8], "seed": 2})
     model = _randomize_stats(EnergyModel(cfg))
     import numpy as np
+
     from lamflow.model.nn.infer import evaluate
     base = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [0.0, 3.999999, 0.0]])
     e_in = evaluate(model, base[None], None, np.array([0, 1, 2]))["energy"][0]
@@ -93,6 +96,7 @@ def test_se_e2_a_real_neighbour_embedding_equals_evaluating_every_slot(type_one_
     """The fast path (nets on real neighbours, one evaluation per empty-slot input) is exact."""
     import numpy as np
     from physics import chon_frame
+
     from lamflow.model.nn.descriptor.se_e2_a import SeE2A
     from lamflow.model.nn.infer import evaluate
 

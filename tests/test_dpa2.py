@@ -11,14 +11,14 @@ import yaml
 from conftest import REPO, data_path
 from physics import PotentialContract
 
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.training.config import TrainConfig
-from lamflow.model.schema import parse_config
-from lamflow.model.data.systems import load_systems
 from lamflow.model.data.batch import max_neighbor_counts
-from lamflow.model.nn.descriptor.base import EnvMatBlock
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor.base import EnvMatBlock
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.schema import parse_config
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import build_energy_model, train
 
 TEMPLATES = REPO / "templates"
@@ -35,7 +35,8 @@ def randomize_stats(model: EnergyModel, seed: int = 0) -> EnergyModel:
             m[..., 1:] = 0
             block.mean.copy_((0 * m if block.set_davg_zero else m).expand(block.mean.shape).to(block.mean))
             s = 0.5 + torch.rand(block.mean.shape[0], 1, 2, generator=g, dtype=torch.float64)
-            block.stddev.copy_(torch.cat([s[..., :1], s[..., 1:].expand(-1, -1, 3)], -1).expand(block.stddev.shape).to(block.stddev))
+            s = torch.cat([s[..., :1], s[..., 1:].expand(-1, -1, 3)], -1)
+            block.stddev.copy_(s.expand(block.stddev.shape).to(block.stddev))
         model.out_bias.copy_(torch.tensor([-3.0, -1.0, -7.0]).to(model.out_bias))
         for name, p in model.named_parameters():
             if "_residual." in name:
@@ -89,9 +90,9 @@ class TestDPA2(PotentialContract):
     def test_repformer_reads_ghost_features_through_mapping(self):
         """Ghost neighbours carry their local atom's g1: without the mapping the model refuses,
         and a wrong mapping changes the energy (the supercell test checks the right one)."""
-        from lamflow.model.data.systems import System
         from lamflow.model.data.batch import collate
         from lamflow.model.data.neighbor import build_graph
+        from lamflow.model.data.systems import System
         from lamflow.model.nn.potential import extended_inputs
 
         model = self.make_model(torch.float64)
@@ -137,8 +138,8 @@ def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():
     descriptor and gradient to round-off, with the weights renamed by from_deepmd_key."""
     import json
 
-    from lamflow.model.nn.descriptor_config import DPA2Config
     from lamflow.model.nn.descriptor.dpa2 import DPA2, from_deepmd_key
+    from lamflow.model.nn.descriptor_config import DPA2Config
 
     ref = np.load(DEEPMD_REFERENCE)
     cases = sorted({k.split("/")[0] for k in ref.files})

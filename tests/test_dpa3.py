@@ -15,15 +15,15 @@ from conftest import REPO, data_path
 from multitask_helpers import write_subset, write_yaml
 from physics import PotentialContract
 
-from lamflow.model.nn.descriptor_config import DPA3Config
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.training.config import TrainConfig
-from lamflow.model.schema import parse_config
-from lamflow.model.data.systems import load_systems
 from lamflow.model.data.batch import max_neighbor_counts
-from lamflow.model.nn.descriptor.dpa3 import DPA3, from_deepmd_key
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor.dpa3 import DPA3, from_deepmd_key
+from lamflow.model.nn.descriptor_config import DPA3Config
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.schema import parse_config
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import build_energy_model, train
 
 TEMPLATES = REPO / "templates"
@@ -238,7 +238,8 @@ def test_dpa3_multitask_energy_and_denoise_losses_fall(tmp_path):
     desc = small_template(["H", "C", "O"])["model"]["descriptor"]
     cfg = {
         "model": {"shared_dict": {"type_map_all": ["H", "C", "O"], "dpa3": desc},
-                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa3", "fitting_net": {"neuron": [16], "seed": 2}},
+                  "model_dict": {"ch4": {"type_map": ["H", "C"], "descriptor": "dpa3",
+                                         "fitting_net": {"neuron": [16], "seed": 2}},
                                  "noise": {"task": "denoise", "type_map": "type_map_all", "descriptor": "dpa3",
                                            "fitting_net": {"neuron": [16], "seed": 3}}}},
         "learning_rate": {"start_lr": 0.01, "stop_lr": 0.001, "decay_steps": 20},

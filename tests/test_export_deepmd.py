@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deepmd_helpers import load_frames, REPO, _env, deeppot_eval, ensure_deepmd_venv
+from deepmd_helpers import REPO, _env, deeppot_eval, ensure_deepmd_venv, load_frames
 
 from lamflow.model.io.checkpoint import load_model
-from lamflow.model.io.payload import save_model
-from lamflow.model.tasks.compress import compress
 from lamflow.model.io.deepmd_export import export_deepmd, export_payload
 from lamflow.model.io.deepmd_import import convert_state
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate
-from lamflow.model.training.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.tasks.compress import compress
+from lamflow.model.training.multitask import MultiTaskModel
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "C", "O"]

@@ -11,16 +11,16 @@ import yaml
 from conftest import data_path
 from multitask_helpers import PRETRAIN_DESCRIPTOR, PRETRAIN_FITTING, TYPE_MAP_ALL, pretrained, write_subset  # noqa: F401
 
-from lamflow.model.io.checkpoint import load_model
-from lamflow.model.io.payload import save_model
-from lamflow.model.training.config import load_train_config
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
-from lamflow.model.training.pretrained import change_bias, zero_shot
-from lamflow.model.training.finetune import finetune
+from lamflow.model.io.checkpoint import load_model
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.training.config import load_train_config
+from lamflow.model.training.finetune import finetune
 from lamflow.model.training.multitask import load_branch
-from lamflow.model.data.composition import energy_bias
+from lamflow.model.training.pretrained import change_bias, zero_shot
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
@@ -44,7 +44,8 @@ def ch4(tmp_path_factory):
 def ch4_config(tmp_path, ch4, steps=STEPS, type_map=("H", "C"), **training):
     """The same config for both runs: scratch trains this model section, fine-tuning checks it."""
     tr, va = ch4
-    cfg = {"model": {"type_map": list(type_map), "descriptor": PRETRAIN_DESCRIPTOR, "fitting_net": {**PRETRAIN_FITTING, "seed": 3}},
+    cfg = {"model": {"type_map": list(type_map), "descriptor": PRETRAIN_DESCRIPTOR,
+                     "fitting_net": {**PRETRAIN_FITTING, "seed": 3}},
            "learning_rate": {"start_lr": 0.003, "stop_lr": 0.00006, "decay_steps": max(1, steps // 10)},
            "training": {"training_data": {"systems": str(tr), "batch_size": 4},
                         "validation_data": {"systems": str(va), "batch_size": 60},
@@ -165,13 +166,16 @@ def water_si(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("water_si")
     sets = {"water": "water_h2o", "si": "si_pbe"}
-    data = {b: (write_subset(data_path(n, "train"), tmp / b / "train", 20, 8), write_subset(data_path(n, "valid"), tmp / b / "valid", 4, 10))
+    data = {b: (write_subset(data_path(n, "train"), tmp / b / "train", 20, 8),
+                write_subset(data_path(n, "valid"), tmp / b / "valid", 4, 10))
             for b, n in sets.items()}
     cfg = {"model": {"shared_dict": {"tm": ["O", "H", "Si"], "d": FT_DESCRIPTOR},
-                     "model_dict": {b: {"type_map": "tm", "descriptor": "d", "fitting_net": {"neuron": [16, 16], "seed": 2}} for b in sets}},
+                     "model_dict": {b: {"type_map": "tm", "descriptor": "d",
+                                        "fitting_net": {"neuron": [16, 16], "seed": 2}} for b in sets}},
            "learning_rate": {"start_lr": 0.01, "stop_lr": 0.001, "decay_steps": 20},
            "training": {"data_dict": {b: {"training_data": {"systems": str(tr), "batch_size": 1},
-                                          "validation_data": {"systems": str(va), "batch_size": 4}} for b, (tr, va) in data.items()},
+                                          "validation_data": {"systems": str(va), "batch_size": 4}}
+                                      for b, (tr, va) in data.items()},
                         "numb_steps": 150, "seed": 1, "disp_freq": 150, "save_freq": 150, "device": "cpu"}}
     res = train_multitask(load_multitask_config(write_yaml(cfg, tmp / "pre.yaml")), tmp / "pre", log=QUIET)
     mapbi3 = (write_subset(data_path("mapbi3_scan", "train"), tmp / "mapbi3" / "train", 30, 15),
@@ -181,7 +185,8 @@ def water_si(tmp_path_factory):
 
 def mapbi3_config(tmp_path, mapbi3, steps=100, descriptor=None):
     tr, va = mapbi3
-    cfg = {"model": {"type_map": NEW_MAP, "descriptor": descriptor or FT_DESCRIPTOR, "fitting_net": {"neuron": [16, 16], "seed": 2}},
+    cfg = {"model": {"type_map": NEW_MAP, "descriptor": descriptor or FT_DESCRIPTOR,
+                     "fitting_net": {"neuron": [16, 16], "seed": 2}},
            "learning_rate": {"start_lr": LR, "stop_lr": LR / 10, "decay_steps": 10},
            "training": {"training_data": {"systems": str(tr), "batch_size": 1},
                         "validation_data": {"systems": str(va), "batch_size": 10},
@@ -194,8 +199,8 @@ def mapbi3_config(tmp_path, mapbi3, steps=100, descriptor=None):
 def test_change_type_map_keeps_known_elements_and_gives_new_ones_data_statistics(water_si):
     """Re-indexing alone (no training) onto [I, Pb, C, N, H, O]: the water branch predicts water
     exactly as before; I, Pb, C, N get fresh embeddings, std from the MAPbI3 data and bias 0."""
-    from lamflow.model.training.finetune import change_type_map
     from lamflow.model.nn.potential import EnergyModel
+    from lamflow.model.training.finetune import change_type_map
 
     ckpt, water_valid, mapbi3 = water_si
     base = load_branch(ckpt, "water")
@@ -232,7 +237,8 @@ def test_se_e2_a_finetune_onto_new_elements_fails_naming_them(pre, tmp_path):
     sn = write_subset(data_path("mapbi3_scan", "valid"), tmp_path / "sn", 2, rename={"Pb": "Sn"})
     cfg = mapbi3_config(tmp_path, (sn, sn))
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"type_map": ["I", "Sn", "C", "N", "H"]})})
-    with pytest.raises(ConfigError, match=r"^model.type_map: element\(s\) Sn not in the type map of .*se_e2_a .*cannot add elements$"):
+    with pytest.raises(ConfigError,
+                       match=r"^model.type_map: element\(s\) Sn not in the type map of .*se_e2_a .*cannot add elements$"):
         finetune(cfg, pre, tmp_path / "o", branch="mapbi3", log=QUIET)
     assert not (tmp_path / "o" / "model.ckpt").exists()
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import data_path
-from deepmd_helpers import load_frames, DeepmdUnavailable, deeppot_eval, dp_train, ensure_deepmd_venv, train_input
+from deepmd_helpers import DeepmdUnavailable, deeppot_eval, dp_train, ensure_deepmd_venv, load_frames, train_input
 
+from lamflow.model.errors import CheckpointError
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.model.io.deepmd_import import branches, convert, import_deepmd, read_deepmd
-from lamflow.model.training.pretrained import read_model as load_any
-from lamflow.model.errors import CheckpointError
 from lamflow.model.nn.infer import evaluate
+from lamflow.model.training.pretrained import read_model as load_any
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "C", "O"]

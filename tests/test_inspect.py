@@ -4,18 +4,17 @@ descriptor without type embedding. Training records the elements of its data in 
 and coverage (inspect, clean) tells "trained on" from "in the type map"."""
 
 import pytest
-
 from conftest import data_path
 
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.tasks.clean import CleanConfig, clean
 from lamflow.model.tasks.compress import compress
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.denoise import MASK
 from lamflow.model.training.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
-from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 from lamflow.workflows.cli.tools.inspect import table_position
@@ -77,7 +76,8 @@ def test_training_records_trained_elements_and_coverage_tells_them_from_the_type
     inspect prints and draws, its compressed form keeps, and clean reports for water data."""
     cfg = TrainConfig.model_validate({
         "model": {"type_map": ["H", "C", "O"],
-                  "descriptor": {"type": "se_e2_a", "rcut": 4.0, "sel": [24, 4, 12], "neuron": [4, 8], "axis_neuron": 2, "seed": 1},
+                  "descriptor": {"type": "se_e2_a", "rcut": 4.0, "sel": [24, 4, 12], "neuron": [4, 8], "axis_neuron": 2,
+                                 "seed": 1},
                   "fitting_net": {"neuron": [8], "seed": 1}},
         "learning_rate": {"start_lr": 0.005, "stop_lr": 1e-4, "decay_steps": 5},
         "training": {"training_data": {"systems": str(data_path("ch4_pbe", "valid")), "batch_size": 4}, "numb_steps": 2,
@@ -103,7 +103,8 @@ def test_training_records_trained_elements_and_coverage_tells_them_from_the_type
                 pretrained=str(ckpt), log=lambda *a: None)
     c = res.report["coverage"]
     assert c["uncovered"] == [] and c["trained_elements"] == ["H", "C"] and c["untrained"] == ["O"]
-    assert "Element(s) O are in the pretrained type map but not in its training data" in (tmp_path / "clean" / "report.md").read_text()
+    report = (tmp_path / "clean" / "report.md").read_text()
+    assert "Element(s) O are in the pretrained type map but not in its training data" in report
 
 
 def test_multitask_training_records_the_elements_of_each_branch(tmp_path, capsys):

@@ -20,8 +20,16 @@ import numpy as np
 import pytest
 from conftest import data_path
 
-from lamflow.model.io.lammps import (find_lammps, lammps_cell, metal_velocity_to_ase, read_thermo, run_md_lammps,
-    structure_from_atoms, write_data, write_input)
+from lamflow.model.io.lammps import (
+    find_lammps,
+    lammps_cell,
+    metal_velocity_to_ase,
+    read_thermo,
+    run_md_lammps,
+    structure_from_atoms,
+    write_data,
+    write_input,
+)
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "O"]
@@ -127,8 +135,8 @@ def test_lammps_first_step_and_nve_follow_lamflow(lammps, trained, tmp_path):
     atoms = water_atoms()
     run = run_md_lammps(trained, atoms, tmp_path / "lmp", env=lammps, ensemble="nve", steps=200, timestep_fs=0.5,
                         interval=50)
-    from lamflow.model.nn.infer import evaluate
     from lamflow.model.io.checkpoint import load_model
+    from lamflow.model.nn.infer import evaluate
 
     ref = evaluate(load_model(trained), atoms.get_positions()[None], atoms.cell.array[None],
                    np.array([TYPE_MAP.index(s) for s in atoms.get_chemical_symbols()]))
@@ -152,8 +160,8 @@ def test_lammps_first_step_and_nve_follow_lamflow(lammps, trained, tmp_path):
 @pytest.mark.lammps
 def test_two_mpi_ranks_give_the_energies_of_one(lammps, trained, tmp_path):
     atoms = water_atoms()
-    one = run_md_lammps(trained, atoms, tmp_path / "one", env=lammps, ensemble="nve", steps=20, interval=10)
-    two = run_md_lammps(trained, atoms, tmp_path / "two", env=lammps, ensemble="nve", steps=20, interval=10, nprocs=2)
+    run_md_lammps(trained, atoms, tmp_path / "one", env=lammps, ensemble="nve", steps=20, interval=10)
+    run_md_lammps(trained, atoms, tmp_path / "two", env=lammps, ensemble="nve", steps=20, interval=10, nprocs=2)
     assert "2 by 1 by 1 MPI processor grid" in (tmp_path / "two" / "log.lammps").read_text() or \
         "1 by 2 by 1 MPI processor grid" in (tmp_path / "two" / "log.lammps").read_text() or \
         "1 by 1 by 2 MPI processor grid" in (tmp_path / "two" / "log.lammps").read_text()

@@ -85,8 +85,7 @@ def test_ops_and_workflows_have_no_import_circle_and_no_upward_arrow():
     known = modules()
     graph = {m: imports_of(m, f, known) for m, f in known.items()}
     pipeline = {m: deps for m, deps in graph.items() if not m.startswith("lamflow.model")}
-    # workflows.spec <-> stage_configs (<-> label_free) is the one circle left (issue 16, phase 2 splits spec.py)
-    assert cycles(pipeline) == [["lamflow.workflows.label_free", "lamflow.workflows.spec", "lamflow.workflows.stage_configs"]]
+    assert cycles(pipeline) == []
     upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
               if (m.startswith("lamflow.ops") and d.startswith("lamflow.workflows"))
               or (m.startswith("lamflow.model") and (d == "dflow" or d.startswith(("lamflow.ops", "lamflow.workflows"))))]

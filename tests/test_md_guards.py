@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import data_path
 
-from lamflow.model.tasks.calculator import LamflowCalculator
-from lamflow.model.io.payload import save_model
-from lamflow.model.tasks.compress import compress_model
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import load_systems
+from lamflow.model.io.payload import save_model
+from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.potential import EnergyModel
+from lamflow.model.tasks.calculator import LamflowCalculator
+from lamflow.model.tasks.compress import compress_model
 from lamflow.model.tasks.distill import Counts, ExplorationConfig, explore
 from lamflow.model.tasks.md import MDGuards, read_structure, run_md
-from lamflow.model.nn.potential import EnergyModel
 from lamflow.workflows.cli import main
 
 CH4 = data_path("ch4_pbe", "valid")

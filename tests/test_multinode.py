@@ -21,8 +21,8 @@ from conftest import TINY
 from test_ddp import ch4, curve, multi_task, single_task  # noqa: F401  (ch4 is a fixture)
 
 from lamflow.model.io.checkpoint import load_model
-from lamflow.model.training.config import TrainConfig
 from lamflow.model.schema import parse_config
+from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.multitask import parse_multitask_config, train_multitask
 from lamflow.model.training.trainer import train
 
@@ -93,8 +93,8 @@ def test_pretrain_op_with_two_processes_matches_one_process(tmp_path):
     from conftest import data_path
 
     from lamflow.ops.common import stage_dataset
-    from lamflow.ops.training import launcher_for
     from lamflow.ops.pretrain import run_pretrain
+    from lamflow.ops.training import launcher_for
 
     root = tmp_path / "data"
     stage_dataset(root, "ch4", {"train": [str(data_path("ch4_pbe", "train"))], "valid": [str(data_path("ch4_pbe", "valid"))]})

@@ -11,17 +11,23 @@ import torch
 from conftest import REPO, data_path
 from multitask_helpers import TYPE_MAP_ALL, multitask_config, pretrained, write_subset, write_yaml  # noqa: F401
 
-from lamflow.model.io.checkpoint import load_model, read_checkpoint
-from lamflow.model.io.payload import save_model
 from lamflow.model.data.batch import DataSet
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, DataError
-from lamflow.model.training.metrics import predict_dataset
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate_system
-from lamflow.model.training.multitask import (MultiTaskModel, branch_probabilities, load_branch, load_multitask_config,
-    parse_multitask_config, train_multitask)
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.data.composition import energy_bias
+from lamflow.model.training.metrics import predict_dataset
+from lamflow.model.training.multitask import (
+    MultiTaskModel,
+    branch_probabilities,
+    load_branch,
+    load_multitask_config,
+    parse_multitask_config,
+    train_multitask,
+)
 from lamflow.workflows.cli import main
 
 QUIET = lambda *a: None  # noqa: E731
@@ -121,7 +127,8 @@ def test_restart_reproduces_an_uninterrupted_multitask_run(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")} for r in rows]  # noqa: E731
     a, b = strip(lcurve(full.lcurve)), strip(lcurve(resumed.lcurve))
     assert len(a) == 5 and a == b and {r["task"] for r in a} == {"a", "b"}
-    for (k, v), (_, w) in zip(load_model(full.checkpoint).state_dict().items(), load_model(resumed.checkpoint).state_dict().items()):
+    for (k, v), (_, w) in zip(load_model(full.checkpoint).state_dict().items(),
+                              load_model(resumed.checkpoint).state_dict().items()):
         assert torch.equal(v, w), k
 
 

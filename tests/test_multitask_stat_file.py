@@ -9,8 +9,8 @@ import torch
 from conftest import data_path
 from multitask_helpers import write_subset
 
-from lamflow.model.training import multitask, stats
 from lamflow.model.io.checkpoint import read_checkpoint
+from lamflow.model.training import multitask, stats
 from lamflow.model.training.multitask import parse_multitask_config, train_multitask
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import EXAMPLE_DATA, SHARED_DATA
 
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.data.systems import System, find_systems, load_system
 from lamflow.model.data.batch import collate, frame_graph
-from lamflow.model.data.neighbor import NeighborOverflow, NlistRequest, neighbor_counts, find_pairs
 from lamflow.model.data.batch_neighbors import batch_graph, batch_graph_reference
+from lamflow.model.data.neighbor import NeighborOverflow, NlistRequest, find_pairs, neighbor_counts
+from lamflow.model.data.systems import System, find_systems, load_system
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.potential import EnergyModel, predict
 
 TYPE_MAP = ["O", "H", "C", "N", "Si", "I", "Pb"]
@@ -35,7 +35,8 @@ def _slot_keys(coord, box, pbc, g, nl):
     pos = torch.gather(ce, 1, j[..., None].expand(-1, -1, 3)).reshape(nf, nloc, nnei, 3)
     d = (pos - ce[:, :nloc, None]).norm(dim=-1)
     m = torch.gather(g.mapping, 1, j).reshape(nf, nloc, nnei)
-    rel = (torch.gather(g.shift, 1, j[..., None].expand(-1, -1, 3)).reshape(nf, nloc, nnei, 3) - g.shift[:, :nloc, None]).round().long()
+    shift_j = torch.gather(g.shift, 1, j[..., None].expand(-1, -1, 3)).reshape(nf, nloc, nnei, 3)
+    rel = (shift_j - g.shift[:, :nloc, None]).round().long()
     key = m * 10**9 + (rel[..., 0] + 500) * 10**6 + (rel[..., 1] + 500) * 10**3 + (rel[..., 2] + 500)
     empty = nl < 0
     return d.masked_fill(empty, torch.inf).numpy(), key.masked_fill(empty, 2**62).numpy(), empty.numpy()
@@ -71,7 +72,8 @@ def assert_same_lists(coord, atype, box, pbc, requests, got, ref, tol=1e-9):
 def batch_of(items):
     """(coord, atype, box, pbc) of frames [(System, k)], padded as collate pads them (real atoms first)."""
     nf, nloc = len(items), max(s.natoms for s, _ in items)
-    coord, atype, box = torch.zeros(nf, nloc, 3, dtype=torch.float64), torch.full((nf, nloc), -1), torch.zeros(nf, 3, 3, dtype=torch.float64)
+    coord, atype = torch.zeros(nf, nloc, 3, dtype=torch.float64), torch.full((nf, nloc), -1)
+    box = torch.zeros(nf, 3, 3, dtype=torch.float64)
     for f, (s, k) in enumerate(items):
         coord[f, : s.natoms] = torch.as_tensor(s.coord[k])
         atype[f, : s.natoms] = torch.as_tensor(s.atype)

@@ -15,7 +15,6 @@ from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.ops.common import split_paths, stage_dataset
 
 
-
 @pytest.fixture()
 def staged(tmp_path) -> Path:
     root = tmp_path / "data"

@@ -12,9 +12,9 @@ from conftest import data_path
 
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.tasks.evaluate import transferability
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.tasks.report import Section, Table, gather_report, meV, metrics_table, write_markdown
+from lamflow.model.tasks.evaluate import transferability
+from lamflow.model.tasks.report import Section, Table, gather_report, metrics_table, meV, write_markdown
 from lamflow.workflows.cli import main
 
 
@@ -73,8 +73,9 @@ def test_zero_shot_comparison_skips_systems_with_unknown_elements(tested):
     ch4 = str(data_path("ch4_pbe", "valid"))
     assert list(zs["systems"]) == [ch4] and zs["skipped"] == [str(data_path("chon_nopbc", "test_ood", "C4H3O1"))]
     md = (out / "report.md").read_text()
-    row = (f"| ch4_pbe/valid | 60 | {meV(zs['systems'][ch4]['rmse_e_per_atom'])} | {meV(tuned['systems'][ch4]['rmse_e_per_atom'])} | "
-           f"{meV(zs['systems'][ch4]['rmse_f'])} | {meV(tuned['systems'][ch4]['rmse_f'])} |")
+    zs_c, tuned_c = zs["systems"][ch4], tuned["systems"][ch4]
+    row = (f"| ch4_pbe/valid | 60 | {meV(zs_c['rmse_e_per_atom'])} | {meV(tuned_c['rmse_e_per_atom'])} | "
+           f"{meV(zs_c['rmse_f'])} | {meV(tuned_c['rmse_f'])} |")
     assert row in md, md
     # overall rows compare the same frames: the tuned model's overall is over the covered system only
     assert tuned["overall"]["nframes"] == 60 and tuned["overall"]["rmse_f"] == tuned["systems"][ch4]["rmse_f"]
@@ -83,8 +84,8 @@ def test_zero_shot_comparison_skips_systems_with_unknown_elements(tested):
 
 
 def test_zero_shot_refit_matches_a_manual_bias_fit(tested, tmp_path):
-    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.data.systems import load_systems
+    from lamflow.model.io.checkpoint import load_model
     from lamflow.model.nn.infer import evaluate_system
 
     pre = load_model(tested / "pre.ckpt")

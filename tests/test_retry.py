@@ -16,9 +16,9 @@ import pytest
 import yaml
 from conftest import TINY, data_path
 
+from lamflow.workflows.backends.debug import _wait_for_steps, failure_line, user_paths
 from lamflow.workflows.cli import main
 from lamflow.workflows.dag import BuildOptions, display_key, input_hashes, stage_of, step_keys
-from lamflow.workflows.backends.debug import _wait_for_steps, failure_line, user_paths
 from lamflow.workflows.runs import read_meta
 from lamflow.workflows.spec import spec_from_dict
 

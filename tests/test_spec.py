@@ -163,7 +163,8 @@ def test_relative_paths_resolve_against_the_pipeline_folder(tmp_path):
 
 def test_cpu_stage_may_not_carry_gpu_scheduling(tmp_path):
     doc = base_doc()
-    doc["stages"]["test"] = {"resources": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    doc["stages"]["test"] = {"resources": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                            "effect": "NoSchedule"}],
                                            "node_selector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}}}
     p = write(tmp_path, doc)
     with pytest.raises(SpecError) as e:
@@ -193,7 +194,8 @@ def test_argo_needs_pinned_images(tmp_path):
 
 
 def test_validate_cli_prints_every_problem_and_exits_1(tmp_path, capsys):
-    doc = base_doc(pretrain={"datasets": ["ch4"], **copy.deepcopy(TINY_MODEL)}, finetune={"systems": ["ch4", "x"], "pretrained": "p.ckpt"})
+    doc = base_doc(pretrain={"datasets": ["ch4"], **copy.deepcopy(TINY_MODEL)},
+                   finetune={"systems": ["ch4", "x"], "pretrained": "p.ckpt"})
     doc["name"] = "Bad_Name"
     p = write(tmp_path, doc)
     assert main(["validate", str(p)]) == 1

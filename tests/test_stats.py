@@ -18,15 +18,23 @@ import pytest
 import torch
 from conftest import data_path
 
-from lamflow.model.training import stats
-from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.batch import DataSet, auto_sel
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.systems import elements_in, load_systems
 from lamflow.model.errors import DataError
+from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.potential import EnergyModel, predict
-from lamflow.model.training.stats import (StatFile, fit_statistics, neighbor_counter, neighbor_frames, neighbor_stat,
-    stat_buffers, stat_frames, stat_samples)
-from lamflow.model.data.composition import energy_bias
+from lamflow.model.training import stats
+from lamflow.model.training.stats import (
+    StatFile,
+    fit_statistics,
+    neighbor_counter,
+    neighbor_frames,
+    neighbor_stat,
+    stat_buffers,
+    stat_frames,
+    stat_samples,
+)
 
 SETS = ["water_h2o/train", "si_pbe/train", "mapbi3_scan/train", "ch4_pbe/train", "chon_nopbc/train", "water_dplr_384/train"]
 RCUT = 3.5

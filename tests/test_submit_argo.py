@@ -19,7 +19,8 @@ from conftest import data_path
 from lamflow.workflows.cli import main
 
 BUCKET = "lamflow-artifacts"
-SECRETS = {"LAMFLOW_ARGO_TOKEN": "tok-52c1d9e8a7", "LAMFLOW_S3_ACCESS_KEY": "lamflowkey", "LAMFLOW_S3_SECRET_KEY": "pw-0d9c8b7a6f5e"}
+SECRETS = {"LAMFLOW_ARGO_TOKEN": "tok-52c1d9e8a7", "LAMFLOW_S3_ACCESS_KEY": "lamflowkey",
+           "LAMFLOW_S3_SECRET_KEY": "pw-0d9c8b7a6f5e"}
 IMAGE = "registry.example.com/ml/lamflow:0.1.0-3f2c1ab9e0d4-cpu"
 TINY = {"model": {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": [8, 4], "neuron": [4, 8],
                                  "axis_neuron": 2}, "fitting_net": {"neuron": [8, 8]}},

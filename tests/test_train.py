@@ -10,13 +10,13 @@ import torch
 import yaml
 from conftest import data_path
 
-from lamflow.model.io.checkpoint import load_model, read_checkpoint
-from lamflow.model.io.payload import save_model
-from lamflow.model.training.config import load_train_config
+from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, TrainingError
+from lamflow.model.io.checkpoint import load_model, read_checkpoint
+from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.evaluate import evaluate_systems
-from lamflow.model.data.composition import energy_bias
+from lamflow.model.training.config import load_train_config
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
@@ -171,7 +171,8 @@ def test_loader_workers_do_not_change_the_run(tmp_path):
     rows = [[{k: v for k, v in r.items() if k not in ("steps_per_s", "elapsed_s")} for r in
              __import__("csv").DictReader((r.out_dir / "lcurve.csv").read_text().splitlines())] for r in runs]
     assert rows[0] == rows[1] and len(rows[0]) == 4
-    for (k, v), (_, w) in zip(load_model(runs[0].checkpoint).state_dict().items(), load_model(runs[1].checkpoint).state_dict().items()):
+    for (k, v), (_, w) in zip(load_model(runs[0].checkpoint).state_dict().items(),
+                              load_model(runs[1].checkpoint).state_dict().items()):
         assert torch.equal(v, w), k
 
 
@@ -179,9 +180,9 @@ def test_a_frame_with_more_neighbours_than_sel_met_in_training_names_system_and_
     """sel: auto comes from a sample; a denser frame outside it stops training with one line."""
     import shutil
 
-    from lamflow.model.training import stats
     from lamflow.model.data.batch import DataSet
     from lamflow.model.errors import DataError
+    from lamflow.model.training import stats
 
     monkeypatch.setattr(stats, "NEIGHBOR_FRAMES", 8)
     p = tmp_path / "water"

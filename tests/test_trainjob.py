@@ -132,7 +132,6 @@ def test_multinode_pretrain_renders_a_trainjob_valid_against_the_trainer_crd(tmp
     assert "(pretrain-inputs.Succeeded)" in tasks["pretrain-trainjob"]["depends"]
     assert "(pretrain-trainjob.Succeeded)" in tasks["pretrain"]["depends"]
     assert "(pretrain.Succeeded)" in tasks["test"]["depends"]  # later stages read the collected model as before
-    text = json.dumps(m)
     assert "nvidia.com/gpu" not in json.dumps([x for x in m["spec"]["templates"] if "resource" not in x])  # helpers on CPU
 
 
@@ -212,7 +211,8 @@ def test_a_trainjob_node_trains_from_published_inputs_and_hands_the_model_to_col
         for k, v in {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0", "PET_MASTER_ADDR": "127.0.0.1",
                      "PET_MASTER_PORT": str(free), "LAMFLOW_WORKDIR": str(tmp_path / "node0"), KEY_ENV: store.key,
                      JOB_ENV: encode_job({"config": TINY, "datasets": ["ch4"], "type_map": ["H", "C"], "cleaned": False,
-                                          "threads": 1, "store": {"endpoint": store.endpoint, "bucket": "lamflow-nodes"}})}.items():
+                                          "threads": 1,
+                                          "store": {"endpoint": store.endpoint, "bucket": "lamflow-nodes"}})}.items():
             monkeypatch.setenv(k, v)
         lines = []
         assert run_node(log=lines.append) == 0

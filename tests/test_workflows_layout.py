@@ -45,9 +45,32 @@ def test_find_run_asks_each_backend_and_names_both_places(tmp_path, monkeypatch)
 
 
 def test_the_stage_table_is_what_the_dag_spec_and_download_use():
+    from lamflow import ops
     from lamflow.workflows import dag, results, spec, stages
 
-    assert stages.ORDER == dag.ORDER and stages.STAGES == spec.STAGES  # one list of stages, pipeline order
-    assert stages.SLICED == dag.SLICED == ("finetune", "test") and stages.PARALLEL_STAGES == spec.PARALLEL_STAGES
+    assert stages.ORDER == (*spec.STAGES, "report") and dag.ORDER is stages.ORDER  # one list of stages, in pipeline order
+    assert stages.SLICED == ("finetune", "test") and dag.SLICED is stages.SLICED
+    assert spec.PARALLEL_STAGES is stages.PARALLEL_STAGES == ("pretrain", "finetune", "distill")
+    assert all(s.op in ops._MODULES for s in stages.TABLE)  # every stage's OP exists in lamflow.ops
     assert results.OUTPUT_OF == {s.name: s.outputs[0] for s in stages.TABLE}
     assert stages.later_stages("distill") == {"distill", "compress", "report"}
+
+
+def test_model_and_pipeline_configs_share_one_error_formatter():
+    from pydantic import ValidationError
+
+    from lamflow.model.nn.config import DESCRIPTOR_TAGS
+    from lamflow.model.schema import format_validation_error
+    from lamflow.model.training.config import TrainSettings
+    from lamflow.workflows.spec import format_errors
+
+    bad = {"model": {"type_map": ["H"], "descriptor": {"type": "se_e2_a", "sel": [4], "neuron": [4, -1]}},
+           "training": {"training_data": {"batch_size": 0}, "validation_data": {"numb_btch": 0}}}
+    with pytest.raises(ValidationError) as e:
+        TrainSettings.model_validate(bad)  # a stage's settings, checked without any data attached
+    model = format_validation_error("t.yaml", e.value, DESCRIPTOR_TAGS).splitlines()
+    spec = format_errors("p.yaml", e.value, "stages.pretrain")
+    keys = [ln.split(": ")[1] for ln in model]
+    assert keys == ["model.descriptor", "training.training_data.batch_size", "training.validation_data.numb_btch"]
+    assert [ln.split(": ")[1] for ln in spec] == [f"stages.pretrain.{k}" for k in keys]  # same keys, the stage's prefix
+    assert spec[1].endswith("batch_size 0: give 1..1000000 frames, 'auto' or 'auto:N'")  # no "Value error, " in a spec

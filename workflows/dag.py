@@ -23,11 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .spec import STAGES, PipelineSpec, Resources, finetune_settings, model_settings, zero_shot_branch
+from .spec import PipelineSpec, Resources, finetune_settings, model_settings, zero_shot_branch
+from .stages import HELPER_SUFFIXES, ORDER, REPORT, SLICED, STAGES, TABLE, later_stages, op
 
 GPU = "nvidia.com/gpu"
-REPORT = "report"
-ORDER = STAGES + (REPORT,)  # `lamflow retry --from STAGE` reruns STAGE and every later one
 
 
 @dataclass
@@ -98,9 +97,6 @@ def store_param(spec: PipelineSpec, opts: BuildOptions, stage: str) -> dict:
             "key": f"{c.prefix.strip('/')}/{opts.checkpoint_run}/{stage}"}
 
 
-HELPER_SUFFIXES = ("-inputs", "-trainjob")  # the extra steps of a multi-node stage (workflows/trainjob.py)
-
-
 HASH_RE = re.compile(r"-h[0-9a-f]{8}$")
 
 
@@ -154,9 +150,6 @@ def input_hashes(spec: PipelineSpec, opts: BuildOptions) -> dict[str, str]:
     return h
 
 
-SLICED = ("finetune", "test")  # one step per system
-
-
 def step_key(stage: str, h: dict[str, str], item: str | int | None = None) -> str:
     """The dflow key of a stage's step (`item`: "{{item}}" in the template, or the index)."""
     return f"{stage}-{item}-h{h[stage]}" if item is not None else f"{stage}-h{h[stage]}"
@@ -179,8 +172,7 @@ def step_keys(spec: PipelineSpec, opts: BuildOptions) -> list[str]:
 
 def keys_from(spec: PipelineSpec, stage: str) -> set[str]:
     """Stages that `retry --from stage` reruns: the stage and all later ones."""
-    i = ORDER.index(stage)
-    return set(ORDER[i:])
+    return later_stages(stage)
 
 
 def cpu_quantity(v) -> str:
@@ -251,7 +243,6 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     from dflow import DAG, Task, argo_range
     from dflow.python import Slices
 
-    from lamflow import ops
 
     dag = DAG(name=f"{spec.name}-pipeline")
     st = spec.stages
@@ -267,7 +258,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
         return task
 
     if st.clean.enabled:
-        clean = add(Task("clean", template(ops.Clean, res("clean"), opts), key=step_key("clean", h),
+        clean = add(Task("clean", template(op("clean"), res("clean"), opts), key=step_key("clean", h),
                          parameters={"datasets": spec.clean_datasets, "config": dict(st.clean.config),
                                      "type_map": opts.type_map, "fanout": fanout_systems(spec),
                                      "threads": threads_of(res("clean"), opts)},
@@ -278,7 +269,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
         pre = opts.multinode(dag, add, spec, opts, common)
         pretrained = pre.outputs.artifacts["model"]
     elif st.pretrain.enabled:
-        pre = add(Task("pretrain", training_template(ops.Pretrain, spec, "pretrain", opts), key=step_key("pretrain", h),
+        pre = add(Task("pretrain", training_template(op("pretrain"), spec, "pretrain", opts), key=step_key("pretrain", h),
                        parameters={"config": model_settings(st.pretrain), "datasets": list(st.pretrain.datasets),
                                    "type_map": opts.type_map, "resume_dir": resume(step_key("pretrain", h)),
                                    # keyed by the hashed step key: a changed setting never resumes an old run
@@ -292,7 +283,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
     systems = spec.finetune_systems
     if systems:
         n = len(systems)
-        ft = add(Task("finetune", training_template(ops.Finetune, spec, "finetune", opts, slices=Slices(
+        ft = add(Task("finetune", training_template(op("finetune"), spec, "finetune", opts, slices=Slices(
             "{{item}}", input_parameter=["system", "resume_dir"], output_artifact=["model"], output_parameter=["summary"])),
             key=step_key("finetune", h, "{{item}}"), with_param=argo_range(n),
             parameters={"system": systems, "resume_dir": [resume(step_key("finetune", h, i)) for i in range(n)],
@@ -311,7 +302,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                     "model": ft.outputs.artifacts["model"]}
             if zero_shot:
                 arts["pretrained"] = pretrained
-            add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
+            add(Task("test", template(op("test"), res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], input_artifact=["model"], output_artifact=["report"],
                 output_parameter=["summary"])),
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(systems)),
@@ -320,7 +311,7 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
                 artifacts=arts))
         else:  # no fine-tuning: test the pretrained model on each system
             tsys = spec.test_systems
-            add(Task("test", template(ops.Test, res("test"), opts, slices=Slices(
+            add(Task("test", template(op("test"), res("test"), opts, slices=Slices(
                 "{{item}}", input_parameter=["system"], output_artifact=["report"], output_parameter=["summary"])),
                 key=step_key("test", h, "{{item}}"), with_param=argo_range(len(tsys)),
                 parameters={"system": tsys, "branch": zs_branch, "threads": threads_of(res("test"), opts),
@@ -329,30 +320,29 @@ def build_dag(spec: PipelineSpec, inputs: Inputs, opts: BuildOptions):
 
     if st.distill.enabled:
         teacher = systems.index(spec.distill_teacher)
-        dis = add(Task("distill", template(ops.Distill, res("distill"), opts), key=step_key("distill", h),
+        dis = add(Task("distill", template(op("distill"), res("distill"), opts), key=step_key("distill", h),
                        parameters={"config": dict(st.distill.config), "dataset": spec.distill_dataset,
                                    "teacher_index": teacher, "threads": threads_of(res("distill"), opts),
                                    "nproc": max(1, res("distill").gpus)},  # > 1: the student trains under torchrun
                        artifacts={**common, "teachers": ft.outputs.artifacts["model"]}))
 
     if st.compress.enabled:
-        add(Task("compress", template(ops.Compress, res("compress"), opts), key=step_key("compress", h),
+        add(Task("compress", template(op("compress"), res("compress"), opts), key=step_key("compress", h),
                  parameters={"config": dict(st.compress.config), "dataset": spec.compress_dataset,
                              "threads": threads_of(res("compress"), opts)},
                  artifacts={**common, "model": dis.outputs.artifacts["model"]}))
 
     arts = {}
-    for name, out in (("clean", "report"), ("pretrain", "model"), ("finetune", "model"), ("test", "report"),
-                      ("distill", "model"), ("compress", "model")):
-        if name in tasks:
-            arts["tests" if name == "test" else name] = tasks[name].outputs.artifacts[out]
+    for s in TABLE:  # each stage's result, as the report step's input of its name
+        if s.name in tasks and s.name != REPORT:
+            arts[s.report_input or s.name] = tasks[s.name].outputs.artifacts[s.reported or s.download]
     params = {"title": f"lamflow run report: {spec.name}"}
     if st.test.enabled and st.distill.enabled:  # the student is tested in the report step, after distill
         arts.update({**common, "student": dis.outputs.artifacts["model"]})
         params.update(student_dataset=spec.distill_dataset, transfer=st.test.transfer())
     report_res = spec.resources_of("test") if st.test.enabled else spec.resources
     params["threads"] = threads_of(report_res, opts)
-    add(Task(REPORT, template(ops.Report, report_res, opts), key=step_key(REPORT, h), parameters=params, artifacts=arts))
+    add(Task(REPORT, template(op(REPORT), report_res, opts), key=step_key(REPORT, h), parameters=params, artifacts=arts))
     return dag
 
 

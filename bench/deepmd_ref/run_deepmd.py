@@ -246,7 +246,7 @@ def main(argv=None) -> int:
                 log("WARNING: no 'average training time' line in train.log")
             lc = workdir / "lcurve.out"
             if lc.exists():
-                lines = [l for l in lc.read_text().splitlines() if l.strip()]
+                lines = [ln for ln in lc.read_text().splitlines() if ln.strip()]
                 res["lcurve_header"] = lines[0].lstrip("#").split()
                 res["lcurve_last"] = [float(x) for x in lines[-1].split()]
             wall, _ = run([dp, "--pt", "freeze", "-o", "frozen.pth"], workdir, env, "freeze.log")

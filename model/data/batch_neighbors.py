@@ -137,6 +137,7 @@ def _lists(cand: _Candidates, requests: list[NlistRequest], truncate: bool, chun
         ar = torch.arange(i1 - i0, device=dev)
         d[:, ar, i0 + ar] = torch.inf  # an atom is not its own neighbour (its other images are)
         order = ([base] if base is not None else []) + [r for r in range(len(requests)) if r != base]
+        base_nl = None  # this chunk's base list: built first, the derived lists are its prefixes
         for r in order:
             req = requests[r]
             within = d < req.rcut

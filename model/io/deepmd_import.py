@@ -58,7 +58,6 @@ from lamflow.model.io.files import atomic_save
 from lamflow.model.io.payload import FORMAT, model_payload
 from lamflow.model.nn.config import ModelConfig
 
-
 # ----------------------------------------------------------------------------- reading
 
 

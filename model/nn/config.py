@@ -13,8 +13,16 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from lamflow.model.nn.descriptor_config import (Activation, DPA2Config, DPA3Config, Precision, SeAttenConfig,
-                                                SeE2AConfig, _check_widths, dtype_name)
+from lamflow.model.nn.descriptor_config import (
+    Activation,
+    DPA2Config,
+    DPA3Config,
+    Precision,
+    SeAttenConfig,
+    SeE2AConfig,
+    _check_widths,
+    dtype_name,
+)
 from lamflow.model.schema import Strict
 
 

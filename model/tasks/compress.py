@@ -56,17 +56,17 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lamflow.model.io.checkpoint import read_checkpoint, build_from_payload, resolve_device
+from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.errors import CheckpointError, ConfigError, DataError
+from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
-from lamflow.model.nn.descriptor_config import SeE2AConfig, dtype_name
-from lamflow.model.schema import Strict
 from lamflow.model.nn.descriptor.base import DescriptorOutput, EnvMatBlock
+from lamflow.model.nn.descriptor_config import SeE2AConfig, dtype_name
 from lamflow.model.nn.env_mat import switch
-from lamflow.model.errors import CheckpointError, ConfigError, DataError
 from lamflow.model.nn.fitting import EnergyFitting
 from lamflow.model.nn.network import DTYPES
-from lamflow.model.data.neighbor import NlistRequest
+from lamflow.model.schema import Strict
 
 # ----------------------------------------------------------------------------- configs
 
@@ -653,8 +653,8 @@ def resolve_min_nbor_dist(payload: dict, rcut: float, type_map: list[str], train
 
 
 def _load_training_data(spec: list[str] | str, type_map: list[str], fmt: str):
-    from lamflow.model.training.config import load_train_config
     from lamflow.model.data.systems import load_systems
+    from lamflow.model.training.config import load_train_config
 
     paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if len(paths) == 1 and Path(paths[0]).is_file() and Path(paths[0]).suffix in (".yaml", ".yml", ".json"):

@@ -38,15 +38,22 @@ from typing import Callable, Union
 import numpy as np
 from pydantic import Field, model_validator
 
-from lamflow.model.io.files import atomic_save, atomic_write_text
+from lamflow.model.data.systems import System, load_systems
+from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
-from lamflow.model.training.config import (DataConfig, LearningRateConfig, LossConfig, TrainConfig, TrainingConfig,
-    TrainingLoopConfig, read_yaml)
+from lamflow.model.io.files import atomic_save, atomic_write_text
 from lamflow.model.nn.config import FittingConfig, ModelConfig
 from lamflow.model.nn.descriptor_config import SeE2AConfig
 from lamflow.model.schema import Strict, parse_config
-from lamflow.model.data.systems import System, load_systems
-from lamflow.model.errors import ConfigError, DataError
+from lamflow.model.training.config import (
+    DataConfig,
+    LearningRateConfig,
+    LossConfig,
+    TrainConfig,
+    TrainingConfig,
+    TrainingLoopConfig,
+    read_yaml,
+)
 
 # ----------------------------------------------------------------------------- config
 

@@ -28,6 +28,7 @@ _EXPORTS = {
     "train_multitask": "multitask",
     "load_multitask_config": "multitask",
     "parse_multitask_config": "multitask",
+    "multitask_layout": "multitask",
     "load_branch": "multitask",
     "collect": "metrics",
     "dataset_metrics": "metrics",

@@ -96,6 +96,26 @@ class TrainConfig(Strict):
     training: TrainingConfig
 
 
+class DataSettings(DataConfig):
+    """A data section before its systems are known (a pipeline stage's: the pipeline gives them)."""
+
+    systems: Union[str, list[str], None] = None
+
+
+class TrainingSettings(TrainingLoopConfig):
+    training_data: DataSettings = DataSettings()
+    validation_data: DataSettings | None = None
+
+
+class TrainSettings(Strict):
+    """A training stage's settings, checked before any data is attached: TrainConfig without systems."""
+
+    model: ModelConfig
+    learning_rate: LearningRateConfig = LearningRateConfig()
+    loss: LossConfig = LossConfig()
+    training: TrainingSettings = TrainingSettings()
+
+
 def read_yaml(path: Path) -> Any:
     """Read YAML (or JSON) with safe_load semantics, duplicate keys refused; errors name the file
     (lamflow.model.io.yamlio, the one YAML reader)."""

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from lamflow.model.nn.descriptor_config import Activation
-from lamflow.model.schema import Strict
 from lamflow.model.data.batch import Batch
+from lamflow.model.nn.descriptor_config import Activation
 from lamflow.model.nn.network import DTYPES, FittingNet, make_generator
+from lamflow.model.schema import Strict
 
 MASK = "MASK"  # the input-only pseudo-type appended to the type map when types are masked
 

@@ -41,16 +41,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lamflow.model.data.batch import resolve_batch_size
+from lamflow.model.data.batch import DataSet, resolve_batch_size
 from lamflow.model.data.systems import System, elements_in
 from lamflow.model.errors import ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor import REGISTRY
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.training.pretrained import change_bias, zero_shot  # noqa: F401 (zero_shot: workflows/stage_configs.py looks for it here)
-from lamflow.model.data.batch import DataSet
-from lamflow.model.nn.descriptor import REGISTRY
+from lamflow.model.training.pretrained import (  # noqa: F401 (zero_shot: workflows/spec/stage_configs.py looks for it here)
+    change_bias,
+    zero_shot,
+)
 from lamflow.model.training.stats import stat_samples
 from lamflow.model.training.trainer import TrainResult, train
 

@@ -50,30 +50,36 @@ import torch
 from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
 from torch import Tensor, nn
 
-from lamflow.model.training import distributed
-from lamflow.model.io.files import atomic_write_text
-from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
-from lamflow.model.nn.config import DescriptorConfig, FittingConfig, ModelConfig
-from lamflow.model.schema import Strict, strip_comments
-from lamflow.model.nn.descriptor_config import dtype_name
 from lamflow.model.data.batch import DataSet
 from lamflow.model.data.systems import System, load_systems
-from lamflow.model.training.denoise import (MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig,
-    denoise_dtype)
+from lamflow.model.errors import CheckpointError, ConfigError, DataError
+from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
+from lamflow.model.io.files import atomic_write_text
+from lamflow.model.nn.config import DESCRIPTOR_TAGS, DescriptorConfig, FittingConfig, ModelConfig
 from lamflow.model.nn.descriptor import REGISTRY, build_descriptor
 from lamflow.model.nn.descriptor.base import EnvMatBlock
-from lamflow.model.errors import CheckpointError, ConfigError, DataError
+from lamflow.model.nn.descriptor_config import dtype_name
 from lamflow.model.nn.fitting import EnergyFitting
-from lamflow.model.training.loss import EnergyLoss
 from lamflow.model.nn.network import DTYPES
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.training.stats import (data_fingerprint, neighbor_counter, sampled_energy_bias, stat_buffers,
-    stat_frames, stat_samples)
-from lamflow.model.training.trainer import Task, Trainer, TrainResult, seed_everything, set_threads, stat_file
+from lamflow.model.schema import Strict, error_lines, strip_comments
+from lamflow.model.training import distributed
+from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
+from lamflow.model.training.denoise import MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig, denoise_dtype
 from lamflow.model.training.lcurve import plot_lcurve
-from lamflow.model.training.stats import resolve_sel
+from lamflow.model.training.loss import EnergyLoss
+from lamflow.model.training.stats import (
+    data_fingerprint,
+    neighbor_counter,
+    resolve_sel,
+    sampled_energy_bias,
+    stat_buffers,
+    stat_frames,
+    stat_samples,
+)
+from lamflow.model.training.trainer import Task, Trainer, TrainResult, seed_everything, set_threads, stat_file
 
+BRANCH_TAGS = frozenset(DESCRIPTOR_TAGS) | {"ener", "denoise"}  # left out of error locations
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -177,17 +183,44 @@ def is_multitask_config(raw: Any) -> bool:
     return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "model_dict" in raw["model"]
 
 
+def multitask_layout(config: dict, heads: dict[str, dict], type_map: list[str], threads: int = 0) -> dict:
+    """Single-model settings (a pipeline's pretrain stage) and each head's data ({"train", "valid",
+    "fmt"}) -> deepmd-kit's multi-task layout: one shared descriptor
+    (`model.descriptor`), one energy branch per dataset with `model.fitting_net`, the same loss
+    for every branch, and `training` with a data_dict. `model.model_prob` is not a key here:
+    `training.model_prob` (optional) weights the branches. `config["denoise"]` (head -> {loss,
+    fitting_net}) makes those heads denoise branches (task denoise, loss type denoise)."""
+    model = dict(config.get("model") or {})
+    tr = {k: v for k, v in (config.get("training") or {}).items() if k not in ("training_data", "validation_data")}
+    td = (config.get("training") or {}).get("training_data") or {}
+    vd = (config.get("training") or {}).get("validation_data") or {}
+    data_dict = {}
+    for name, h in heads.items():
+        d = {"training_data": {**td, "systems": h["train"], "fmt": h["fmt"]}}
+        if h["valid"]:
+            d["validation_data"] = {**vd, "systems": h["valid"], "fmt": h["fmt"]}
+        data_dict[name] = d
+    if threads and "num_threads" not in tr:
+        tr["num_threads"] = int(threads)
+    extra = {k: model[k] for k in ("data_stat_nbatch", "data_stat_protect") if k in model}
+    model_dict = {name: {"type_map": "type_map_all", "descriptor": "descriptor", "fitting_net": model.get("fitting_net", {})}
+                  for name in heads}
+    loss_dict = {name: config.get("loss") or {} for name in heads}
+    for name, dn in (config.get("denoise") or {}).items():
+        model_dict[name] = {"task": "denoise", "type_map": "type_map_all", "descriptor": "descriptor",
+                            "fitting_net": dn.get("fitting_net") or {}}
+        loss_dict[name] = {"type": "denoise", **(dn.get("loss") or {})}
+    return {
+        "model": {"shared_dict": {"type_map_all": list(model.get("type_map") or type_map), "descriptor": model.get("descriptor", {})},
+                  "model_dict": model_dict, **extra},
+        "learning_rate": config.get("learning_rate") or {},
+        "loss_dict": loss_dict,
+        "training": {**tr, "data_dict": data_dict},
+    }
+
+
 def _format(source: str, err: ValidationError, prefix: str = "") -> str:
-    tags = set(REGISTRY) | {"ener", "denoise", "list[str]", "str"}
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and (p in tags or p.startswith("tagged-union"))))
-        loc = ".".join(x for x in (prefix, loc) if x)
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        if e["type"] == "union_tag_invalid":
-            msg = f"unknown type {e['ctx']['tag']!r} (expected {e['ctx']['expected_tags']})"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(dict.fromkeys(lines))
+    return "\n".join(error_lines(source, err, prefix, tags=BRANCH_TAGS))
 
 
 def parse_multitask_config(raw: Any, source: str = "config") -> MultiTaskTrainConfig:

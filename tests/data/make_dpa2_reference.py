@@ -52,9 +52,11 @@ def main(out: str) -> None:
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
             d.repinit.mean.zero_()  # set_davg_zero, where concat-mode padding agrees (see dpa2.py)
             if d.use_three_body:  # only the angular columns enter, whose mean is zero in deepmd-kit's statistics
-                d.repinit_three_body.mean.copy_(0.2 * torch.randn(d.repinit_three_body.mean.shape, generator=g, dtype=torch.float64))
+                d.repinit_three_body.mean.copy_(0.2 * torch.randn(d.repinit_three_body.mean.shape, generator=g,
+                                                                  dtype=torch.float64))
                 d.repinit_three_body.mean[..., 1:] = 0
-                d.repinit_three_body.stddev.copy_(0.5 + torch.rand(d.repinit_three_body.stddev.shape, generator=g, dtype=torch.float64))
+                d.repinit_three_body.stddev.copy_(0.5 + torch.rand(d.repinit_three_body.stddev.shape, generator=g,
+                                                                   dtype=torch.float64))
             d.repinit.stddev.copy_(0.5 + torch.rand(d.repinit.stddev.shape, generator=g, dtype=torch.float64))
             d.repformers.mean.copy_(0.2 * torch.randn(d.repformers.mean.shape, generator=g, dtype=torch.float64))
             d.repformers.stddev.copy_(0.5 + torch.rand(d.repformers.stddev.shape, generator=g, dtype=torch.float64))

@@ -6,14 +6,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 from pydantic import BaseModel, ValidationError
 
 from lamflow.model.errors import LamflowError
 
-if TYPE_CHECKING:
-    from .spec import PipelineSpec
+from .base import as_list, format_errors, is_s3, spec_source
+from .schema import PipelineSpec
+from .settings import finetune_settings, model_settings
 
 # stage -> (module, what it must provide)
 MODULES = {
@@ -55,19 +56,15 @@ def multitask_available() -> bool:
 
 
 def validate_config(cls: type[BaseModel], raw: dict, source: str, path: str) -> tuple[BaseModel | None, list[str]]:
-    from .spec import format_errors
-
     try:
         return cls.model_validate(raw), []
     except ValidationError as e:
         return None, format_errors(source, e, path)
 
 
-def problems(spec: "PipelineSpec", load: bool = True) -> list[str]:
+def problems(spec: PipelineSpec, load: bool = True) -> list[str]:
     """Stages this build cannot run, and (load=True) clean/distill settings validated by the model's
     own config classes."""
-    from .spec import spec_source
-
     source = spec_source(spec)
     out: list[str] = []
     for stage in spec.stages.enabled():
@@ -104,16 +101,14 @@ def compress_settings() -> type[BaseModel]:
     fields = module("compress").CompressedModelConfig.model_fields
     spec = {k: (f.annotation, f) for k, f in fields.items() if k in COMPRESS_KEYS and k != "min_nbor_dist"}
     mnd = fields["min_nbor_dist"]
-    spec["min_nbor_dist"] = (Optional[Annotated[float, *mnd.metadata]], None)  # optional here: else from the data
+    spec["min_nbor_dist"] = (Optional[Annotated[(float, *mnd.metadata)]], None)  # optional here: else from the data
     return create_model("CompressSettings", __config__=ConfigDict(extra="forbid", frozen=True), **spec)
 
 
-def sel_problems(spec: "PipelineSpec", dataset: str, where: str, systems: list, type_map: list[str]) -> list[str]:
+def sel_problems(spec: PipelineSpec, dataset: str, where: str, systems: list, type_map: list[str]) -> list[str]:
     """Frames of `dataset` (one split, loaded) whose neighbours exceed the fixed `sel` of a
     training stage that reads it, from a bounded sample (lamflow.model.training.data_warnings.sel_overflow)."""
     from lamflow.model.training.data_warnings import sel_overflow
-
-    from .spec import finetune_settings, model_settings, spec_source
 
     st = spec.stages
     stages = []
@@ -138,7 +133,7 @@ def sel_problems(spec: "PipelineSpec", dataset: str, where: str, systems: list, 
 _RESOLVED: dict[str, dict | None] = {}
 
 
-def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str]) -> dict | None:
+def pretrained_descriptor(spec: PipelineSpec, desc: dict, type_map: list[str]) -> dict | None:
     """Fine-tuning keeps the pretrained model's sel; with `sel: auto` pretraining computes it from
     its training data. Compute it the same way when those data are small enough to read whole
     (lamflow.model.training.data_warnings.resolved_descriptor), so validate can check the fine-tune data
@@ -148,8 +143,6 @@ def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str])
     from lamflow.model.data.systems import load_systems
     from lamflow.model.training.data_warnings import resolved_descriptor
 
-    from .spec import as_list, is_s3
-
     free = [d for d in spec.stages.pretrain.datasets if spec.datasets[d].label_free]
     paths = [(p, spec.datasets[d].fmt) for d in spec.stages.pretrain.datasets if d not in free
              for p in as_list(spec.datasets[d].train)]
@@ -158,7 +151,7 @@ def pretrained_descriptor(spec: "PipelineSpec", desc: dict, type_map: list[str])
     cache = json.dumps([desc, type_map, paths, free], sort_keys=True, default=str)
     if cache not in _RESOLVED:
         systems = [s for p, fmt in paths for s in load_systems([p], type_map, fmt)]
-        for d in free:  # label-free structures (workflows/label_free.py), for sel only
+        for d in free:  # label-free structures (workflows/spec/label_free.py), for sel only
             from lamflow.model.data.structures import structure_paths
 
             paths_d, fmt_d = structure_paths(as_list(spec.datasets[d].train), spec.datasets[d].fmt)
@@ -176,19 +169,17 @@ MULTITASK_PATHS = [(re.compile(r"\bmodel\.model_dict\.[^.:]+\."), "model."), (re
                    (re.compile(r"\btraining\.data_dict\.[^.:]+\."), "training.")]
 
 
-def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
+def multitask_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
     """A multi-task pretraining stage's settings checked by the multi-task trainer's own config
     (lamflow.model.training.multitask.parse_multitask_config on what the pretrain OP builds), with the
     errors' paths put back into the pipeline's layout (one line per problem, not per head)."""
-    from lamflow.model.training.multitask import parse_multitask_config
-    from lamflow.ops.pretrain import multitask_config_dict
-
-    from .spec import model_settings, spec_source
+    from lamflow.model.training.multitask import multitask_layout, parse_multitask_config
 
     st = spec.stages.pretrain
-    heads = {n: {"train": ["data"], "valid": ["data"], "fmt": "auto"} for n in st.datasets}
+    heads = {n: {"train": as_list(spec.datasets[n].train), "valid": as_list(spec.datasets[n].valid),
+                 "fmt": spec.datasets[n].fmt} for n in st.datasets}  # the pipeline's own data, as the OP stages them
     try:
-        parse_multitask_config(multitask_config_dict(model_settings(st), heads, type_map), "@")
+        parse_multitask_config(multitask_layout(model_settings(st), heads, type_map), "@")
     except LamflowError as e:
         out = []
         for line in str(e).splitlines():
@@ -200,7 +191,7 @@ def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
                 line = line.replace(f"pretrain.model.model_dict.{n}.fitting_net", f"pretrain.denoise.{n}.fitting_net")
             for pat, rep in MULTITASK_PATHS:
                 line = pat.sub(rep, line)
-            if line not in out and ".systems" not in line:
+            if line not in out:
                 out.append(line)
         return out
     return []

@@ -13,19 +13,20 @@ pretrain stage (docs/pipeline.md, "Label-free structures").
 
 A label-free dataset can only be a denoise head: not an energy head, a fine-tuning system, a
 test or distillation target, or a clean stage input (cleaning judges labels; such datasets are
-left out of its default list). The checks here run at `load_spec` (references) and `check_spec`
+left out of its default list). Where they may be used is checked at `load_spec` (references.py:
+label_free_problems); the files here, at `check_spec`
 (the files: they exist, parse, and hold only elements of the type map), before any training.
 """
 
 from __future__ import annotations
 
 import glob
-from typing import TYPE_CHECKING
 
 from lamflow.model.errors import LamflowError
 
-if TYPE_CHECKING:
-    from .spec import PipelineSpec
+from . import stage_configs
+from .base import as_list, is_s3, spec_source
+from .schema import PipelineSpec
 
 GLOB_CHARS = set("*?[")
 
@@ -84,44 +85,6 @@ def _resolve_format(d: dict, files: list[str], where: str, problems: list[str]) 
         d["fmt"] = next(iter(fmts))
 
 
-def label_free_problems(spec: "PipelineSpec") -> list[str]:
-    """Where label-free datasets and denoise heads may be used (no data read)."""
-    out: list[str] = []
-    st = spec.stages
-    free = {n for n, d in spec.datasets.items() if d.label_free}
-
-    def why(n: str) -> str:
-        return f"dataset {n!r} is label-free (datasets.{n}.label_free: no energies or forces)"
-
-    if st.pretrain.enabled:
-        for n in st.pretrain.denoise:
-            if n not in st.pretrain.datasets:
-                out.append(f"stages.pretrain.denoise.{n}: not one of stages.pretrain.datasets "
-                           f"({', '.join(st.pretrain.datasets)})")
-        for i, n in enumerate(st.pretrain.datasets):
-            if n in free and n not in st.pretrain.denoise:
-                out.append(f"stages.pretrain.datasets[{i}]: {why(n)}: it can only be a denoise head; "
-                           f"name it in stages.pretrain.denoise")
-        if st.pretrain.datasets and set(st.pretrain.datasets) <= set(st.pretrain.denoise) and st.test.enabled:
-            if not st.finetune.enabled:
-                out.append("stages.test: every pretrain head is a denoise head, so there is no energy model to test; "
-                           "enable finetune or disable test")
-            elif st.test.zero_shot:
-                out.append("stages.test.zero_shot: every pretrain head is a denoise head (no energy head to re-fit); "
-                           "set zero_shot: false")
-    if st.finetune.enabled:
-        out += [f"stages.finetune.systems[{i}]: {why(n)}: fine-tuning needs labels" for i, n in enumerate(st.finetune.systems)
-                if n in free]
-    if st.test.enabled and st.test.systems is not None:
-        out += [f"stages.test.systems[{i}]: {why(n)}: testing needs labels" for i, n in enumerate(st.test.systems) if n in free]
-    if st.clean.enabled and st.clean.datasets is not None:
-        out += [f"stages.clean.datasets[{i}]: {why(n)}: cleaning judges labels; leave it out (it is not cleaned)"
-                for i, n in enumerate(st.clean.datasets) if n in free]
-    if st.distill.enabled and spec.distill_dataset in free:
-        out.append(f"stages.distill.dataset: {why(spec.distill_dataset)}: distillation compares with DFT labels")
-    return out
-
-
 def structure_elements(paths: list[str], fmt: str) -> list[str]:
     """Elements of label-free structures, in order of first appearance (converted once, cached)."""
     from lamflow.model.data.structures import structure_paths
@@ -134,12 +97,11 @@ def _where(name: str, split: str, value, i: int) -> str:
     return f"datasets.{name}.{split}" + (f"[{i}]" if isinstance(value, list) else "")
 
 
-def label_free_elements(spec: "PipelineSpec", name: str, elements: dict[str, list[str]]) -> list[str]:
+def label_free_elements(spec: PipelineSpec, name: str, elements: dict[str, list[str]]) -> list[str]:
     """check_spec's first pass for a label-free dataset: each file exists and parses (converted once
     into the cache); its elements are added to `elements` ("dataset.split" -> elements)."""
     from pathlib import Path
 
-    from .spec import as_list, is_s3, spec_source
 
     ds, source, out = spec.datasets[name], spec_source(spec), []
     for split in ("train", "valid", "test"):
@@ -162,14 +124,12 @@ def label_free_elements(spec: "PipelineSpec", name: str, elements: dict[str, lis
     return out
 
 
-def label_free_systems(spec: "PipelineSpec", name: str, type_map: list[str]) -> list[str]:
+def label_free_systems(spec: PipelineSpec, name: str, type_map: list[str]) -> list[str]:
     """check_spec's second pass: the structures load without labels on the type map (an element
     outside it names the file), and fit the pretrain descriptor's sel."""
     from lamflow.model.data.structures import source_of, structure_paths
     from lamflow.model.data.systems import load_systems
 
-    from . import stage_configs
-    from .spec import as_list, spec_source
 
     ds, source, out = spec.datasets[name], spec_source(spec), []
     for split in ("train", "valid", "test"):
