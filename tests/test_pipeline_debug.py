@@ -140,6 +140,8 @@ def assert_quickstart_learns(summary: dict, md: str) -> None:
               "zero-shot" if t.get("zero_shot") else "", t.get("zero_shot") or "", t["stability"]["stable"], "stable")
     print("compress", summary["compress"]["speedup"], summary["compress"]["natoms"], "flags", summary.get("flags"))
     assert {t["role"] for t in models} == {"fine-tuned", "student"}
+    for h, m in summary["pretrain"]["heads"].items():  # the pretraining heads, on their validation frames
+        assert m["normalised"] and all(n["ratio"] < 1 for n in m["normalised"].values()), (h, m)
     for t in models:
         n = t["normalised"]
         who = f"{t['role']} {t['system']}"
