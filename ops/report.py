@@ -60,6 +60,7 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         bar_chart,
         baseline_table,
         compare_table,
+        head_text,
         lambench_table,
         metrics_table,
         meV,
@@ -90,7 +91,8 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
     p = _load(pretrain)
     if p is not None:
         summary["pretrain"] = p
-        rows = [[h, meV(m.get("rmse_e_per_atom")), meV(m.get("rmse_f"))] for h, m in p.get("heads", {}).items()]
+        rows = [[h, meV(m.get("rmse_e_per_atom")), meV(m.get("rmse_f"))] for h, m in p.get("heads", {}).items()
+                if m.get("rmse_coord") is None]
         img = _png(Path(pretrain) / "lcurve.png", out, "pretrain-lcurve.png")
         # energy heads next to their dataset's composition-only baseline, on their validation frames
         heads = [{"system": h, "role": "pretrained head", "nframes": m.get("nframes", "-"), "normalised": m["normalised"]}
@@ -102,10 +104,15 @@ def run_report(out_dir: Path, *, title: str, clean: Path | None = None, pretrain
         if heads:
             text += (" **Not better than its baseline:** " + "; ".join(pre_flags) + "." if pre_flags else
                      " Every energy head is better than its baseline.")
-        tables = [baseline_table(heads)] if heads else [Table(["branch", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows)]
-        sections.append(Section("Pretraining", text, tables, [img] if img else []))
+        plain = [Table(["branch", "E RMSE (meV/atom)", "F RMSE (meV/A)"], rows)] if rows else []
+        tables = [baseline_table(heads)] if heads else plain
         summary["flags"] = flags
-        headline.append(["pretrain", "; ".join(f"{h}: F {f} meV/A" for h, _, f in rows)])
+        denoise = [[h, f"{m['rmse_coord']:.4f}", "-" if m.get("acc_type") is None else f"{m['acc_type']:.3f}"]
+                   for h, m in p.get("heads", {}).items() if m.get("rmse_coord") is not None]
+        if denoise:  # label-free heads: how well they restore the displaced coordinates
+            tables.append(Table(["denoise head", "coord RMSE (A)", "type accuracy"], denoise))
+        sections.append(Section("Pretraining", text, tables, [img] if img else []))
+        headline.append(["pretrain", "; ".join(head_text(h, m) for h, m in p.get("heads", {}).items())])
 
     ft = [(Path(f), s) for f in finetune or [] if (s := _load(f)) is not None]
     if ft:

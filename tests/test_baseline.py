@@ -141,10 +141,10 @@ def test_pretraining_heads_stand_next_to_their_baseline_and_an_untrained_one_is_
     untrained = _with_baselines({"ch4": {"rmse_e_per_atom": 2 * base["rmse_e_per_atom"], "rmse_f": base["rmse_f"]}},
                                 paths, tm)["ch4"]
 
-    def report(head, name):
+    def report(head, name, **more):
         pre = tmp_path / name
         pre.mkdir()
-        (pre / "summary.json").write_text(json.dumps({"kind": "single-task", "steps": 4, "heads": {"ch4": head}}))
+        (pre / "summary.json").write_text(json.dumps({"kind": "multi-task", "steps": 4, "heads": {"ch4": head, **more}}))
         summary = run_report(tmp_path / f"{name}-report", title="t", pretrain=pre)
         return summary, (tmp_path / f"{name}-report" / "report.md").read_text()
 
@@ -152,5 +152,7 @@ def test_pretraining_heads_stand_next_to_their_baseline_and_an_untrained_one_is_
     assert [f for f in summary["flags"] if "ch4: pretrained head E RMSE" in f and NOT_BETTER in f]
     assert [f for f in summary["flags"] if "ch4: pretrained head F RMSE" in f and NOT_BETTER in f]  # ratio 1.0
     assert "**Not better than its baseline:**" in md and "| ch4 | pretrained head |" in md
-    summary, md = report(good, "good")
+    summary, md = report(good, "good", crystals={"rmse_coord": 0.1234, "acc_type": 0.9})  # + a label-free denoise head
     assert summary["flags"] == [] and "Every energy head is better than its baseline." in md
+    assert "| crystals | 0.1234 | 0.900 |" in md  # the denoise head in its own table, not as "E -, F -"
+    assert "crystals: denoise coord RMSE 0.123 A, type accuracy 0.90" in md and "(0.20x baseline)" in md

@@ -118,6 +118,23 @@ def ratio_text(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}"
 
 
+def head_text(name: str, m: dict) -> str:
+    """One pretraining head's validation errors in a few words: E and F (with the baseline ratio
+    when the head has one) for an energy head, the coordinate RMSE (and type accuracy) for a
+    denoise head."""
+    if m.get("rmse_coord") is not None:
+        acc = f", type accuracy {m['acc_type']:.2f}" if m.get("acc_type") is not None else ""
+        return f"{name}: denoise coord RMSE {m['rmse_coord']:.3f} A{acc}"
+    norm = m.get("normalised") or {}
+    parts = []
+    for k in ("rmse_e_per_atom", "rmse_f"):
+        if m.get(k) is not None:
+            label, unit = NAMES[k]
+            r = norm.get(k, {}).get("ratio")
+            parts.append(f"{label} {meV(m[k])} {unit}" + (f" ({ratio_text(r)}x baseline)" if r is not None else ""))
+    return f"{name}: " + (", ".join(parts) or "-")
+
+
 def verdicts(summary: dict) -> list[str]:
     """Sentences for every result that is not better than its composition-only baseline (ratio >=
     1), every metric where fine-tuning is worse than zero-shot, and unstable NVE runs, from a test

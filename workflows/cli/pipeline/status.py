@@ -23,8 +23,9 @@ def headline(stage: str, s: dict | None) -> str:
         return ""
     meV = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
     if stage == "pretrain":
-        return "; ".join(f"{h}: E {meV(m.get('rmse_e_per_atom'))} meV/atom, F {meV(m.get('rmse_f'))} meV/A"
-                         for h, m in s.get("heads", {}).items())
+        from lamflow.model.tasks.report import head_text  # here, not at the top: it loads torch (~1 s) for every command
+
+        return "; ".join(head_text(h, m) for h, m in s.get("heads", {}).items())
     if stage == "finetune":
         m = s.get("metrics", {})
         return f"valid E {meV(m.get('rmse_e_per_atom'))} meV/atom, F {meV(m.get('rmse_f'))} meV/A"
