@@ -20,6 +20,9 @@ KEYS = ("coord", "box", "energy", "force", "virial")
 
 
 MULTI_FORMATS = {"extxyz", "quip/gap/xyz", "xyz", "ase/structure"}
+# structure files ASE reads: lamflow's name -> ASE's format (None: ASE guesses from name and content);
+# extxyz without labels too (dpdata's own extxyz reader wants energies)
+ASE_FORMATS = {"cif": "cif", "ase": None}
 
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -156,9 +159,13 @@ def _read_dpdata(path: Path, fmt: str, labeled: bool) -> list[tuple[str, list[st
     import dpdata
 
     try:
-        if fmt in MULTI_FORMATS:  # one file, many frames / compositions
-            ms = dpdata.MultiSystems.from_file(str(path), fmt=fmt, labeled=labeled) if labeled else dpdata.MultiSystems.from_file(str(path), fmt=fmt)
-            systems = list(ms.systems.values())
+        if fmt in ASE_FORMATS or (fmt == "extxyz" and not labeled):  # read by ASE (dpdata's ase/structure)
+            ase_fmt = ASE_FORMATS.get(fmt, fmt)
+            kw = {"ase_fmt": ase_fmt} if ase_fmt else {}
+            ms = dpdata.MultiSystems.from_file(str(path), fmt="ase/structure", labeled=labeled, **kw)
+            systems = [s for s in ms.systems.values() if len(s) > 0]
+        elif fmt in MULTI_FORMATS:  # one file, many frames / compositions
+            systems = list(dpdata.MultiSystems.from_file(str(path), fmt=fmt, labeled=labeled).systems.values())
         else:
             systems = [dpdata.LabeledSystem(str(path), fmt=fmt) if labeled else dpdata.System(str(path), fmt=fmt)]
     except DataError:
