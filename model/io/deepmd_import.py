@@ -57,6 +57,7 @@ from lamflow.model.io.deepmd_names import NAMES, _check_padding_semantics, _name
 from lamflow.model.io.files import atomic_save
 from lamflow.model.io.payload import FORMAT, model_payload
 from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.potential import EnergyModel
 
 
 # ----------------------------------------------------------------------------- reading
@@ -171,8 +172,6 @@ def load_weights(model, cfg: ModelConfig, sd: dict, prefix: str, source: str) ->
 
 def convert_branch(sd: dict, branch: str, source: str):
     """One branch of a deepmd-kit state dict -> (EnergyModel, ModelConfig)."""
-    from lamflow.model.nn.potential import EnergyModel
-
     params = sd["_extra_state"]["model_params"]
     if "model_dict" in params:
         if branch not in params["model_dict"]:

@@ -35,7 +35,7 @@ from lamflow.model.data.write import write_system
 from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.files import atomic_write_text
-from lamflow.model.tasks.active import ActiveConfig
+from lamflow.model.tasks.active import ActiveConfig, active_learning
 from lamflow.model.tasks.evaluate import parity_plot
 from lamflow.model.tasks.report import clean_section, write_markdown
 from lamflow.model.training.metrics import collect
@@ -278,8 +278,6 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
                 f"force RMSE {1000 * o.get('rmse_f', float('nan')):.2f} meV/A (bias refit on {o['nframes']} frames)")
 
     if cfg.active is not None:
-        from lamflow.model.tasks.active import active_learning
-
         kept_systems = [src.system.subset(np.nonzero(m)[0]) for src, m in zip(sources, keep) if m.any()]
         names = [src.name for src, m in zip(sources, keep) if m.any()]
         for s, name in zip(kept_systems, names):

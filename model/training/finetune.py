@@ -41,16 +41,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lamflow.model.data.batch import resolve_batch_size
+from lamflow.model.data.batch import DataSet, resolve_batch_size
 from lamflow.model.data.systems import System, elements_in
 from lamflow.model.errors import ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.descriptor import REGISTRY
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.training.pretrained import change_bias, zero_shot  # noqa: F401 (zero_shot: workflows/stage_configs.py looks for it here)
-from lamflow.model.data.batch import DataSet
-from lamflow.model.nn.descriptor import REGISTRY
+from lamflow.model.training.multitask import MultiTaskModel
+from lamflow.model.training.pretrained import change_bias
+from lamflow.model.training.pretrained import zero_shot  # noqa: F401 (workflows/stage_configs.py looks for it here)
 from lamflow.model.training.stats import stat_samples
 from lamflow.model.training.trainer import TrainResult, train
 
@@ -60,8 +61,6 @@ RANDOM = "RANDOM"
 def starting_model(pretrained, branch: str | None = None) -> tuple[EnergyModel, str]:
     """(energy model to start from, head) with head = the kept branch name, "self" for a
     single-task model, or RANDOM (the model then carries the pretrained head, to be replaced)."""
-    from lamflow.model.training.multitask import MultiTaskModel
-
     if isinstance(pretrained, (str, os.PathLike)):
         model = build_from_payload(read_checkpoint(pretrained), str(pretrained))
         src = str(pretrained)
