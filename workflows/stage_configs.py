@@ -97,7 +97,7 @@ COMPRESS_KEYS = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
 
 def compress_settings() -> type[BaseModel]:
     """The compress stage's settings as a pydantic model whose fields are those of the compressed
-    checkpoint's own config (lamflow.model.tasks.compress.CompressedModelConfig): the same bounds the
+    checkpoint's own config (lamflow.model.nn.compressed.CompressedModelConfig): the same bounds the
     stage applies (stride > 0, extrapolate >= 1, min_nbor_dist > 0), not a second rule set."""
     from pydantic import ConfigDict, create_model
 

@@ -59,7 +59,7 @@ def load_failure(e: Exception) -> str:
 KINDS = {
     "energy": "lamflow.model.nn.potential:EnergyModel",
     "multitask": "lamflow.model.training.multitask:MultiTaskModel",
-    "compressed": "lamflow.model.tasks.compress:CompressedModel",
+    "compressed": "lamflow.model.nn.compressed:CompressedModel",
 }
 
 

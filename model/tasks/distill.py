@@ -358,10 +358,10 @@ class DistillResult:
 
 def _load_teacher(path, device: str, branch: str | None = None):
     model = load_model(path, device)
-    if getattr(model, "kind", "energy") == "multitask":
+    if model.kind == "multitask":
         model = model.branch_model(branch)
     if not hasattr(model, "atomic_energy"):
-        raise ConfigError(f"{path}: a {getattr(model, 'kind', type(model).__name__)!r} model cannot label energies")
+        raise ConfigError(f"{path}: a {model.kind!r} model cannot label energies")
     return model.eval()
 
 
