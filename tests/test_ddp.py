@@ -18,7 +18,8 @@ from lamflow.model.training.config import load_train_config
 from lamflow.model.data.batch import DataSet
 from lamflow.model.data.systems import load_systems
 from lamflow.model.training.distributed import ShardedDataSet
-from lamflow.model.training.multitask import load_multitask_config, train_multitask
+from lamflow.model.training.multitask_config import load_multitask_config
+from lamflow.model.training.multitask import train_multitask
 from lamflow.model.data.neighbor import NlistRequest
 from lamflow.model.training.trainer import train
 

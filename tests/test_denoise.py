@@ -13,10 +13,14 @@ from physics import random_rotation
 
 from lamflow.model.data.systems import System, load_systems
 from lamflow.model.data.batch import collate
-from lamflow.model.training.denoise import MASK, DenoiseLossConfig, corrupt
+from lamflow.model.nn.config import MASK
+from lamflow.model.training.config import DenoiseLossConfig
+from lamflow.model.training.denoise import corrupt
 from lamflow.model.errors import ConfigError
-from lamflow.model.training.multitask import (DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel,
-    MultiTaskModelConfig, load_branch, load_multitask_config, parse_multitask_config, train_multitask)
+from lamflow.model.nn.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
+from lamflow.model.training.pretrained import load_branch
+from lamflow.model.training.multitask_config import load_multitask_config, parse_multitask_config
+from lamflow.model.training.multitask import train_multitask
 from lamflow.model.data.neighbor import build_graph
 from lamflow.model.nn.potential import extended_inputs
 

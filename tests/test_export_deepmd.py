@@ -24,7 +24,7 @@ from lamflow.model.tasks.compress import compress
 from lamflow.model.io.deepmd_export import export_deepmd, export_payload
 from lamflow.model.io.deepmd_import import convert_state
 from lamflow.model.nn.infer import evaluate
-from lamflow.model.training.multitask import MultiTaskModel
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.workflows.cli import main
 

@@ -19,7 +19,7 @@ from lamflow.model.errors import ConfigError
 from lamflow.model.training.pretrained import change_bias, zero_shot
 from lamflow.model.training.finetune import finetune
 from lamflow.model.nn.infer import evaluate_system
-from lamflow.model.training.multitask import load_branch
+from lamflow.model.training.pretrained import load_branch
 from lamflow.model.data.composition import energy_bias
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
@@ -161,7 +161,8 @@ def water_si(tmp_path_factory):
     """A tiny DPA-3 pretrained on water and Si (two branches, shared descriptor), and MAPbI3 subsets."""
     from multitask_helpers import write_yaml
 
-    from lamflow.model.training.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask_config import load_multitask_config
+    from lamflow.model.training.multitask import train_multitask
 
     tmp = tmp_path_factory.mktemp("water_si")
     sets = {"water": "water_h2o", "si": "si_pbe"}

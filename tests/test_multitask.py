@@ -18,8 +18,10 @@ from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, DataError
 from lamflow.model.training.metrics import predict_dataset
 from lamflow.model.nn.infer import evaluate_system
-from lamflow.model.training.multitask import (MultiTaskModel, branch_probabilities, load_branch, load_multitask_config,
-    parse_multitask_config, train_multitask)
+from lamflow.model.nn.multitask import MultiTaskModel
+from lamflow.model.training.multitask import branch_probabilities, train_multitask
+from lamflow.model.training.pretrained import load_branch
+from lamflow.model.training.multitask_config import load_multitask_config, parse_multitask_config
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.data.composition import energy_bias
 from lamflow.workflows.cli import main

@@ -178,9 +178,9 @@ MULTITASK_PATHS = [(re.compile(r"\bmodel\.model_dict\.[^.:]+\."), "model."), (re
 
 def multitask_problems(spec: "PipelineSpec", type_map: list[str]) -> list[str]:
     """A multi-task pretraining stage's settings checked by the multi-task trainer's own config
-    (lamflow.model.training.multitask.parse_multitask_config on what the pretrain OP builds), with the
+    (lamflow.model.training.multitask_config.parse_multitask_config on what the pretrain OP builds), with the
     errors' paths put back into the pipeline's layout (one line per problem, not per head)."""
-    from lamflow.model.training.multitask import parse_multitask_config
+    from lamflow.model.training.multitask_config import parse_multitask_config
     from lamflow.ops.pretrain import multitask_config_dict
 
     from .spec import model_settings, spec_source

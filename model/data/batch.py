@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from lamflow.model.data.batch_neighbors import batch_graph
-from lamflow.model.data.neighbor import (FrameGraph, NeighborOverflow, NlistRequest, build_graph, find_pairs,
-                                         neighbor_counts)
+from lamflow.model.data.neighbor import FrameGraph, NeighborOverflow, NlistRequest, build_graph, find_pairs, neighbor_counts
 from lamflow.model.data.systems import LABELS, OVERLAP, System
 from lamflow.model.errors import DataError
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lamflow.model.data.formats import cache_dir, content_hash
 from lamflow.model.errors import DataError
 
 NATIVE = ("deepmd/npy", "deepmd", "npy", "deepmd/raw")
@@ -83,7 +84,6 @@ def _write(dst: Path, system) -> None:
 
 def converted_structures(path: str | os.PathLike, fmt: str = "auto") -> list[Path]:
     """deepmd/npy folders holding the structures of `path` (the path itself when it is native)."""
-    from lamflow.model.data.formats import cache_dir, content_hash
 
     path = Path(path)
     if not path.exists():

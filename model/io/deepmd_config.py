@@ -13,7 +13,6 @@ from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, DESCRIPTOR_TAGS, ModelCo
 from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
 from lamflow.model.schema import format_validation_error
 
-
 _MISSING = object()
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-
 _STARTED = time.time()  # temporaries older than this process were left by a killed one
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from lamflow.model.io.files import atomic_save
 
-
 FORMAT = "lamflow-model"
 
 

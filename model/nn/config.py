@@ -13,8 +13,16 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from lamflow.model.nn.descriptor_config import (Activation, DPA2Config, DPA3Config, Precision, SeAttenConfig,
-                                                SeE2AConfig, _check_widths, dtype_name)
+from lamflow.model.nn.descriptor_config import (
+    Activation,
+    DPA2Config,
+    DPA3Config,
+    Precision,
+    SeAttenConfig,
+    SeE2AConfig,
+    _check_widths,
+    dtype_name,
+)
 from lamflow.model.schema import Strict
 
 
@@ -83,3 +91,13 @@ class ModelConfig(Strict):
         return dtype_name(self.descriptor.precision)
 
 
+MASK = "MASK"  # the input-only pseudo-type appended to the type map when types are masked
+
+
+class DenoiseNetConfig(Strict):
+    """The denoise head of a `task: denoise` branch (its `fitting_net` section)."""
+
+    neuron: list[int] = [32, 32]  # hidden widths of MLP_w (pair weights) and MLP_t (type logits)
+    activation_function: Activation = "tanh"
+    precision: Literal["default", "float64", "float32"] = "default"
+    seed: int | None = None

@@ -14,12 +14,17 @@ from typing import Callable
 
 import numpy as np
 
+from lamflow.model.data.batch import min_neighbor_distance
+from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import CheckpointError, ConfigError, DataError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.compressed import CompressedModel, CompressedModelConfig, TabulatedSeE2A
 from lamflow.model.nn.descriptor_config import SeE2AConfig
+from lamflow.model.nn.infer import evaluate
 from lamflow.model.nn.tables import table_grids
+from lamflow.model.training.config import load_train_config
+
 
 def compress_model(model, min_nbor_dist: float, stride: float = 0.01, extrapolate: float = 5.0,
                    check_frequency: int = -1) -> CompressedModel:
@@ -64,8 +69,6 @@ def resolve_min_nbor_dist(payload: dict, rcut: float, type_map: list[str], train
     if min_nbor_dist is not None:
         return float(min_nbor_dist), systems
     if systems is not None:
-        from lamflow.model.data.batch import min_neighbor_distance
-
         d = min_neighbor_distance(systems, rcut)
         if not math.isfinite(d):
             raise DataError(f"{training_data}: no pair of atoms closer than rcut {rcut}; give --min-nbor-dist")
@@ -78,9 +81,6 @@ def resolve_min_nbor_dist(payload: dict, rcut: float, type_map: list[str], train
 
 
 def _load_training_data(spec: list[str] | str, type_map: list[str], fmt: str):
-    from lamflow.model.training.config import load_train_config
-    from lamflow.model.data.systems import load_systems
-
     paths = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if len(paths) == 1 and Path(paths[0]).is_file() and Path(paths[0]).suffix in (".yaml", ".yml", ".json"):
         cfg = load_train_config(paths[0])
@@ -125,7 +125,6 @@ def compress(model_path: str | os.PathLike, out_path: str | os.PathLike, *, stri
 
 def compare(model, compressed, systems, frames_per_system: int = 2) -> dict:
     """Largest energy-per-atom and force differences between a model and its compressed form."""
-    from lamflow.model.nn.infer import evaluate
 
     de, df, n = 0.0, 0.0, 0
     for s in systems:

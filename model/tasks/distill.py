@@ -38,15 +38,28 @@ from typing import Callable, Union
 import numpy as np
 from pydantic import Field, model_validator
 
-from lamflow.model.io.files import atomic_save, atomic_write_text
+from lamflow.model.data.batch import min_neighbor_distance
+from lamflow.model.data.systems import System, elements_in, load_systems
+from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
-from lamflow.model.training.config import (DataConfig, LearningRateConfig, LossConfig, TrainConfig, TrainingConfig,
-    TrainingLoopConfig, read_yaml)
+from lamflow.model.io.files import atomic_save, atomic_write_text
 from lamflow.model.nn.config import FittingConfig, ModelConfig
 from lamflow.model.nn.descriptor_config import SeE2AConfig
+from lamflow.model.nn.infer import evaluate
 from lamflow.model.schema import Strict, parse_config
-from lamflow.model.data.systems import System, load_systems
-from lamflow.model.errors import ConfigError, DataError
+from lamflow.model.tasks.calculator import LamflowCalculator
+from lamflow.model.tasks.evaluate import evaluate_systems
+from lamflow.model.tasks.md import MDGuards, SimulationError, run_md, system_to_atoms
+from lamflow.model.training.config import (
+    DataConfig,
+    LearningRateConfig,
+    LossConfig,
+    TrainConfig,
+    TrainingConfig,
+    TrainingLoopConfig,
+    read_yaml,
+)
+from lamflow.model.training.trainer import train as train_model
 
 # ----------------------------------------------------------------------------- config
 
@@ -169,8 +182,6 @@ def explore(teacher, systems: list[System], cfg: ExplorationConfig, counts: Coun
             log: Callable = print, min_nbor_dist: float | None = None) -> list[Frames]:
     """Teacher MD from every system (module docstring, step 1); deduplicated and capped.
     `min_nbor_dist`: of the teacher's training data, for the default close-contact bound."""
-    from lamflow.model.tasks.calculator import LamflowCalculator
-    from lamflow.model.tasks.md import MDGuards, SimulationError, run_md
 
     calc = LamflowCalculator(teacher, device=str(teacher.out_bias.device))
     calc.min_nbor_dist = min_nbor_dist or calc.min_nbor_dist
@@ -224,7 +235,6 @@ def explore(teacher, systems: list[System], cfg: ExplorationConfig, counts: Coun
 def start_structure(s: System, frame: int, strain: float, perturb: float, rng: np.random.Generator):
     """Frame `frame` of `s` as ase.Atoms, its cell (and atoms) scaled by 1 + strain, positions
     displaced uniformly in [-perturb, perturb] A."""
-    from lamflow.model.tasks.md import system_to_atoms
 
     atoms = system_to_atoms(s, frame)
     if strain != 0:
@@ -257,7 +267,6 @@ def label(teacher, frames: list[Frames], cfg: LabellingConfig, counts: Counts, s
           log: Callable = print) -> tuple[list[System], dict]:
     """Teacher labels + trust check (module docstring, step 2). Returns labelled systems (atype
     indexes the teacher's type map) and force-disagreement statistics (empty without a second teacher)."""
-    from lamflow.model.nn.infer import evaluate
 
     t = cfg.trust
     out, dev_all = [], []
@@ -385,9 +394,6 @@ def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, 
     deepmd systems added to the student's training data / used for the student-vs-DFT report.
     `train_student(train_config, out_dir, log) -> TrainResult` trains the student (default: train
     in this process; the distill OP passes one that runs it data-parallel under torchrun)."""
-    from lamflow.model.data.systems import elements_in
-    from lamflow.model.tasks.evaluate import evaluate_systems
-    from lamflow.model.training.trainer import train as train_model
 
     out = Path(out_dir)
     t0 = time.time()
@@ -454,7 +460,6 @@ def distill(teacher: str | os.PathLike, systems: list[str], cfg: DistillConfig, 
 
 def stamp_min_nbor_dist(checkpoint: str | os.PathLike, systems: list[System], rcut: float) -> float:
     """Store the closest pair distance of the training data in the checkpoint (what `compress` needs)."""
-    from lamflow.model.data.batch import min_neighbor_distance
 
     d = min_neighbor_distance(systems, rcut)
     payload = read_checkpoint(checkpoint)

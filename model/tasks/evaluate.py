@@ -17,8 +17,16 @@ import numpy as np
 from lamflow.model.data.systems import System, load_systems
 from lamflow.model.io.files import atomic_write_text
 from lamflow.model.tasks.baseline import baseline_errors, fit_baseline, normalised
-from lamflow.model.tasks.report import (Section, bar_chart, baseline_table, compare_table, metrics_table, short_names,
-                                        verdicts, write_markdown)
+from lamflow.model.tasks.report import (
+    Section,
+    bar_chart,
+    baseline_table,
+    compare_table,
+    metrics_table,
+    short_names,
+    verdicts,
+    write_markdown,
+)
 from lamflow.model.training.metrics import collect, predict_systems
 from lamflow.model.training.pretrained import load_pretrained, refit_bias, retype
 

@@ -45,13 +45,14 @@ from lamflow.model.data.batch import DataSet, resolve_batch_size
 from lamflow.model.data.systems import System, elements_in
 from lamflow.model.errors import ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.nn.descriptor import REGISTRY
+from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, ModelConfig
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.training.multitask import MultiTaskModel
-from lamflow.model.training.pretrained import change_bias
-from lamflow.model.training.pretrained import zero_shot  # noqa: F401 (workflows/stage_configs.py looks for it here)
+from lamflow.model.training.pretrained import (
+    change_bias,
+    zero_shot,  # noqa: F401 (workflows/stage_configs.py looks for it here)
+)
 from lamflow.model.training.stats import stat_samples
 from lamflow.model.training.trainer import TrainResult, train
 
@@ -90,7 +91,7 @@ def bias_frames(systems: list[System], nbatch: int, batch_size) -> list[System]:
 def can_add_elements(descriptor_type: str) -> bool:
     """Whether fine-tuning can give a model of this descriptor elements it was not trained on."""
 
-    return bool(REGISTRY[descriptor_type].mixed_types)
+    return DESCRIPTOR_CONFIGS[descriptor_type].mixed_types
 
 
 def new_elements(type_map: list[str], pretrained_map: list[str]) -> list[str]:

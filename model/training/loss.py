@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-
 from lamflow.model.data.batch import Batch
 from lamflow.model.nn.potential import predict
 from lamflow.model.training.config import LearningRateConfig, LossConfig

@@ -22,9 +22,9 @@ from lamflow.model.data.systems import System, load_systems
 from lamflow.model.errors import CheckpointError, ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.bias_check import warn_underdetermined_bias
-from lamflow.model.training.multitask import MultiTaskModel
 
 
 def source_name(pretrained) -> str:
@@ -132,3 +132,18 @@ def refit_bias(model, systems: list[System]) -> tuple[object, list[dict], np.nda
     delta = (refit.out_bias - model.out_bias.to(refit.out_bias.device)).detach().cpu().numpy()
     preds = [evaluate_system(refit, s, virial=s.virial is not None and s.box is not None) for s in systems]
     return refit, preds, delta
+
+
+def load_branch(path: str | os.PathLike, branch: str | None = None, device: str | torch.device = "cpu") -> EnergyModel:
+    """An energy model from a checkpoint: branch `branch` of a multi-task model (None: its only
+    energy branch), or a single-task model itself (branch must be None)."""
+
+    model = build_from_payload(read_checkpoint(path), str(path))
+    if isinstance(model, MultiTaskModel):
+        try:
+            model = model.branch_model(branch)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    elif branch is not None:
+        raise CheckpointError(f"{path}: a single-task {getattr(model, 'kind', 'energy')} model has no branch {branch!r}")
+    return model.to(resolve_device(device)).eval()

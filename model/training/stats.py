@@ -35,7 +35,7 @@ import torch
 from lamflow.model.data.batch import DataSet, max_neighbor_counts, overlap_error
 from lamflow.model.data.composition import energy_bias
 from lamflow.model.data.neighbor import find_pairs, neighbor_counts
-from lamflow.model.data.systems import FrameArray, OVERLAP, System
+from lamflow.model.data.systems import OVERLAP, FrameArray, System
 from lamflow.model.io.files import atomic_save
 from lamflow.model.nn.descriptor import REGISTRY
 from lamflow.model.nn.potential import extended_inputs, predict

@@ -121,8 +121,7 @@ class Trainer:
         nw = cfg.training.num_workers
         self.num_workers = auto_workers(self.device) if nw == "auto" else int(nw)
         if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
-            from lamflow.model.training.distributed import (GradAllReduce, ShardedDataSet, broadcast_module, lr_scale,
-                sync_rng)
+            from lamflow.model.training.distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
 
             for t in tasks:
                 t.train = ShardedDataSet(t.train, rank, world)

@@ -3,7 +3,7 @@ under its config's `type` tags (base.py: Descriptor); importing this package fil
 
 from __future__ import annotations
 
-from lamflow.model.nn.descriptor.base import Descriptor, DescriptorOutput, REGISTRY, TypeEmbedding
+from lamflow.model.nn.descriptor.base import REGISTRY, Descriptor, DescriptorOutput, TypeEmbedding
 from lamflow.model.nn.descriptor.dpa2 import DPA2
 from lamflow.model.nn.descriptor.dpa3 import DPA3
 from lamflow.model.nn.descriptor.se_atten import SeAtten

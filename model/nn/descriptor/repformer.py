@@ -12,7 +12,6 @@ from lamflow.model.nn.descriptor_config import RepformerConfig
 from lamflow.model.nn.env_mat import gather_neighbors
 from lamflow.model.nn.network import ACTIVATIONS, Layer
 
-
 ATTN_SHIFT = 20.0
 
 
