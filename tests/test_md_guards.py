@@ -16,7 +16,7 @@ from lamflow.model.io.payload import save_model
 from lamflow.model.tasks.compress import compress_model
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.data.systems import load_systems
-from lamflow.model.tasks.distill import Counts, ExplorationConfig, explore
+from lamflow.model.tasks.explore import Counts, ExplorationConfig, explore
 from lamflow.model.tasks.md import MDGuards, read_structure, run_md
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.workflows.cli import main
