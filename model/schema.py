@@ -57,19 +57,22 @@ def union_tags(cls: type[BaseModel]) -> frozenset[str]:
     return frozenset(tags)
 
 
-def format_validation_error(source: str, err: ValidationError, tags: frozenset[str] | set[str] = frozenset()) -> str:
-    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`;
-    `tags` (union_tags of the config class) are left out of the key path."""
+def format_validation_error(source: str, err: ValidationError, tags: frozenset[str] | set[str] = frozenset(),
+                            prefix: str = "") -> str:
+    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`.
+    `tags` (union_tags of the config class; union member names such as "str") are left out of the
+    key path, which starts with `prefix`; a problem pydantic reports twice is one line."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in tags))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and (p in tags or p.startswith("tagged-union"))))
+        loc = ".".join(x for x in (prefix, loc) if x)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown type {e.get('input', {}).get('type') if isinstance(e.get('input'), dict) else e.get('input')!r}"
+            msg = f"unknown type {e['ctx']['tag']!r} (expected {e['ctx']['expected_tags']})"
         lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
+    return "\n".join(dict.fromkeys(lines))
 
 
 def parse_config(cls: type[BaseModel], raw: Any, source: str):

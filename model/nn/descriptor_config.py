@@ -32,7 +32,6 @@ def dtype_name(precision: str) -> str:
 
 class SeE2AConfig(Strict):
     """se_e2_a (DeepPot-SE); defaults as deepmd-kit argcheck."""
-
     mixed_types: ClassVar[bool] = False  # one fitting net per atom type, typed neighbour lists
 
     type: Literal["se_e2_a", "se_a"] = "se_e2_a"
@@ -64,7 +63,6 @@ class SeAttenConfig(Strict):
     `smooth_type_embedding`, which defaults to True here (deepmd-kit: False) so that the
     energy is continuous at rcut, as our physics contract requires. An input that sets it
     to False explicitly gets deepmd-kit's masked (non-smooth) attention."""
-
     mixed_types: ClassVar[bool] = True  # one shared fitting net, one mixed neighbour list
 
     type: Literal["se_atten", "dpa1", "se_atten_v2"] = "se_atten"
@@ -211,7 +209,6 @@ class RepformerConfig(Strict):
 class DPA2Config(Strict):
     """DPA-2 (`type: dpa2`); keys and defaults as deepmd-kit argcheck. Not supported (rejected):
     exclude_types, use_econf_tebd."""
-
     mixed_types: ClassVar[bool] = True  # one shared fitting net
 
     type: Literal["dpa2"] = "dpa2"
@@ -331,7 +328,6 @@ class DPA3Config(Strict):
     """DPA-3 (`type: dpa3`); keys and defaults as deepmd-kit 3.2.0 argcheck (descrpt_dpa3_args).
     Not supported (rejected): exclude_types, use_econf_tebd, add_chg_spin_ebd (needs a per-frame
     charge/spin input). use_loc_mapping is accepted either way (the same function)."""
-
     mixed_types: ClassVar[bool] = True  # one shared fitting net
 
     type: Literal["dpa3"] = "dpa3"

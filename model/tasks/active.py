@@ -171,7 +171,7 @@ def _trainer(cfg: ActiveConfig, pretrained: str | None, branch: str | None, log:
         return cfg.model, lambda tc, out: train(tc, out, log=log).checkpoint
     head = load_pretrained(pretrained, branch)  # a ConfigError / CheckpointError before any training
     model_cfg = cfg.model or head.cfg
-    try:
+    try:  # lazy and optional: a build without the fine-tuning stage trains from the pretrained weights
         from lamflow.model.training.finetune import finetune
     except ImportError:
         finetune = None

@@ -29,7 +29,7 @@ from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
 
 from lamflow.model.errors import ConfigError
 from lamflow.model.nn.config import DESCRIPTOR_TAGS, MASK, DenoiseNetConfig, DescriptorConfig, FittingConfig
-from lamflow.model.schema import Strict, strip_comments
+from lamflow.model.schema import Strict, format_validation_error, strip_comments
 from lamflow.model.training.config import (
     DataConfig,
     DenoiseLossConfig,
@@ -141,17 +141,8 @@ def is_multitask_config(raw: Any) -> bool:
     return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "model_dict" in raw["model"]
 
 
-def _format(source: str, err: ValidationError, prefix: str = "") -> str:
-    tags = set(DESCRIPTOR_TAGS) | {"ener", "denoise", "list[str]", "str"}
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and (p in tags or p.startswith("tagged-union"))))
-        loc = ".".join(x for x in (prefix, loc) if x)
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        if e["type"] == "union_tag_invalid":
-            msg = f"unknown type {e['ctx']['tag']!r} (expected {e['ctx']['expected_tags']})"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(dict.fromkeys(lines))
+# the union tags of the multi-task config (descriptor types, branch tasks) and its plain unions' member names
+TAGS = frozenset(DESCRIPTOR_TAGS) | {"ener", "denoise", "list[str]", "str"}
 
 
 def parse_multitask_config(raw: Any, source: str = "config") -> MultiTaskTrainConfig:
@@ -160,7 +151,7 @@ def parse_multitask_config(raw: Any, source: str = "config") -> MultiTaskTrainCo
     try:
         cfg = MultiTaskTrainConfig.model_validate(strip_comments(raw))
     except ValidationError as e:
-        raise ConfigError(_format(source, e)) from None
+        raise ConfigError(format_validation_error(source, e, TAGS)) from None
     check(cfg, source)
     return cfg
 
@@ -195,7 +186,7 @@ def check(cfg: MultiTaskTrainConfig, source: str) -> None:
             try:
                 TypeAdapter(DescriptorConfig).validate_python(v)
             except ValidationError as e:
-                raise ConfigError(_format(source, e, f"model.shared_dict.{key}").splitlines()[0]) from None
+                raise ConfigError(format_validation_error(source, e, TAGS, f"model.shared_dict.{key}").splitlines()[0]) from None
         else:
             raise ConfigError(f"{source}: model.shared_dict.{key}: expected a type map (list) or a descriptor (mapping)")
     descriptors = set()

@@ -34,6 +34,7 @@ from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training import distributed
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.data_warnings import warn_suspicious
+from lamflow.model.training.distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
 from lamflow.model.training.lcurve import _fmt_cell, _fmt_time, plot_lcurve
 from lamflow.model.training.loss import EnergyLoss, ExpDecayLR
 from lamflow.model.training.metrics import dataset_metrics
@@ -121,8 +122,6 @@ class Trainer:
         nw = cfg.training.num_workers
         self.num_workers = auto_workers(self.device) if nw == "auto" else int(nw)
         if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
-            from lamflow.model.training.distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
-
             for t in tasks:
                 t.train = ShardedDataSet(t.train, rank, world)
             broadcast_module(root)
