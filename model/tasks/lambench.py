@@ -28,8 +28,8 @@ from lamflow.model.data.systems import System
 from lamflow.model.errors import LamflowError
 from lamflow.model.nn.infer import _graph, evaluate
 from lamflow.model.nn.potential import predict
+from lamflow.model.tasks import md  # md.run_md looked up at call time (tests replace it)
 from lamflow.model.tasks.calculator import LamflowCalculator
-from lamflow.model.tasks.md import run_md, system_to_atoms
 
 DRIFT_TOLERANCE = 5e-4  # eV/atom/ps, LAMBench's NVE stability threshold
 
@@ -167,7 +167,7 @@ def stability(model, systems: list[System], *, structures: int = 3, steps: int =
     for i, (s, frame) in enumerate(pick_frames(systems, structures, seed)):
         run = {"system": s.name, "frame": frame, "natoms": s.natoms}
         try:
-            res = run_md(system_to_atoms(s, frame), calc, ensemble="nve", temperature=temperature, steps=steps,
+            res = md.run_md(md.system_to_atoms(s, frame), calc, ensemble="nve", temperature=temperature, steps=steps,
                          timestep=timestep, interval=max(1, steps), seed=seed + i, log=lambda *a: None)
             drift = abs(res.energy_drift_eV_per_atom_per_ps)
             ok = math.isfinite(drift)
