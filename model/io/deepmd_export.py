@@ -3,7 +3,7 @@
 The inverse of deepmd_import.py, with the same name table read the other way:
 
     lamflow EnergyModel                      deepmd-kit (after `model.<branch>.atomic_model.`)
-    descriptor.* / fitting.*                 the names deepmd_import.NAMES maps them from
+    descriptor.* / fitting.*                 the names deepmd_names.NAMES maps them from
     fitting.bias_atom_e [nt]                 fitting_net.bias_atom_e [nt, 1]
     out_bias [nt]                            out_bias [1, nt, 1]
 

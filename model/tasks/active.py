@@ -165,7 +165,7 @@ def _train_config(cfg: ActiveConfig, model_cfg: ModelConfig, train: list[str], v
 def _trainer(cfg: ActiveConfig, pretrained: str | None, branch: str | None, log: Callable):
     """(model config, fn(train_cfg, out_dir) -> checkpoint): fine-tune when pretrained (with
     lamflow.model.training.finetune when present, else: the pretrained weights and a bias refit, then
-    train.train), else train from scratch."""
+    trainer.train), else train from scratch."""
 
     if pretrained is None:
         return cfg.model, lambda tc, out: train(tc, out, log=log).checkpoint

@@ -238,7 +238,7 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         coverage.update({"model_type_map": pre_tm, "uncovered": [e for e in data_el if e not in pre_tm]})
         if coverage["uncovered"]:
             log(f"coverage: element(s) {', '.join(coverage['uncovered'])} not in the pretrained type map {pre_tm}")
-        if pre_trained is not None:  # "in the type map" is not "trained on" (coverage.py)
+        if pre_trained is not None:  # "in the type map" is not "trained on" (data/coverage.py)
 
             untrained = element_coverage(data_el, pre_tm, pre_trained)["untrained"]
             coverage.update({"trained_elements": pre_trained, "untrained": untrained})

@@ -9,7 +9,7 @@ Start: the pretrained descriptor (weights, type embedding and env-matrix statist
   subtract the untrained net's own energy exactly as stats.fit_statistics does when training from
   scratch, so a fine-tune and a from-scratch run start equally unbiased)
 (N [nframes, ntypes] atom counts of up to data_stat_nbatch batches per training system), then the
-usual training loop (train.train) on the new data; `freeze_descriptor` trains the fitting only.
+usual training loop (trainer.train) on the new data; `freeze_descriptor` trains the fitting only.
 
 The model section of the fine-tune config is checked, not used, as in deepmd-kit: the descriptor
 (and a kept head's fitting net) come from the checkpoint, the type map from the config.
@@ -124,7 +124,7 @@ def finetune(cfg: TrainConfig, pretrained: str | os.PathLike, out_dir: str | os.
              log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Fine-tune `pretrained` (a lamflow checkpoint: energy or multitask) on cfg's data; see the
     module docstring. `branch`: a multi-task head, or "RANDOM" for a new one. `restart`: continue an
-    interrupted fine-tuning from its checkpoint (as train.train)."""
+    interrupted fine-tuning from its checkpoint (as trainer.train)."""
     base, head = starting_model(pretrained, branch)
     src = str(pretrained)
     desc = base.cfg.descriptor

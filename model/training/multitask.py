@@ -1,8 +1,9 @@
-"""Multi-task pre-training: one shared descriptor, one head per dataset ("branch").
+"""Multi-task pre-training: one shared descriptor, one head per dataset ("branch"); the model is
+nn/multitask.py, the config (deepmd-kit's multi-task input) training/multitask_config.py.
 
     D_i      = descriptor(structure)                      shared by every branch (type embedding included)
     E^b_i    = F^b_{t_i}(D_i) + out_bias^b[t_i]           energy branch b: its own fitting net and bias
-    dx^b_i   = denoise head^b(descriptor output)          denoise branch (denoise.py)
+    dx^b_i   = denoise head^b(descriptor output)          denoise branch (nn/denoise_head.py, training/denoise.py)
 Each training step draws ONE branch b with probability model_prob[b] (default: proportional to
 its number of training frames), a batch of b's data, and takes an Adam step on b's loss; the
 shared descriptor thus learns from every dataset while each head keeps its own energy
@@ -189,7 +190,7 @@ def branch_probabilities(cfg: MultiTaskTrainConfig, train: dict[str, list[System
 def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, restart: str | os.PathLike | None = None,
                     log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Multi-task (pre-)training; the checkpoint (kind "multitask") holds every branch.
-    `restart`, `on_checkpoint`: as for `train.train`."""
+    `restart`, `on_checkpoint`: as for `trainer.train`."""
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

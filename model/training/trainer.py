@@ -100,7 +100,7 @@ class Trainer:
         self.on_checkpoint = on_checkpoint  # called on rank 0 with (checkpoint path, step) after each save
         self.kind, self.log, self.rank, self.world = kind, log, rank, world
         self.extra_payload = extra_payload or {}
-        if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (coverage.py)
+        if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (data/coverage.py)
 
             self.extra_payload["trained_elements"] = observed_elements([s for t in tasks for s in getattr(t.train, "systems", [])])
             if len(tasks) > 1:
