@@ -33,7 +33,8 @@ from multitask_helpers import (  # noqa: E402
 
 from lamflow.model.training.config import load_train_config  # noqa: E402
 from lamflow.model.training.finetune import finetune  # noqa: E402
-from lamflow.model.training.multitask import load_multitask_config, train_multitask  # noqa: E402
+from lamflow.model.training.multitask import train_multitask  # noqa: E402
+from lamflow.model.training.multitask_config import load_multitask_config  # noqa: E402
 from lamflow.model.training.trainer import train  # noqa: E402
 
 QUIET = lambda *a: None  # noqa: E731

@@ -92,9 +92,11 @@ def error_lines(source: str, err: ValidationError, prefix: str = "", *, tags: fr
     return list(dict.fromkeys(lines))
 
 
-def format_validation_error(source: str, err: ValidationError, tags: frozenset[str] | set[str] = frozenset()) -> str:
-    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`."""
-    return "\n".join(error_lines(source, err, tags=tags))
+def format_validation_error(source: str, err: ValidationError, tags: frozenset[str] | set[str] = frozenset(),
+                            prefix: str = "") -> str:
+    """One line per problem: `train.yaml: model.descriptor.rcut: Input should be greater than 0`
+    (error_lines joined; the key path starts with `prefix`)."""
+    return "\n".join(error_lines(source, err, prefix, tags=tags))
 
 
 def parse_config(cls: type[BaseModel], raw: Any, source: str):

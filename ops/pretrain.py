@@ -71,7 +71,7 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
                        "fmt": dataset_fmt(root, name)}
         if name in (config.get("denoise") or {}):
             heads[name] = _structures(heads[name])
-    from lamflow.model.training.multitask import multitask_layout  # torch: not at import (render builds OPs)
+    from lamflow.model.training.multitask_config import multitask_layout
 
     cfg = multitask_layout(config, heads, type_map, threads)
     metrics = run_training("multitask", cfg, work, source="stages.pretrain", store=store, launcher=launcher, log=log)

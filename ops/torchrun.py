@@ -46,7 +46,8 @@ def run_worker(job: dict) -> None:
 
 def _train(kind: str, cfg: dict, out: Path, job: dict, hook) -> None:
     if kind == "multitask":
-        from lamflow.model.training.multitask import parse_multitask_config, train_multitask
+        from lamflow.model.training.multitask import train_multitask
+        from lamflow.model.training.multitask_config import parse_multitask_config
 
         train_multitask(parse_multitask_config(cfg, "job"), out, restart="auto", on_checkpoint=hook)
         return

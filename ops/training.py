@@ -50,7 +50,7 @@ def run_training(kind: str, config: dict, work: Path, *, source: str, store=None
 
     work = Path(work)
     if kind == "multitask":
-        from lamflow.model.training.multitask import parse_multitask_config
+        from lamflow.model.training.multitask_config import parse_multitask_config
 
         parsed = parse_multitask_config(config, source)
     else:

@@ -97,7 +97,8 @@ _PRETRAINED: dict = {}
 def pretrained(tmp_path_factory):
     """(TrainResult, data) of the shared multi-task pretraining on water / MAPbI3 / Si, run once."""
     if "result" not in _PRETRAINED:
-        from lamflow.model.training.multitask import load_multitask_config, train_multitask
+        from lamflow.model.training.multitask import train_multitask
+        from lamflow.model.training.multitask_config import load_multitask_config
 
         root = tmp_path_factory.mktemp("pretrain")
         data = pretrain_data(root / "data")

@@ -12,8 +12,8 @@ from conftest import REPO, data_path
 
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.multitask import EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.training.multitask import EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.ops.test import summary_table
 from lamflow.workflows.cli import build_parser, main
 

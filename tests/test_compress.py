@@ -21,17 +21,12 @@ from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.model.io.payload import save_model
+from lamflow.model.nn.compressed import CompressedModel, TabulatedSeE2A
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.infer import evaluate
 from lamflow.model.nn.potential import EnergyModel, extended_inputs
-from lamflow.model.tasks.compress import (
-    CompressedModel,
-    TabulatedSeE2A,
-    compress,
-    compress_model,
-    hermite_coefficients,
-    net_derivatives,
-)
+from lamflow.model.nn.tables import hermite_coefficients, net_derivatives
+from lamflow.model.tasks.compress import compress, compress_model
 from lamflow.model.training.stats import fit_statistics
 from lamflow.workflows.cli import main
 
@@ -115,7 +110,7 @@ def test_fused_descriptor_and_fitting_gradients_match_finite_differences(chon):
 
 
 def test_fused_path_in_chunks_with_recomputed_backward_gives_the_same_forces(water, water_model, monkeypatch):
-    from lamflow.model.tasks.compress import _FusedSeE2A
+    from lamflow.model.nn.fused import _FusedSeE2A
 
     cm = compress_model(water_model, min_nbor_dist=0.9)
     ref = evaluate(cm, water.coord[:2], water.box[:2], water.atype)

@@ -19,7 +19,8 @@ from lamflow.model.data.systems import load_systems
 from lamflow.model.io.checkpoint import load_model
 from lamflow.model.training.config import load_train_config
 from lamflow.model.training.distributed import ShardedDataSet
-from lamflow.model.training.multitask import load_multitask_config, train_multitask
+from lamflow.model.training.multitask import train_multitask
+from lamflow.model.training.multitask_config import load_multitask_config
 from lamflow.model.training.trainer import train
 
 DESCRIPTOR = {"type": "se_atten", "rcut": 3.0, "rcut_smth": 0.5, "sel": 8, "neuron": [4, 8], "axis_neuron": 2,

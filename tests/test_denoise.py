@@ -15,18 +15,14 @@ from lamflow.model.data.batch import collate
 from lamflow.model.data.neighbor import build_graph
 from lamflow.model.data.systems import System, load_systems
 from lamflow.model.errors import ConfigError
+from lamflow.model.nn.config import MASK
+from lamflow.model.nn.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.nn.potential import extended_inputs
-from lamflow.model.training.denoise import MASK, DenoiseLossConfig, corrupt
-from lamflow.model.training.multitask import (
-    DenoiseHeadConfig,
-    EnergyHeadConfig,
-    MultiTaskModel,
-    MultiTaskModelConfig,
-    load_branch,
-    load_multitask_config,
-    parse_multitask_config,
-    train_multitask,
-)
+from lamflow.model.training.config import DenoiseLossConfig
+from lamflow.model.training.denoise import corrupt
+from lamflow.model.training.multitask import train_multitask
+from lamflow.model.training.multitask_config import load_multitask_config, parse_multitask_config
+from lamflow.model.training.pretrained import load_branch
 
 SE_ATTEN = {"type": "se_atten", "rcut": 3.5, "rcut_smth": 0.5, "sel": 60, "neuron": [4, 8], "axis_neuron": 4,
             "tebd_dim": 4, "attn": 8, "attn_layer": 1, "seed": 1}

@@ -13,18 +13,8 @@ from lamflow.model.data.systems import load_systems
 from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.model.tasks.compress import compress
-from lamflow.model.tasks.distill import (
-    Counts,
-    DistillConfig,
-    ExplorationConfig,
-    Frames,
-    LabellingConfig,
-    dedup,
-    distill,
-    explore,
-    label,
-    load_distill_config,
-)
+from lamflow.model.tasks.distill import DistillConfig, distill, load_distill_config
+from lamflow.model.tasks.explore import Counts, ExplorationConfig, Frames, LabellingConfig, dedup, explore, label
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main

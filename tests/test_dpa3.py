@@ -229,7 +229,8 @@ def test_dpa3_small_template_trains_on_ch4_and_validation_energy_error_falls(tmp
 def test_dpa3_multitask_energy_and_denoise_losses_fall(tmp_path):
     """A shared DPA-3 with an energy branch on CH4 and a denoise branch (with the MASK token) on
     unlabelled C/H/O molecules: both branches' validation errors fall in 150 steps."""
-    from lamflow.model.training.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask import train_multitask
+    from lamflow.model.training.multitask_config import load_multitask_config
 
     ch4_tr = write_subset(data_path("ch4_pbe", "train"), tmp_path / "ch4" / "train", 40, 5)
     ch4_va = write_subset(data_path("ch4_pbe", "valid"), tmp_path / "ch4" / "valid", 10, 6)

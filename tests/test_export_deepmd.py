@@ -23,9 +23,9 @@ from lamflow.model.io.deepmd_export import export_deepmd, export_payload
 from lamflow.model.io.deepmd_import import convert_state
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.tasks.compress import compress
-from lamflow.model.training.multitask import MultiTaskModel
 from lamflow.workflows.cli import main
 
 TYPE_MAP = ["H", "C", "O"]

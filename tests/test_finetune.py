@@ -19,8 +19,7 @@ from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate_system
 from lamflow.model.training.config import load_train_config
 from lamflow.model.training.finetune import finetune
-from lamflow.model.training.multitask import load_branch
-from lamflow.model.training.pretrained import change_bias, zero_shot
+from lamflow.model.training.pretrained import change_bias, load_branch, zero_shot
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 
@@ -162,7 +161,8 @@ def water_si(tmp_path_factory):
     """A tiny DPA-3 pretrained on water and Si (two branches, shared descriptor), and MAPbI3 subsets."""
     from multitask_helpers import write_yaml
 
-    from lamflow.model.training.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask import train_multitask
+    from lamflow.model.training.multitask_config import load_multitask_config
 
     tmp = tmp_path_factory.mktemp("water_si")
     sets = {"water": "water_h2o", "si": "si_pbe"}

@@ -169,7 +169,8 @@ def test_imported_model_matches_deeppot_energy_force_virial(name, trained, frame
 def test_multitask_checkpoint_imports_every_branch(name, trained, frames, reference, tmp_path):
     """DPA-2 with one fitting net per branch; DPA-3 (the DPA-3.1 options) with one fitting net
     shared through a dataset encoding (dim_case_embd), folded into each branch's first-layer bias."""
-    from lamflow.model.training.multitask import MultiTaskModel, load_branch
+    from lamflow.model.nn.multitask import MultiTaskModel
+    from lamflow.model.training.pretrained import load_branch
 
     assert branches(read_deepmd(trained[name])) == list(BRANCHES)
     out = import_deepmd(trained[name], tmp_path / "mt.pt")

@@ -8,13 +8,12 @@ from conftest import data_path
 
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.payload import save_model
-from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.config import MASK, ModelConfig
+from lamflow.model.nn.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.tasks.clean import CleanConfig, clean
 from lamflow.model.tasks.compress import compress
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.training.denoise import MASK
-from lamflow.model.training.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.training.trainer import train
 from lamflow.workflows.cli import main
 from lamflow.workflows.cli.tools.inspect import table_position
@@ -109,7 +108,8 @@ def test_training_records_trained_elements_and_coverage_tells_them_from_the_type
 
 def test_multitask_training_records_the_elements_of_each_branch(tmp_path, capsys):
     """Pretraining on water and CH4 with type map H C O Si: Si untrained; the water head never saw C."""
-    from lamflow.model.training.multitask import MultiTaskTrainConfig, train_multitask
+    from lamflow.model.training.multitask import train_multitask
+    from lamflow.model.training.multitask_config import MultiTaskTrainConfig
 
     branch = lambda seed: {"type_map": "tm", "descriptor": "d", "fitting_net": {"neuron": [8], "seed": seed}}  # noqa: E731
     data = lambda p: {"training_data": {"systems": str(data_path(*p)), "batch_size": 1}}  # noqa: E731

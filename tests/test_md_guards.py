@@ -17,7 +17,7 @@ from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.tasks.calculator import LamflowCalculator
 from lamflow.model.tasks.compress import compress_model
-from lamflow.model.tasks.distill import Counts, ExplorationConfig, explore
+from lamflow.model.tasks.explore import Counts, ExplorationConfig, explore
 from lamflow.model.tasks.md import MDGuards, read_structure, run_md
 from lamflow.workflows.cli import main
 

@@ -23,7 +23,8 @@ from test_ddp import ch4, curve, multi_task, single_task  # noqa: F401  (ch4 is 
 from lamflow.model.io.checkpoint import load_model
 from lamflow.model.schema import parse_config
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.training.multitask import parse_multitask_config, train_multitask
+from lamflow.model.training.multitask import train_multitask
+from lamflow.model.training.multitask_config import parse_multitask_config
 from lamflow.model.training.trainer import train
 
 TIMEOUT = 120  # s, per launcher

@@ -18,16 +18,12 @@ from lamflow.model.errors import CheckpointError, ConfigError, DataError
 from lamflow.model.io.checkpoint import load_model, read_checkpoint
 from lamflow.model.io.payload import save_model
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.metrics import predict_dataset
-from lamflow.model.training.multitask import (
-    MultiTaskModel,
-    branch_probabilities,
-    load_branch,
-    load_multitask_config,
-    parse_multitask_config,
-    train_multitask,
-)
+from lamflow.model.training.multitask import branch_probabilities, train_multitask
+from lamflow.model.training.multitask_config import load_multitask_config, parse_multitask_config
+from lamflow.model.training.pretrained import load_branch
 from lamflow.workflows.cli import main
 
 QUIET = lambda *a: None  # noqa: E731

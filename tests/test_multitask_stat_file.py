@@ -11,7 +11,8 @@ from multitask_helpers import write_subset
 
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.training import multitask, stats
-from lamflow.model.training.multitask import parse_multitask_config, train_multitask
+from lamflow.model.training.multitask import train_multitask
+from lamflow.model.training.multitask_config import parse_multitask_config
 
 
 def config(ch4: str, si: str, stat_file: str) -> dict:

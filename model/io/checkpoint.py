@@ -58,8 +58,8 @@ def load_failure(e: Exception) -> str:
 # A new kind of model (multi-task, compressed, ...) adds one line here.
 KINDS = {
     "energy": "lamflow.model.nn.potential:EnergyModel",
-    "multitask": "lamflow.model.training.multitask:MultiTaskModel",
-    "compressed": "lamflow.model.tasks.compress:CompressedModel",
+    "multitask": "lamflow.model.nn.multitask:MultiTaskModel",
+    "compressed": "lamflow.model.nn.compressed:CompressedModel",
 }
 
 

@@ -3,7 +3,7 @@
 The inverse of deepmd_import.py, with the same name table read the other way:
 
     lamflow EnergyModel                      deepmd-kit (after `model.<branch>.atomic_model.`)
-    descriptor.* / fitting.*                 the names deepmd_import.NAMES maps them from
+    descriptor.* / fitting.*                 the names deepmd_names.NAMES maps them from
     fitting.bias_atom_e [nt]                 fitting_net.bias_atom_e [nt, 1]
     out_bias [nt]                            out_bias [1, nt, 1]
 
@@ -38,6 +38,7 @@ from lamflow.model.io.files import atomic_save
 from lamflow.model.nn.config import ModelConfig
 from lamflow.model.nn.descriptor import dpa2, dpa3
 from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
+from lamflow.model.nn.multitask import MultiTaskModel
 
 # DPA-2 and DPA-3 modules keep deepmd-kit's names except these (DEEPMD_PREFIXES, read backwards)
 RENAMED = {DPA2Config: dpa2.DEEPMD_PREFIXES, DPA3Config: dpa3.DEEPMD_PREFIXES}
@@ -170,8 +171,6 @@ def branch_state(model, source: str) -> dict[str, torch.Tensor]:
 def export_payload(model, source: str, min_nbor_dist: float | None = None, branch: str | None = None) -> dict:
     """A deepmd-kit checkpoint dict for an EnergyModel, or a MultiTaskModel's energy branches
     (`branch` picks one of them as a single-task checkpoint)."""
-    from lamflow.model.training.multitask import MultiTaskModel
-
     mind = torch.tensor(NO_MIN_NBOR_DIST if min_nbor_dist is None else float(min_nbor_dist), dtype=torch.float64)
     if isinstance(model, MultiTaskModel):
         if branch is not None:

@@ -57,6 +57,8 @@ from lamflow.model.io.deepmd_names import NAMES, _check_padding_semantics, _name
 from lamflow.model.io.files import atomic_save
 from lamflow.model.io.payload import FORMAT, model_payload
 from lamflow.model.nn.config import ModelConfig
+from lamflow.model.nn.multitask import MultiTaskModel
+from lamflow.model.nn.potential import EnergyModel
 
 # ----------------------------------------------------------------------------- reading
 
@@ -170,8 +172,6 @@ def load_weights(model, cfg: ModelConfig, sd: dict, prefix: str, source: str) ->
 
 def convert_branch(sd: dict, branch: str, source: str):
     """One branch of a deepmd-kit state dict -> (EnergyModel, ModelConfig)."""
-    from lamflow.model.nn.potential import EnergyModel
-
     params = sd["_extra_state"]["model_params"]
     if "model_dict" in params:
         if branch not in params["model_dict"]:
@@ -207,11 +207,6 @@ def convert_state(sd: dict, source: str, branch: str | None = None):
 
 def convert_multitask(sd: dict, names: list[str], source: str):
     """All branches of a multi-task checkpoint -> lamflow MultiTaskModel (shared descriptor, one head each)."""
-    try:
-        from lamflow.model.training.multitask import MultiTaskModel
-    except ImportError:
-        raise CheckpointError(f"{source}: multi-task checkpoint with branches {names}; this lamflow has no multi-task "
-                              "models: import one branch with --branch") from None
     models = {b: convert_branch(sd, b, source) for b in names}
     first, ref = models[names[0]], models[names[0]].descriptor.state_dict()
     for b, m in models.items():

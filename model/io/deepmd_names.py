@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lamflow.model.errors import CheckpointError
+from lamflow.model.nn.descriptor import dpa2, dpa3
 from lamflow.model.nn.descriptor_config import DPA2Config, DPA3Config, SeAttenConfig, SeE2AConfig
 
 
@@ -42,16 +43,12 @@ def _names_se_atten(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
 
 def _names_dpa2(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
     """dpa2.py keeps deepmd-kit's module names; `from_deepmd_key` renames the few that differ."""
-    from lamflow.model.nn.descriptor.dpa2 import from_deepmd_key
-
-    return _names_by_key(from_deepmd_key, theirs)
+    return _names_by_key(dpa2.from_deepmd_key, theirs)
 
 
 def _names_dpa3(model, cfg, theirs: list[str]) -> list[tuple[str, str]]:
     """dpa3.py keeps deepmd-kit's module names; `from_deepmd_key` renames the few that differ."""
-    from lamflow.model.nn.descriptor.dpa3 import from_deepmd_key
-
-    return _names_by_key(from_deepmd_key, theirs)
+    return _names_by_key(dpa3.from_deepmd_key, theirs)
 
 
 def _names_by_key(from_deepmd_key, theirs: list[str]) -> list[tuple[str, str]]:

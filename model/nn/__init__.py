@@ -26,6 +26,13 @@ _EXPORTS = {
     "Prediction": "potential",
     "predict": "potential",
     "extended_inputs": "potential",
+    "MultiTaskModel": "multitask",
+    "MultiTaskModelConfig": "multitask",
+    "CompressedModel": "compressed",
+    "TabulatedSeE2A": "compressed",
+    "DenoiseHead": "denoise_head",
+    "MASK": "config",
+    "DenoiseNetConfig": "config",
     "evaluate": "infer",
     "evaluate_system": "infer",
 }

@@ -91,3 +91,13 @@ class ModelConfig(Strict):
         return dtype_name(self.descriptor.precision)
 
 
+MASK = "MASK"  # the input-only pseudo-type appended to the type map when types are masked
+
+
+class DenoiseNetConfig(Strict):
+    """The denoise head of a `task: denoise` branch (its `fitting_net` section)."""
+
+    neuron: list[int] = [32, 32]  # hidden widths of MLP_w (pair weights) and MLP_t (type logits)
+    activation_function: Activation = "tanh"
+    precision: Literal["default", "float64", "float32"] = "default"
+    seed: int | None = None

@@ -4,7 +4,7 @@ the field. The model config that holds one of them: nn/config.py."""
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -32,6 +32,7 @@ def dtype_name(precision: str) -> str:
 
 class SeE2AConfig(Strict):
     """se_e2_a (DeepPot-SE); defaults as deepmd-kit argcheck."""
+    mixed_types: ClassVar[bool] = False  # one fitting net per atom type, typed neighbour lists
 
     type: Literal["se_e2_a", "se_a"] = "se_e2_a"
     rcut: float = Field(6.0, gt=0)  # Angstrom
@@ -62,6 +63,7 @@ class SeAttenConfig(Strict):
     `smooth_type_embedding`, which defaults to True here (deepmd-kit: False) so that the
     energy is continuous at rcut, as our physics contract requires. An input that sets it
     to False explicitly gets deepmd-kit's masked (non-smooth) attention."""
+    mixed_types: ClassVar[bool] = True  # one shared fitting net, one mixed neighbour list
 
     type: Literal["se_atten", "dpa1", "se_atten_v2"] = "se_atten"
     rcut: float = Field(6.0, gt=0)
@@ -207,6 +209,7 @@ class RepformerConfig(Strict):
 class DPA2Config(Strict):
     """DPA-2 (`type: dpa2`); keys and defaults as deepmd-kit argcheck. Not supported (rejected):
     exclude_types, use_econf_tebd."""
+    mixed_types: ClassVar[bool] = True  # one shared fitting net
 
     type: Literal["dpa2"] = "dpa2"
     repinit: RepinitConfig
@@ -325,6 +328,7 @@ class DPA3Config(Strict):
     """DPA-3 (`type: dpa3`); keys and defaults as deepmd-kit 3.2.0 argcheck (descrpt_dpa3_args).
     Not supported (rejected): exclude_types, use_econf_tebd, add_chg_spin_ebd (needs a per-frame
     charge/spin input). use_loc_mapping is accepted either way (the same function)."""
+    mixed_types: ClassVar[bool] = True  # one shared fitting net
 
     type: Literal["dpa3"] = "dpa3"
     repflow: RepFlowConfig

@@ -26,7 +26,7 @@ from lamflow.model.nn.network import DTYPES
 @runtime_checkable
 class Potential(Protocol):
     """What lamflow asks of any model it loads, evaluates, tests or exports (EnergyModel,
-    training/multitask.py MultiTaskModel, tasks/compress.py CompressedModel): read these, never
+    nn/multitask.py MultiTaskModel, nn/compressed.py CompressedModel): read these, never
     probe with getattr/hasattr.
         kind              checkpoint kind: "energy", "multitask" or "compressed" (io/checkpoint.py KINDS)
         type_map          element names; atom type t is type_map[t]

@@ -14,7 +14,6 @@ _EXPORTS = {
     "parity_plot": "evaluate",
     "DistillConfig": "distill",
     "compress_model": "compress",
-    "CompressedModel": "compress",
     "run_md": "md",
     "LamflowCalculator": "calculator",
     "gather_report": "report",

@@ -165,13 +165,13 @@ def _train_config(cfg: ActiveConfig, model_cfg: ModelConfig, train: list[str], v
 def _trainer(cfg: ActiveConfig, pretrained: str | None, branch: str | None, log: Callable):
     """(model config, fn(train_cfg, out_dir) -> checkpoint): fine-tune when pretrained (with
     lamflow.model.training.finetune when present, else: the pretrained weights and a bias refit, then
-    train.train), else train from scratch."""
+    trainer.train), else train from scratch."""
 
     if pretrained is None:
         return cfg.model, lambda tc, out: train(tc, out, log=log).checkpoint
     head = load_pretrained(pretrained, branch)  # a ConfigError / CheckpointError before any training
     model_cfg = cfg.model or head.cfg
-    try:
+    try:  # lazy and optional: a build without the fine-tuning stage trains from the pretrained weights
         from lamflow.model.training.finetune import finetune
     except ImportError:
         finetune = None

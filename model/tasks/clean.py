@@ -35,7 +35,7 @@ from lamflow.model.data.write import write_system
 from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.checkpoint import read_checkpoint
 from lamflow.model.io.files import atomic_write_text
-from lamflow.model.tasks.active import ActiveConfig
+from lamflow.model.tasks.active import ActiveConfig, active_learning
 from lamflow.model.tasks.evaluate import parity_plot
 from lamflow.model.tasks.report import clean_section, write_markdown
 from lamflow.model.training.metrics import collect
@@ -238,7 +238,7 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
         coverage.update({"model_type_map": pre_tm, "uncovered": [e for e in data_el if e not in pre_tm]})
         if coverage["uncovered"]:
             log(f"coverage: element(s) {', '.join(coverage['uncovered'])} not in the pretrained type map {pre_tm}")
-        if pre_trained is not None:  # "in the type map" is not "trained on" (coverage.py)
+        if pre_trained is not None:  # "in the type map" is not "trained on" (data/coverage.py)
 
             untrained = element_coverage(data_el, pre_tm, pre_trained)["untrained"]
             coverage.update({"trained_elements": pre_trained, "untrained": untrained})
@@ -278,8 +278,6 @@ def clean(systems: list[str], out_dir: str | os.PathLike, cfg: CleanConfig | Non
                 f"force RMSE {1000 * o.get('rmse_f', float('nan')):.2f} meV/A (bias refit on {o['nframes']} frames)")
 
     if cfg.active is not None:
-        from lamflow.model.tasks.active import active_learning
-
         kept_systems = [src.system.subset(np.nonzero(m)[0]) for src, m in zip(sources, keep) if m.any()]
         names = [src.name for src, m in zip(sources, keep) if m.any()]
         for s, name in zip(kept_systems, names):

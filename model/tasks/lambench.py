@@ -23,8 +23,13 @@ from typing import Callable
 
 import numpy as np
 
+from lamflow.model.data.batch import collate
 from lamflow.model.data.systems import System
 from lamflow.model.errors import LamflowError
+from lamflow.model.nn.infer import _graph, evaluate
+from lamflow.model.nn.potential import predict
+from lamflow.model.tasks import md  # md.run_md looked up at call time (tests replace it)
+from lamflow.model.tasks.calculator import LamflowCalculator
 
 DRIFT_TOLERANCE = 5e-4  # eV/atom/ps, LAMBench's NVE stability threshold
 
@@ -74,7 +79,6 @@ def _near_cubic(need: int, lengths: np.ndarray) -> tuple[int, int, int]:
 
 def time_evaluation(model, coord: np.ndarray, box: np.ndarray | None, atype: np.ndarray, repeats: int = 3) -> float:
     """Best wall time (s) of one energy+force evaluation (neighbour list included) after a warm-up."""
-    from lamflow.model.nn.infer import evaluate
 
     def once() -> float:
         t0 = time.perf_counter()
@@ -106,9 +110,6 @@ def speedup(model, other, s: System, natoms: int = 1000, repeats: int = 7) -> di
     `speedup`; and the whole `infer.evaluate` call, neighbour list (numpy, the same code for both)
     included: `speedup_with_nlist`. Calls alternate between the two models, so a busy machine
     slows both alike; the best call of each counts, the median of the per-round ratios is kept too."""
-    from lamflow.model.data.batch import collate
-    from lamflow.model.nn.infer import _graph, evaluate
-    from lamflow.model.nn.potential import predict
 
     rcut = float(model.cfg.descriptor.rcut)
     coord, box, atype = grow(s, natoms, rcut)
@@ -160,15 +161,13 @@ def stability(model, systems: list[System], *, structures: int = 3, steps: int =
     """NVE runs from `structures` frames of the data; |drift| per run in eV/atom/ps. A run is
     stable when it finishes with finite energies and |drift| <= tolerance; failed runs are
     unstable (their error is kept)."""
-    from lamflow.model.tasks.calculator import LamflowCalculator
-    from lamflow.model.tasks.md import run_md, system_to_atoms
 
     calc = LamflowCalculator(model, device=str(model.out_bias.device))
     runs = []
     for i, (s, frame) in enumerate(pick_frames(systems, structures, seed)):
         run = {"system": s.name, "frame": frame, "natoms": s.natoms}
         try:
-            res = run_md(system_to_atoms(s, frame), calc, ensemble="nve", temperature=temperature, steps=steps,
+            res = md.run_md(md.system_to_atoms(s, frame), calc, ensemble="nve", temperature=temperature, steps=steps,
                          timestep=timestep, interval=max(1, steps), seed=seed + i, log=lambda *a: None)
             drift = abs(res.energy_drift_eV_per_atom_per_ps)
             ok = math.isfinite(drift)

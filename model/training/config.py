@@ -142,3 +142,15 @@ def resolve_data_paths(cfg: TrainConfig, base: Path) -> TrainConfig:
         update={"training_data": fix(cfg.training.training_data), "validation_data": fix(cfg.training.validation_data)}
     )
     return cfg.model_copy(update={"training": training})
+
+
+class DenoiseLossConfig(Strict):
+    """`loss_dict.<branch>` of a denoise branch: how to corrupt and how to weigh the two terms."""
+
+    type: Literal["denoise"] = "denoise"
+    noise: float = Field(0.2, gt=0)  # Angstrom, std of the Gaussian coordinate noise
+    noise_ratio: float = Field(0.2, gt=0, le=1)  # fraction of atoms displaced (their neighbours stay clean)
+    mask_ratio: float = Field(0.15, ge=0, lt=1)  # fraction of atoms whose type is masked (at least one when > 0)
+    pref_coord: float = Field(1.0, ge=0)
+    pref_type: float = Field(1.0, ge=0)
+    valid_seed: int = 0  # generator seed for the corruption of validation batches

@@ -32,62 +32,14 @@ the sphere from beyond rcut is rare, and one leaving it fades out through sw.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from lamflow.model.data.batch import Batch
-from lamflow.model.nn.descriptor_config import Activation
-from lamflow.model.nn.network import DTYPES, FittingNet, make_generator
-from lamflow.model.schema import Strict
-
-MASK = "MASK"  # the input-only pseudo-type appended to the type map when types are masked
-
-
-class DenoiseNetConfig(Strict):
-    """The denoise head of a `task: denoise` branch (its `fitting_net` section)."""
-
-    neuron: list[int] = [32, 32]  # hidden widths of MLP_w (pair weights) and MLP_t (type logits)
-    activation_function: Activation = "tanh"
-    precision: Literal["default", "float64", "float32"] = "default"
-    seed: int | None = None
-
-
-class DenoiseLossConfig(Strict):
-    """`loss_dict.<branch>` of a denoise branch: how to corrupt and how to weigh the two terms."""
-
-    type: Literal["denoise"] = "denoise"
-    noise: float = Field(0.2, gt=0)  # Angstrom, std of the Gaussian coordinate noise
-    noise_ratio: float = Field(0.2, gt=0, le=1)  # fraction of atoms displaced (their neighbours stay clean)
-    mask_ratio: float = Field(0.15, ge=0, lt=1)  # fraction of atoms whose type is masked (at least one when > 0)
-    pref_coord: float = Field(1.0, ge=0)
-    pref_type: float = Field(1.0, ge=0)
-    valid_seed: int = 0  # generator seed for the corruption of validation batches
-
-
-class DenoiseHead(nn.Module):
-    """Equivariant displacement and masked-type logits from one descriptor output."""
-
-    def __init__(self, cfg: DenoiseNetConfig, dim_descrpt: int, dim_pair: int, ntypes: int, dtype: torch.dtype):
-        super().__init__()
-        g = make_generator(cfg.seed)
-        act, width = cfg.activation_function, cfg.neuron
-        self.pair_weight = FittingNet(dim_pair + dim_descrpt, width, 1, act, False, dtype, g)  # MLP_w
-        self.type_logits = FittingNet(dim_descrpt, width, ntypes, act, False, dtype, g)  # MLP_t
-        with torch.no_grad():  # start from "no displacement, uniform types": the trivial denoiser
-            for net in (self.pair_weight, self.type_logits):
-                net.out.matrix.zero_()
-                net.out.bias.zero_()
-
-    def forward(self, d, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-        """d: DescriptorOutput. Returns dx [nf, nloc, 3] and logits [nf, nloc, ntypes]."""
-        D_i = d.descriptor.unsqueeze(2).expand(-1, -1, d.pair_feat.shape[2], -1)  # [nf, nloc, nnei, dim]
-        w = self.pair_weight(torch.cat([d.pair_feat, D_i], -1)).squeeze(-1) * d.pair_sw  # [nf, nloc, nnei]
-        dx = (w.unsqueeze(-1) * d.pair_vec).sum(-2) / (d.pair_sw.sum(-1, keepdim=True) + eps)  # [nf, nloc, 3]
-        return dx, self.type_logits(d.descriptor)
+from lamflow.model.nn.potential import extended_inputs
+from lamflow.model.training.config import DenoiseLossConfig
 
 
 def pick_atoms(real: Tensor, ratio: float, generator: torch.Generator | None) -> Tensor:
@@ -127,8 +79,6 @@ class DenoiseLoss:
         self.cfg, self.mask_type = cfg, mask_type
 
     def __call__(self, model, batch: Batch, coef: float = 1.0, training: bool = True):
-        from lamflow.model.nn.potential import extended_inputs
-
         gen = None
         if not training:  # the same corruption of a validation batch at every display step
             gen = torch.Generator().manual_seed(self.cfg.valid_seed + int(abs(batch.coord.sum().item()) * 1e3) % 1000003)
@@ -148,6 +98,3 @@ class DenoiseLoss:
         return loss, metrics
 
 
-def denoise_dtype(cfg: DenoiseNetConfig, descriptor_dtype: torch.dtype) -> torch.dtype:
-    """A head's precision: its own when given, else the descriptor's."""
-    return descriptor_dtype if cfg.precision == "default" else DTYPES[cfg.precision]

@@ -9,7 +9,7 @@ Start: the pretrained descriptor (weights, type embedding and env-matrix statist
   subtract the untrained net's own energy exactly as stats.fit_statistics does when training from
   scratch, so a fine-tune and a from-scratch run start equally unbiased)
 (N [nframes, ntypes] atom counts of up to data_stat_nbatch batches per training system), then the
-usual training loop (train.train) on the new data; `freeze_descriptor` trains the fitting only.
+usual training loop (trainer.train) on the new data; `freeze_descriptor` trains the fitting only.
 
 The model section of the fine-tune config is checked, not used, as in deepmd-kit: the descriptor
 (and a kept head's fitting net) come from the checkpoint, the type map from the config.
@@ -45,13 +45,13 @@ from lamflow.model.data.batch import DataSet, resolve_batch_size
 from lamflow.model.data.systems import System, elements_in
 from lamflow.model.errors import ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
-from lamflow.model.nn.config import ModelConfig
-from lamflow.model.nn.descriptor import REGISTRY
+from lamflow.model.nn.config import DESCRIPTOR_CONFIGS, ModelConfig
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.config import TrainConfig
-from lamflow.model.training.pretrained import (  # noqa: F401 (zero_shot: workflows/spec/stage_configs.py looks for it here)
+from lamflow.model.training.pretrained import (
     change_bias,
-    zero_shot,
+    zero_shot,  # noqa: F401 (workflows/stage_configs.py looks for it here)
 )
 from lamflow.model.training.stats import stat_samples
 from lamflow.model.training.trainer import TrainResult, train
@@ -62,8 +62,6 @@ RANDOM = "RANDOM"
 def starting_model(pretrained, branch: str | None = None) -> tuple[EnergyModel, str]:
     """(energy model to start from, head) with head = the kept branch name, "self" for a
     single-task model, or RANDOM (the model then carries the pretrained head, to be replaced)."""
-    from lamflow.model.training.multitask import MultiTaskModel
-
     if isinstance(pretrained, (str, os.PathLike)):
         model = build_from_payload(read_checkpoint(pretrained), str(pretrained))
         src = str(pretrained)
@@ -93,7 +91,7 @@ def bias_frames(systems: list[System], nbatch: int, batch_size) -> list[System]:
 def can_add_elements(descriptor_type: str) -> bool:
     """Whether fine-tuning can give a model of this descriptor elements it was not trained on."""
 
-    return bool(REGISTRY[descriptor_type].mixed_types)
+    return DESCRIPTOR_CONFIGS[descriptor_type].mixed_types
 
 
 def new_elements(type_map: list[str], pretrained_map: list[str]) -> list[str]:
@@ -126,7 +124,7 @@ def finetune(cfg: TrainConfig, pretrained: str | os.PathLike, out_dir: str | os.
              log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Fine-tune `pretrained` (a lamflow checkpoint: energy or multitask) on cfg's data; see the
     module docstring. `branch`: a multi-task head, or "RANDOM" for a new one. `restart`: continue an
-    interrupted fine-tuning from its checkpoint (as train.train)."""
+    interrupted fine-tuning from its checkpoint (as trainer.train)."""
     base, head = starting_model(pretrained, branch)
     src = str(pretrained)
     desc = base.cfg.descriptor

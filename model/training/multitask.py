@@ -1,8 +1,9 @@
-"""Multi-task pre-training: one shared descriptor, one head per dataset ("branch").
+"""Multi-task pre-training: one shared descriptor, one head per dataset ("branch"); the model is
+nn/multitask.py, the config (deepmd-kit's multi-task input) training/multitask_config.py.
 
     D_i      = descriptor(structure)                      shared by every branch (type embedding included)
     E^b_i    = F^b_{t_i}(D_i) + out_bias^b[t_i]           energy branch b: its own fitting net and bias
-    dx^b_i   = denoise head^b(descriptor output)          denoise branch (denoise.py)
+    dx^b_i   = denoise head^b(descriptor output)          denoise branch (nn/denoise_head.py, training/denoise.py)
 Each training step draws ONE branch b with probability model_prob[b] (default: proportional to
 its number of training frames), a batch of b's data, and takes an Adam step on b's loss; the
 shared descriptor thus learns from every dataset while each head keeps its own energy
@@ -39,35 +40,29 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Callable
 
 import numpy as np
 import torch
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
-from torch import Tensor, nn
 
 from lamflow.model.data.batch import DataSet
 from lamflow.model.data.systems import System, load_systems
-from lamflow.model.errors import CheckpointError, ConfigError, DataError
+from lamflow.model.errors import ConfigError, DataError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint
 from lamflow.model.io.files import atomic_write_text
-from lamflow.model.nn.config import DESCRIPTOR_TAGS, DescriptorConfig, FittingConfig, ModelConfig
-from lamflow.model.nn.descriptor import REGISTRY, build_descriptor
+from lamflow.model.nn.config import MASK
 from lamflow.model.nn.descriptor.base import EnvMatBlock
-from lamflow.model.nn.descriptor_config import dtype_name
-from lamflow.model.nn.fitting import EnergyFitting
-from lamflow.model.nn.network import DTYPES
-from lamflow.model.nn.potential import EnergyModel
-from lamflow.model.schema import Strict, error_lines, strip_comments
+from lamflow.model.nn.multitask import DenoiseHeadConfig, EnergyHeadConfig, MultiTaskModel, MultiTaskModelConfig
 from lamflow.model.training import distributed
-from lamflow.model.training.config import DataConfig, LearningRateConfig, LossConfig, TrainingLoopConfig, read_yaml
-from lamflow.model.training.denoise import MASK, DenoiseHead, DenoiseLoss, DenoiseLossConfig, DenoiseNetConfig, denoise_dtype
+from lamflow.model.training.bias_check import warn_underdetermined_bias
+from lamflow.model.training.denoise import DenoiseLoss
 from lamflow.model.training.lcurve import plot_lcurve
 from lamflow.model.training.loss import EnergyLoss
+from lamflow.model.training.metrics import dataset_metrics
+from lamflow.model.training.multitask_config import MultiTaskTrainConfig
 from lamflow.model.training.stats import (
     data_fingerprint,
     neighbor_counter,
@@ -79,438 +74,10 @@ from lamflow.model.training.stats import (
 )
 from lamflow.model.training.trainer import Task, Trainer, TrainResult, seed_everything, set_threads, stat_file
 
-BRANCH_TAGS = frozenset(DESCRIPTOR_TAGS) | {"ener", "denoise"}  # left out of error locations
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
 # ----------------------------------------------------------------------------- the user's config
 
 
-def _tag(key: str, default: str):
-    return lambda v: v.get(key, default) if isinstance(v, dict) else getattr(v, key, default)
-
-
-class EnergyBranchSpec(Strict):
-    task: Literal["ener"] = "ener"
-    type_map: Union[str, list[str], None] = None  # a shared_dict key or a list; None: the only type map there
-    descriptor: Union[str, None] = None  # a shared_dict key; None: the only descriptor there
-    fitting_net: FittingConfig = FittingConfig()
-
-
-class DenoiseBranchSpec(Strict):
-    task: Literal["denoise"]
-    type_map: Union[str, list[str], None] = None
-    descriptor: Union[str, None] = None
-    fitting_net: DenoiseNetConfig = DenoiseNetConfig()
-
-
-BranchSpec = Annotated[
-    Union[Annotated[EnergyBranchSpec, Tag("ener")], Annotated[DenoiseBranchSpec, Tag("denoise")]],
-    Discriminator(_tag("task", "ener")),
-]
-LossSpec = Annotated[
-    Union[Annotated[LossConfig, Tag("ener")], Annotated[DenoiseLossConfig, Tag("denoise")]],
-    Discriminator(_tag("type", "ener")),
-]
-
-
-class MultiTaskModelSpec(Strict):
-    shared_dict: dict[str, Any]  # name -> type map (list of elements) or descriptor config
-    model_dict: dict[str, BranchSpec]
-    data_stat_nbatch: int = Field(10, gt=0)
-    data_stat_protect: float = 1e-2
-
-
-class BranchData(Strict):
-    training_data: DataConfig
-    validation_data: DataConfig | None = None
-
-
-class MultiTrainingConfig(TrainingLoopConfig):
-    """`training` of a multi-task run: TrainingConfig with data_dict (and model_prob) instead of
-    training_data / validation_data."""
-
-    data_dict: dict[str, BranchData]
-    model_prob: dict[str, float] | None = None  # relative weights; None: proportional to training frames
-
-
-class MultiTaskTrainConfig(Strict):
-    model: MultiTaskModelSpec
-    learning_rate: LearningRateConfig = LearningRateConfig()
-    loss_dict: dict[str, LossSpec] = {}
-    training: MultiTrainingConfig
-
-    # -- resolved views (valid after `check`)
-    @property
-    def branches(self) -> list[str]:
-        return list(self.model.model_dict)
-
-    def loss(self, name: str) -> LossConfig | DenoiseLossConfig:
-        task = self.model.model_dict[name].task
-        return self.loss_dict.get(name) or (LossConfig() if task == "ener" else DenoiseLossConfig())
-
-    def _only(self, what: type) -> str:
-        """The key of the only shared_dict entry of this kind (list: a type map, dict: a descriptor)."""
-        return [k for k, v in self.model.shared_dict.items() if isinstance(v, what)][0]
-
-    def branch_type_map(self, name: str) -> list[str]:
-        tm = self.model.model_dict[name].type_map
-        if isinstance(tm, list):
-            return tm
-        return list(self.model.shared_dict[tm or self._only(list)])
-
-    @property
-    def type_map(self) -> list[str]:
-        """The shared type map: shared_dict's type map(s), then any element only a branch lists."""
-        out: list[str] = []
-        shared = [v for v in self.model.shared_dict.values() if isinstance(v, list)]
-        for tm in shared + [self.branch_type_map(n) for n in self.branches]:
-            out += [e for e in tm if e not in out]
-        return out
-
-    @property
-    def descriptor(self):
-        key = self.model.model_dict[self.branches[0]].descriptor or self._only(dict)
-        return TypeAdapter(DescriptorConfig).validate_python(self.model.shared_dict[key])
-
-    @property
-    def masks_types(self) -> bool:
-        return any(self.loss(n).type == "denoise" and self.loss(n).mask_ratio > 0 for n in self.branches)
-
-
-def is_multitask_config(raw: Any) -> bool:
-    """A raw (YAML-loaded) config is multi-task when its model has a model_dict."""
-    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "model_dict" in raw["model"]
-
-
-def multitask_layout(config: dict, heads: dict[str, dict], type_map: list[str], threads: int = 0) -> dict:
-    """Single-model settings (a pipeline's pretrain stage) and each head's data ({"train", "valid",
-    "fmt"}) -> deepmd-kit's multi-task layout: one shared descriptor
-    (`model.descriptor`), one energy branch per dataset with `model.fitting_net`, the same loss
-    for every branch, and `training` with a data_dict. `model.model_prob` is not a key here:
-    `training.model_prob` (optional) weights the branches. `config["denoise"]` (head -> {loss,
-    fitting_net}) makes those heads denoise branches (task denoise, loss type denoise)."""
-    model = dict(config.get("model") or {})
-    tr = {k: v for k, v in (config.get("training") or {}).items() if k not in ("training_data", "validation_data")}
-    td = (config.get("training") or {}).get("training_data") or {}
-    vd = (config.get("training") or {}).get("validation_data") or {}
-    data_dict = {}
-    for name, h in heads.items():
-        d = {"training_data": {**td, "systems": h["train"], "fmt": h["fmt"]}}
-        if h["valid"]:
-            d["validation_data"] = {**vd, "systems": h["valid"], "fmt": h["fmt"]}
-        data_dict[name] = d
-    if threads and "num_threads" not in tr:
-        tr["num_threads"] = int(threads)
-    extra = {k: model[k] for k in ("data_stat_nbatch", "data_stat_protect") if k in model}
-    model_dict = {name: {"type_map": "type_map_all", "descriptor": "descriptor", "fitting_net": model.get("fitting_net", {})}
-                  for name in heads}
-    loss_dict = {name: config.get("loss") or {} for name in heads}
-    for name, dn in (config.get("denoise") or {}).items():
-        model_dict[name] = {"task": "denoise", "type_map": "type_map_all", "descriptor": "descriptor",
-                            "fitting_net": dn.get("fitting_net") or {}}
-        loss_dict[name] = {"type": "denoise", **(dn.get("loss") or {})}
-    return {
-        "model": {"shared_dict": {"type_map_all": list(model.get("type_map") or type_map), "descriptor": model.get("descriptor", {})},
-                  "model_dict": model_dict, **extra},
-        "learning_rate": config.get("learning_rate") or {},
-        "loss_dict": loss_dict,
-        "training": {**tr, "data_dict": data_dict},
-    }
-
-
-def _format(source: str, err: ValidationError, prefix: str = "") -> str:
-    return "\n".join(error_lines(source, err, prefix, tags=BRANCH_TAGS))
-
-
-def parse_multitask_config(raw: Any, source: str = "config") -> MultiTaskTrainConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        cfg = MultiTaskTrainConfig.model_validate(strip_comments(raw))
-    except ValidationError as e:
-        raise ConfigError(_format(source, e)) from None
-    check(cfg, source)
-    return cfg
-
-
-def load_multitask_config(path: str | os.PathLike) -> MultiTaskTrainConfig:
-    """Read and validate a multi-task config; relative data paths are resolved against its folder."""
-    path = Path(path)
-    cfg = parse_multitask_config(read_yaml(path), str(path))
-
-    def fix(dc: DataConfig | None) -> DataConfig | None:
-        if dc is None:
-            return None
-        return dc.model_copy(update={"systems": [str(p if Path(p).is_absolute() else path.parent / p) for p in dc.system_list]})
-
-    data = {k: v.model_copy(update={"training_data": fix(v.training_data), "validation_data": fix(v.validation_data)})
-            for k, v in cfg.training.data_dict.items()}
-    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"data_dict": data})})
-
-
-def check(cfg: MultiTaskTrainConfig, source: str) -> None:
-    """Cross-section checks, each a one-line ConfigError with the key path."""
-    shared, branches = cfg.model.shared_dict, cfg.branches
-    if not branches:
-        raise ConfigError(f"{source}: model.model_dict: no branch")
-    for key, v in shared.items():
-        if isinstance(v, list):
-            if not v or not all(isinstance(e, str) for e in v) or len(set(v)) != len(v):
-                raise ConfigError(f"{source}: model.shared_dict.{key}: a type map must be a non-empty list of distinct elements")
-            if MASK in v:
-                raise ConfigError(f"{source}: model.shared_dict.{key}: {MASK!r} is reserved for the denoise mask token")
-        elif isinstance(v, dict):
-            try:
-                TypeAdapter(DescriptorConfig).validate_python(v)
-            except ValidationError as e:
-                raise ConfigError(_format(source, e, f"model.shared_dict.{key}").splitlines()[0]) from None
-        else:
-            raise ConfigError(f"{source}: model.shared_dict.{key}: expected a type map (list) or a descriptor (mapping)")
-    descriptors = set()
-    for name, b in cfg.model.model_dict.items():
-        where = f"{source}: model.model_dict.{name}"
-        if not BRANCH_NAME.match(name):
-            raise ConfigError(f"{where}: a branch name may hold only letters, digits, '_' and '-'")
-        if isinstance(b.type_map, str) and not isinstance(shared.get(b.type_map), list):
-            raise ConfigError(f"{where}.type_map: {b.type_map!r} is not a type map in model.shared_dict")
-        if b.type_map is None and len([v for v in shared.values() if isinstance(v, list)]) != 1:
-            raise ConfigError(f"{where}.type_map: missing (model.shared_dict holds no single type map to default to)")
-        if isinstance(b.type_map, list):
-            if len(set(b.type_map)) != len(b.type_map):
-                raise ConfigError(f"{where}.type_map: repeated elements")
-            known = {e for v in shared.values() if isinstance(v, list) for e in v}
-            extra = [e for e in b.type_map if known and e not in known]
-            if extra:
-                raise ConfigError(f"{where}.type_map: element(s) {', '.join(extra)} not in the shared type map")
-        if b.descriptor is None:
-            keys = [k for k, v in shared.items() if isinstance(v, dict)]
-            if len(keys) != 1:
-                raise ConfigError(f"{where}.descriptor: missing (model.shared_dict holds no single descriptor to default to)")
-            descriptors.add(keys[0])
-        elif not isinstance(shared.get(b.descriptor), dict):
-            raise ConfigError(f"{where}.descriptor: {b.descriptor!r} is not a descriptor in model.shared_dict")
-        else:
-            descriptors.add(b.descriptor)
-        lc = cfg.loss_dict.get(name)
-        if lc is not None and (lc.type == "denoise") != (b.task == "denoise"):
-            raise ConfigError(f"{source}: loss_dict.{name}.type: {lc.type!r} does not fit a branch with task {b.task!r}")
-        if name not in cfg.training.data_dict:
-            raise ConfigError(f"{source}: training.data_dict: no data for branch {name!r}")
-    if len(descriptors) != 1:
-        raise ConfigError(f"{source}: model.model_dict: branches use different descriptors {sorted(descriptors)}; "
-                          "a multi-task model shares one")
-    for key, section in (("loss_dict", cfg.loss_dict), ("training.data_dict", cfg.training.data_dict),
-                         ("training.model_prob", cfg.training.model_prob or {})):
-        for name in section:
-            if name not in cfg.model.model_dict:
-                raise ConfigError(f"{source}: {key}.{name}: no such branch in model.model_dict ({', '.join(branches)})")
-    prob = cfg.training.model_prob
-    if prob is not None:
-        for name in branches:
-            if name not in prob:
-                raise ConfigError(f"{source}: training.model_prob: no weight for branch {name!r}")
-            if prob[name] < 0:
-                raise ConfigError(f"{source}: training.model_prob.{name}: must be >= 0")
-        if sum(prob.values()) <= 0:
-            raise ConfigError(f"{source}: training.model_prob: weights sum to 0")
-    if cfg.masks_types and not REGISTRY[cfg.descriptor.type].mixed_types:
-        raise ConfigError(f"{source}: loss_dict: mask_ratio > 0 needs a mixed-type descriptor (se_atten, dpa2, dpa3); "
-                          f"{cfg.descriptor.type} sorts neighbours by element and cannot hide one (set mask_ratio: 0)")
-
-
 # ----------------------------------------------------------------------------- the model
-
-
-class EnergyHeadConfig(Strict):
-    task: Literal["ener"] = "ener"
-    type_map: list[str]  # the elements of this branch (a subset of the model's type map)
-    fitting_net: FittingConfig
-
-
-class DenoiseHeadConfig(Strict):
-    task: Literal["denoise"] = "denoise"
-    type_map: list[str]
-    fitting_net: DenoiseNetConfig
-
-
-HeadConfig = Annotated[Union[EnergyHeadConfig, DenoiseHeadConfig], Field(discriminator="task")]
-
-
-class MultiTaskModelConfig(Strict):
-    """What a multi-task checkpoint stores: the resolved model (sel counted, references replaced)."""
-
-    type_map: list[str]  # shared elements, then MASK when a denoise branch masks types
-    descriptor: DescriptorConfig
-    branches: dict[str, HeadConfig]
-    data_stat_nbatch: int = 10
-    data_stat_protect: float = 1e-2
-
-    @property
-    def elements(self) -> list[str]:
-        return [e for e in self.type_map if e != MASK]
-
-    @property
-    def mask_type(self) -> int | None:
-        return self.type_map.index(MASK) if MASK in self.type_map else None
-
-    @property
-    def dtype_name(self) -> str:
-        return dtype_name(self.descriptor.precision)
-
-
-class EnergyHead(nn.Module):
-    def __init__(self, cfg: FittingConfig, dim_in: int, ntypes: int, mixed_types: bool, dtype: torch.dtype):
-        super().__init__()
-        self.fitting = EnergyFitting(cfg, dim_in, ntypes, mixed_types)
-        self.register_buffer("out_bias", torch.zeros(ntypes, dtype=dtype))
-
-
-def pair_feature_dim(descriptor) -> int:
-    """Width M of DescriptorOutput.pair_feat, from one forward on a two-atom structure (any descriptor)."""
-    coord = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]], dtype=next(descriptor.buffers()).dtype)
-    atype = torch.zeros(1, 2, dtype=torch.long)
-    nlists = []
-    for req in descriptor.nlist_requests():
-        nl = torch.full((1, 2, req.nnei), -1, dtype=torch.long)
-        nl[0, 0, 0], nl[0, 1, 0] = 1, 0
-        nlists.append(nl)
-    with torch.no_grad():
-        return int(descriptor(coord, atype, nlists).pair_feat.shape[-1])
-
-
-class MultiTaskModel(nn.Module):
-    """Shared descriptor + one head per branch (`heads.<name>`). `branch(name)` is the view the
-    losses and the trainer use; `branch_model(name)` extracts a stand-alone EnergyModel."""
-
-    kind = "multitask"  # checkpoint kind (checkpoint.KINDS)
-
-    def __init__(self, cfg: MultiTaskModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.type_map = list(cfg.type_map)
-        ntypes = len(self.type_map)
-        self.descriptor = build_descriptor(cfg.descriptor, ntypes)
-        dtype = DTYPES[cfg.dtype_name]
-        self.heads = nn.ModuleDict()
-        for name, h in cfg.branches.items():
-            if h.task == "ener":
-                self.heads[name] = EnergyHead(h.fitting_net, self.descriptor.dim_out, ntypes, self.descriptor.mixed_types, dtype)
-            else:
-                self.heads[name] = DenoiseHead(h.fitting_net, self.descriptor.dim_out, pair_feature_dim(self.descriptor),
-                                               len(cfg.elements), denoise_dtype(h.fitting_net, dtype))
-
-    @classmethod
-    def from_config(cls, config: dict) -> "MultiTaskModel":
-        return cls(MultiTaskModelConfig.model_validate(config))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.cfg.dtype_name]
-
-    @property
-    def energy_branches(self) -> list[str]:
-        return [n for n, h in self.cfg.branches.items() if h.task == "ener"]
-
-    def nlist_requests(self):
-        return self.descriptor.nlist_requests()
-
-    def atomic_energy(self, name: str, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor],
-                      mapping: Tensor | None = None) -> Tensor:
-        """Branch `name`'s atomic energies [nf, nloc] (0 on padding); mapping [nf, nall] as EnergyModel's."""
-        nloc = nlists[0].shape[1]
-        atype = atype_ext[:, :nloc]
-        head = self.heads[name]
-        d = self.descriptor(coord_ext, atype_ext, nlists, mapping=mapping)
-        return head.fitting(d.descriptor, atype) + head.out_bias[atype.clamp(min=0)] * (atype >= 0)
-
-    def denoise(self, name: str, coord_ext: Tensor, atype_ext: Tensor, nlists: list[Tensor],
-                mapping: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Branch `name`'s displacement [nf, nloc, 3] and type logits [nf, nloc, n_elements]."""
-        d = self.descriptor(coord_ext, atype_ext, nlists, mapping=mapping)
-        return self.heads[name](d)
-
-    def branch(self, name: str) -> "Branch":
-        self._check_branch(name)
-        return Branch(self, name)
-
-    def branch_model(self, name: str | None = None) -> EnergyModel:
-        """Energy branch `name` as a stand-alone EnergyModel (a copy of the shared descriptor and
-        of the head, on the same device); None picks the only energy branch."""
-        name = self.resolve_branch(name)
-        h = self.cfg.branches[name]
-        mcfg = ModelConfig(type_map=self.type_map, descriptor=self.cfg.descriptor, fitting_net=h.fitting_net,
-                           data_stat_nbatch=self.cfg.data_stat_nbatch, data_stat_protect=self.cfg.data_stat_protect)
-        model = EnergyModel(mcfg)
-        head = self.heads[name]
-        state = {f"descriptor.{k}": v for k, v in self.descriptor.state_dict().items()}
-        state.update({f"fitting.{k}": v for k, v in head.fitting.state_dict().items()})
-        state["out_bias"] = head.out_bias
-        model.load_state_dict(state)
-        return model.to(head.out_bias.device)
-
-    def resolve_branch(self, name: str | None) -> str:
-        if name is None:
-            if len(self.energy_branches) != 1:
-                raise ConfigError(f"a multi-task model: choose a branch ({', '.join(self.energy_branches)})")
-            return self.energy_branches[0]
-        self._check_branch(name)
-        if self.cfg.branches[name].task != "ener":
-            raise ConfigError(f"branch {name!r} is a {self.cfg.branches[name].task} head, not an energy model "
-                              f"(energy branches: {', '.join(self.energy_branches)})")
-        return name
-
-    def _check_branch(self, name: str) -> None:
-        if name not in self.cfg.branches:
-            raise ConfigError(f"no branch {name!r} in this model (branches: {', '.join(self.cfg.branches)})")
-
-
-class Branch:
-    """One head of a MultiTaskModel seen as a model: what the losses, the trainer and evaluation
-    call (`atomic_energy`, `denoise`, `dtype`, `type_map`, `out_bias`). It holds no weights of its
-    own, so it never goes stale when the root moves to another device."""
-
-    def __init__(self, root: MultiTaskModel, name: str):
-        self.root, self.name = root, name
-        self.task = root.cfg.branches[name].task
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.root.dtype
-
-    @property
-    def type_map(self) -> list[str]:
-        return self.root.type_map
-
-    @property
-    def out_bias(self) -> Tensor:
-        """An energy branch's bias (evaluation also reads the device from it)."""
-        return self.root.heads[self.name].out_bias
-
-    def nlist_requests(self):
-        return self.root.nlist_requests()
-
-    def atomic_energy(self, coord_ext, atype_ext, nlists, mapping=None):
-        return self.root.atomic_energy(self.name, coord_ext, atype_ext, nlists, mapping)
-
-    def denoise(self, coord_ext, atype_ext, nlists, mapping=None):
-        return self.root.denoise(self.name, coord_ext, atype_ext, nlists, mapping)
-
-
-def load_branch(path: str | os.PathLike, branch: str | None = None, device: str | torch.device = "cpu") -> EnergyModel:
-    """An energy model from a checkpoint: branch `branch` of a multi-task model (None: its only
-    energy branch), or a single-task model itself (branch must be None)."""
-    from lamflow.model.io.checkpoint import resolve_device
-
-    model = build_from_payload(read_checkpoint(path), str(path))
-    if isinstance(model, MultiTaskModel):
-        try:
-            model = model.branch_model(branch)
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    elif branch is not None:
-        raise CheckpointError(f"{path}: a single-task {getattr(model, 'kind', 'energy')} model has no branch {branch!r}")
-    return model.to(resolve_device(device)).eval()
 
 
 # ----------------------------------------------------------------------------- data, build, statistics
@@ -604,7 +171,6 @@ def fit_multitask_statistics(model: MultiTaskModel, datasets: dict[str, DataSet]
         used = [i for i, e in enumerate(model.type_map) if e in cfg.branches[name].type_map]
         log(f"{name}: energy bias {dict((model.type_map[i], round(float(bias[i]), 4)) for i in used)}; "
             f"RMSE of energy per atom after linear regression: {rmse:.4g} eV")
-        from lamflow.model.training.bias_check import warn_underdetermined_bias
 
         warn_underdetermined_bias(datasets[name].systems, model.type_map, log, prefix=f"{name}: ")
         out[name] = rmse
@@ -624,8 +190,7 @@ def branch_probabilities(cfg: MultiTaskTrainConfig, train: dict[str, list[System
 def train_multitask(cfg: MultiTaskTrainConfig, out_dir: str | os.PathLike, *, restart: str | os.PathLike | None = None,
                     log: Callable = print, on_checkpoint: Callable | None = None) -> TrainResult:
     """Multi-task (pre-)training; the checkpoint (kind "multitask") holds every branch.
-    `restart`, `on_checkpoint`: as for `train.train`."""
-    from lamflow.model.training.metrics import dataset_metrics
+    `restart`, `on_checkpoint`: as for `trainer.train`."""
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from lamflow.model.data.systems import System, load_systems
 from lamflow.model.errors import CheckpointError, ConfigError
 from lamflow.model.io.checkpoint import build_from_payload, read_checkpoint, resolve_device
 from lamflow.model.nn.infer import evaluate_system
+from lamflow.model.nn.multitask import MultiTaskModel
 from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training.bias_check import warn_underdetermined_bias
-from lamflow.model.training.multitask import MultiTaskModel
 
 
 def source_name(pretrained) -> str:
@@ -38,9 +38,12 @@ def read_model(path: str | os.PathLike, branch: str | None = None):
     return build_from_payload(payload, str(path)).eval(), payload
 
 
-def energy_model(pretrained, branch: str | None = None) -> EnergyModel:
-    """A stand-alone energy model from a checkpoint path or a model (copied): a single-task model,
-    or head `branch` of a multi-task one (None: its only energy head)."""
+def stand_alone(pretrained, branch: str | None = None, *, any_kind: bool = False, error: type = ConfigError):
+    """The one loader: a stand-alone model from a checkpoint path (lamflow or deepmd-kit) or a model
+    (copied): head `branch` of a multi-task model (None: its only energy head), or a single-task
+    model itself (branch must be None). any_kind=False: it must be an energy model (fine-tuning,
+    zero-shot, cleaning); True: any single-task kind (a compressed model too). Bad branches are
+    `error`s naming the source (ConfigError for a config's choice, CheckpointError for a file's)."""
     if isinstance(pretrained, (str, os.PathLike)):
         model = build_from_payload(read_checkpoint(pretrained), str(pretrained))
     else:
@@ -50,12 +53,18 @@ def energy_model(pretrained, branch: str | None = None) -> EnergyModel:
         try:
             return model.branch_model(branch)
         except ConfigError as e:
-            raise ConfigError(f"{src}: {e}") from None
-    if model.kind != "energy":
+            raise error(f"{src}: {e}") from None
+    if not any_kind and model.kind != "energy":
         raise ConfigError(f"{src}: zero-shot needs an energy model, got a {model.kind!r} one")
     if branch is not None:
-        raise ConfigError(f"{src}: a single-task model has no branch {branch!r}")
+        raise error(f"{src}: a single-task {model.kind + ' ' if any_kind else ''}model has no branch {branch!r}")
     return model
+
+
+def energy_model(pretrained, branch: str | None = None) -> EnergyModel:
+    """A stand-alone energy model from a checkpoint path or a model (copied): a single-task model,
+    or head `branch` of a multi-task one (None: its only energy head)."""
+    return stand_alone(pretrained, branch)
 
 
 def load_pretrained(pretrained: str | os.PathLike, branch: str | None = None, device: str = "cpu") -> EnergyModel:
@@ -132,3 +141,9 @@ def refit_bias(model, systems: list[System]) -> tuple[object, list[dict], np.nda
     delta = (refit.out_bias - model.out_bias.to(refit.out_bias.device)).detach().cpu().numpy()
     preds = [evaluate_system(refit, s, virial=s.virial is not None and s.box is not None) for s in systems]
     return refit, preds, delta
+
+
+def load_branch(path: str | os.PathLike, branch: str | None = None, device: str | torch.device = "cpu"):
+    """A model from a checkpoint file: branch `branch` of a multi-task model (None: its only energy
+    branch), or a single-task model of any kind itself (branch must be None); CheckpointErrors."""
+    return stand_alone(path, branch, any_kind=True, error=CheckpointError).to(resolve_device(device)).eval()

@@ -34,6 +34,7 @@ from lamflow.model.nn.potential import EnergyModel
 from lamflow.model.training import distributed
 from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.data_warnings import warn_suspicious
+from lamflow.model.training.distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
 from lamflow.model.training.lcurve import _fmt_cell, _fmt_time, plot_lcurve
 from lamflow.model.training.loss import EnergyLoss, ExpDecayLR
 from lamflow.model.training.metrics import dataset_metrics
@@ -99,7 +100,7 @@ class Trainer:
         self.on_checkpoint = on_checkpoint  # called on rank 0 with (checkpoint path, step) after each save
         self.kind, self.log, self.rank, self.world = kind, log, rank, world
         self.extra_payload = extra_payload or {}
-        if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (coverage.py)
+        if "trained_elements" not in self.extra_payload:  # "trained on" vs "in the type map" (data/coverage.py)
 
             self.extra_payload["trained_elements"] = observed_elements([s for t in tasks for s in getattr(t.train, "systems", [])])
             if len(tasks) > 1:
@@ -121,8 +122,6 @@ class Trainer:
         nw = cfg.training.num_workers
         self.num_workers = auto_workers(self.device) if nw == "auto" else int(nw)
         if world > 1:  # data parallel (distributed.py): same global batch on every rank, averaged gradients
-            from lamflow.model.training.distributed import GradAllReduce, ShardedDataSet, broadcast_module, lr_scale, sync_rng
-
             for t in tasks:
                 t.train = ShardedDataSet(t.train, rank, world)
             broadcast_module(root)

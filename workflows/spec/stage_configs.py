@@ -94,7 +94,7 @@ COMPRESS_KEYS = {"stride", "extrapolate", "check_frequency", "min_nbor_dist"}
 
 def compress_settings() -> type[BaseModel]:
     """The compress stage's settings as a pydantic model whose fields are those of the compressed
-    checkpoint's own config (lamflow.model.tasks.compress.CompressedModelConfig): the same bounds the
+    checkpoint's own config (lamflow.model.nn.compressed.CompressedModelConfig): the same bounds the
     stage applies (stride > 0, extrapolate >= 1, min_nbor_dist > 0), not a second rule set."""
     from pydantic import ConfigDict, create_model
 
@@ -171,9 +171,9 @@ MULTITASK_PATHS = [(re.compile(r"\bmodel\.model_dict\.[^.:]+\."), "model."), (re
 
 def multitask_problems(spec: PipelineSpec, type_map: list[str]) -> list[str]:
     """A multi-task pretraining stage's settings checked by the multi-task trainer's own config
-    (lamflow.model.training.multitask.parse_multitask_config on what the pretrain OP builds), with the
+    (lamflow.model.training.multitask_config.parse_multitask_config on what the pretrain OP builds), with the
     errors' paths put back into the pipeline's layout (one line per problem, not per head)."""
-    from lamflow.model.training.multitask import multitask_layout, parse_multitask_config
+    from lamflow.model.training.multitask_config import multitask_layout, parse_multitask_config
 
     st = spec.stages.pretrain
     heads = {n: {"train": as_list(spec.datasets[n].train), "valid": as_list(spec.datasets[n].valid),

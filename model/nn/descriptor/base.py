@@ -48,6 +48,7 @@ class Descriptor(nn.Module):
         if config is None:
             return
         cls.config = config
+        cls.mixed_types = config.mixed_types
         for tag in descriptor_tags(config):
             if tag in REGISTRY:
                 raise TypeError(f"descriptor tag {tag!r} registered twice ({REGISTRY[tag].__name__}, {cls.__name__})")

@@ -177,7 +177,6 @@ def from_deepmd_key(key: str) -> str | None:
 
 
 class DPA2(Descriptor, config=DPA2Config):
-    mixed_types = True  # one shared fitting net
 
     def __init__(self, cfg: DPA2Config, ntypes: int):
         super().__init__()

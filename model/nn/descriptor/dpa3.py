@@ -305,7 +305,6 @@ def from_deepmd_key(key: str) -> str | None:
 
 
 class DPA3(Descriptor, config=DPA3Config):
-    mixed_types = True  # one shared fitting net
 
     def __init__(self, cfg: DPA3Config, ntypes: int):
         super().__init__()

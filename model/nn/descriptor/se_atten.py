@@ -69,7 +69,6 @@ class GatedAttentionLayer(nn.Module):
 
 
 class SeAtten(Descriptor, config=SeAttenConfig):
-    mixed_types = True  # one shared fitting net
 
     def __init__(self, cfg: SeAttenConfig, ntypes: int):
         super().__init__()

@@ -25,7 +25,6 @@ from lamflow.model.nn.network import DTYPES, EmbeddingNet, make_generator
 
 
 class SeE2A(Descriptor, config=SeE2AConfig):
-    mixed_types = False  # one fitting net per atom type
 
     def __init__(self, cfg: SeE2AConfig, ntypes: int):
         super().__init__()

@@ -56,7 +56,7 @@ def trained_line(type_map: list[str], trained: list[str] | None) -> str:
 
 def elements(model) -> list[str]:
     """The model's real elements (the denoise MASK pseudo-type left out)."""
-    from lamflow.model.training.denoise import MASK
+    from lamflow.model.nn.config import MASK
 
     return [e for e in model.type_map if e != MASK]
 
@@ -84,7 +84,7 @@ def descriptor_config(model):
 def summary(model, source: str, trained: list[str] | None = None, by_branch: dict | None = None) -> list[str]:
     """The printed lines; `trained`: elements of the training data (checkpoint's trained_elements),
     `by_branch`: those of each branch of a multi-task model."""
-    from lamflow.model.training.denoise import MASK
+    from lamflow.model.nn.config import MASK
 
     kind = model.kind
     tm = list(model.type_map)

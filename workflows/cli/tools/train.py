@@ -23,7 +23,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from lamflow.model.errors import ConfigError
     from lamflow.model.training.config import load_train_config, read_yaml
-    from lamflow.model.training.multitask import is_multitask_config
+    from lamflow.model.training.multitask_config import is_multitask_config
     from lamflow.model.training.trainer import train
 
     if is_multitask_config(read_yaml(args.config)):
@@ -47,7 +47,8 @@ def run(args) -> int:
 
 def _run_multitask(args) -> int:
     from lamflow.model.errors import ConfigError
-    from lamflow.model.training.multitask import load_multitask_config, train_multitask
+    from lamflow.model.training.multitask import train_multitask
+    from lamflow.model.training.multitask_config import load_multitask_config
 
     if args.finetune or args.branch or args.freeze_descriptor:
         raise ConfigError(f"{args.config}: --finetune/--branch/--freeze-descriptor take a single-task config "
