@@ -3,7 +3,7 @@
     python bench/lammps_md.py
 
 Builds (once) the LAMMPS + deepmd-kit venv of bench/lammps/setup_venv.sh, then runs the
-lammps-marked tests of tests/test_lammps.py, which CI deselects (the venv is ~5 GB: deepmd-kit's
+lammps-marked tests of tests/model/test_lammps.py, which CI deselects (the venv is ~5 GB: deepmd-kit's
 LAMMPS plugin is built for torch 2.11 and CUDA 12 runtime libraries), and prints what they
 measured: first-step energy/force differences, how far 200 NVE steps in LAMMPS drift from
 lamflow's ASE velocity Verlet from the same start, and 2 MPI ranks vs 1."""
@@ -29,7 +29,7 @@ def main() -> int:
     figures = Path(tempfile.mkdtemp(prefix="lamflow-lammps-")) / "figures.json"
     env = {**os.environ, "LAMFLOW_LAMMPS_VENV": venv, "LAMFLOW_LAMMPS_FIGURES": str(figures), "OMP_NUM_THREADS": "1"}
     t1 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "lammps", str(REPO / "tests" / "test_lammps.py")],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "lammps", str(REPO / "tests" / "model" / "test_lammps.py")],
                        cwd=REPO, env=env)
     print(f"lammps tests: exit {r.returncode} in {time.time() - t1:.0f} s")
     if figures.is_file():

@@ -1,5 +1,5 @@
 """Make tests/data/dpa2_deepmd_3.2.0.npz: deepmd-kit 3.2.0's DPA-2 descriptor on random periodic
-frames, for tests/test_dpa2.py::test_dpa2_matches_deepmd_kit_descriptor_and_gradient.
+frames, for tests/model/test_dpa2.py::test_dpa2_matches_deepmd_kit_descriptor_and_gradient.
 
 Runs in a virtualenv with deepmd-kit 3.2.0 (not ours):
     $HOME/.cache/lamflow/deepmd-venv/bin/python tests/data/make_dpa2_reference.py tests/data/dpa2_deepmd_3.2.0.npz

@@ -1,5 +1,5 @@
 """Make tests/data/dpa3_deepmd_3.2.0.npz: deepmd-kit 3.2.0's DPA-3 descriptor on a random periodic
-frame, for tests/test_dpa3.py::test_dpa3_matches_deepmd_kit_descriptor_and_gradient.
+frame, for tests/model/test_dpa3.py::test_dpa3_matches_deepmd_kit_descriptor_and_gradient.
 
 Runs in a virtualenv with deepmd-kit 3.2.0 (not ours):
     $HOME/.cache/lamflow/deepmd-venv/bin/python tests/data/make_dpa3_reference.py tests/data/dpa3_deepmd_3.2.0.npz

@@ -64,7 +64,7 @@ Conventions kept for importing deepmd-kit weights (module names are deepmd-kit's
   state_dict (env stats live in `repinit.env` / `repformers.env`, the embedding nets are
   `repinit.net(_strip)` / `repinit_three_body.net(_strip)`, the type embedding
   `type_embedding.net`): `from_deepmd_key` renames them,
-  and tests/test_dpa2.py checks the result against deepmd-kit 3.2.0's outputs to round-off.
+  and tests/model/test_dpa2.py checks the result against deepmd-kit 3.2.0's outputs to round-off.
 Deviations: empty slots of repinit use the zero padding type embedding (deepmd-kit reads atom 0's,
 which only matters, and breaks permutation invariance there, if repinit.set_davg_zero is false);
 exclude_types and use_econf_tebd are rejected by the config; nsel defaults to "auto"; the

@@ -16,7 +16,7 @@ from conftest import data_path
 from lamflow.workflows.cli import main
 from lamflow.workflows.spec import SpecError, check_spec, image_problems, load_spec, resolved_type_map
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = {
     "model": {"descriptor": {"type": "se_e2_a", "rcut": 4.0, "rcut_smth": 0.5, "sel": "auto", "neuron": [4, 8],

@@ -27,7 +27,7 @@ from lamflow.model.training.config import TrainConfig
 from lamflow.model.training.trainer import build_energy_model, train
 
 TEMPLATES = REPO / "templates"
-DEEPMD_REFERENCE = Path(__file__).parent / "data" / "dpa3_deepmd_3.2.0.npz"  # tests/data/make_dpa3_reference.py
+DEEPMD_REFERENCE = Path(__file__).parents[1] / "data" / "dpa3_deepmd_3.2.0.npz"  # tests/data/make_dpa3_reference.py
 SMALL = {"n_dim": 8, "e_dim": 6, "a_dim": 4, "nlayers": 2, "e_rcut": 4.0, "e_rcut_smth": 0.5, "e_sel": 40,
          "a_rcut": 3.0, "a_rcut_smth": 0.5, "a_sel": 20, "axis_neuron": 2}
 

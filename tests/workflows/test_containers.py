@@ -142,7 +142,7 @@ def test_submit_container_flags_need_debug(tmp_path, capsys):
 def test_the_container_check_is_off_with_its_switch_and_build_local_refuses_bad_arguments():
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "LAMFLOW_CONTAINER_CHECK": "0"}
     r = subprocess.run(["bash", str(repo / ".ci" / "container-check.sh")], env=env, capture_output=True, text=True,
                        timeout=60)

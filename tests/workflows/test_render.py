@@ -19,7 +19,7 @@ from lamflow.workflows.cli import main
 from lamflow.workflows.render import render_manifest
 from lamflow.workflows.spec import load_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _schemas() -> Path:
@@ -235,7 +235,7 @@ def test_templates_render_to_valid_manifests_with_gpu_fields_only_on_gpu_stages(
     assert schema_errors(m) == []
     stages = stage_templates(m)
     multinode = spec.stages.pretrain.enabled and spec.resources_of("pretrain").nodes > 1
-    # a multi-node pretrain is a TrainJob (tests/test_trainjob.py) between two CPU helper pods
+    # a multi-node pretrain is a TrainJob (tests/workflows/test_trainjob.py) between two CPU helper pods
     helpers = {"pretrain-inputs", "pretrain"} if multinode else set()
     assert set(stages) == set(spec.stages.enabled()) | {"report"} | helpers
     for stage, t in stages.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "model"
+ROOT = Path(__file__).resolve().parents[2] / "model"
 # lowest first: a package imports only packages of a lower rank (or its own)
 RANK = {"errors": 0, "schema": 0, "data": 1, "nn": 2, "io": 3, "training": 4, "tasks": 5}
 

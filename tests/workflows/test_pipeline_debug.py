@@ -13,7 +13,7 @@ from conftest import TINY, data_path
 
 from lamflow.workflows.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 

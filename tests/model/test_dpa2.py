@@ -129,7 +129,7 @@ class TestDPA2ResidualG1Attention(PotentialContract):
         )
 
 
-DEEPMD_REFERENCE = Path(__file__).parent / "data" / "dpa2_deepmd_3.2.0.npz"  # tests/data/make_dpa2_reference.py
+DEEPMD_REFERENCE = Path(__file__).parents[1] / "data" / "dpa2_deepmd_3.2.0.npz"  # tests/data/make_dpa2_reference.py
 
 
 def test_dpa2_matches_deepmd_kit_descriptor_and_gradient():

@@ -24,7 +24,7 @@ import pytest
 import tomllib
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SCRIPT = ROOT / ".ci" / "deploy-checks.sh"
 BASE = DEPLOY / "argo" / "base"
