@@ -1,7 +1,7 @@
 """lamflow.model.io: files a model lives in: lamflow checkpoints, deepmd-kit import and export,
 the model card, LAMMPS and YAML."""
 
-from importlib import import_module
+from lamflow.model import lazy_exports
 
 # public name -> the submodule that defines it; imported on first use, so that importing one light
 # submodule (a config, for the CLI's validation) does not import torch and every other module
@@ -24,10 +24,4 @@ _EXPORTS = {
     "write_card": "model_card",
     "read_yaml": "yamlio",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -2,7 +2,7 @@
 descriptors (se_e2_a, se_atten, dpa2, dpa3; a registry the classes fill), the energy fitting
 net, the potential (energy -> forces, virial) and its Potential protocol."""
 
-from importlib import import_module
+from lamflow.model import lazy_exports
 
 # public name -> the submodule that defines it; imported on first use, so that importing one light
 # submodule (a config, for the CLI's validation) does not import torch and every other module
@@ -36,10 +36,4 @@ _EXPORTS = {
     "evaluate": "infer",
     "evaluate_system": "infer",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,7 @@
 """lamflow.model.training: the trainer (single- and multi-task, DDP), loss, denoise head,
 statistics, fine-tuning and a pretrained model put to a new use (pretrained.py)."""
 
-from importlib import import_module
+from lamflow.model import lazy_exports
 
 # public name -> the submodule that defines it; imported on first use, so that importing one light
 # submodule (a config, for the CLI's validation) does not import torch and every other module
@@ -37,10 +37,4 @@ _EXPORTS = {
     "StatFile": "stats",
     "EnergyLoss": "loss",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -15,25 +15,10 @@ residual of its untrained head, as stats.fit_statistics does for a single-task m
 neighbour statistic (sel: auto) and the env-matrix statistics are cached in the stat file
 (`training.stat_file`, default OUT/stat_file.pt), keyed by every branch's sample, as single-task.
 
-The config mirrors deepmd-kit's multi-task input (doc/train/multi-task-training.md):
-
-    model:
-      shared_dict: {type_map_all: [O, H, Si], my_descriptor: {type: se_atten, ...}}
-      model_dict:
-        water: {type_map: type_map_all, descriptor: my_descriptor, fitting_net: {neuron: [64, 64]}}
-        si:    {type_map: type_map_all, descriptor: my_descriptor, fitting_net: {neuron: [64, 64]}}
-        noise: {task: denoise, descriptor: my_descriptor, fitting_net: {neuron: [32]}}
-    loss_dict: {water: {start_pref_e: 0.02, ...}, noise: {type: denoise, noise: 0.2, mask_ratio: 0.15}}
-    training:
-      model_prob: {water: 1.0, si: 1.0, noise: 0.5}       # optional
-      data_dict: {water: {training_data: {systems: ...}, validation_data: {...}}, ...}
-      numb_steps: ..., seed: ..., disp_freq: ...
-
-A string in model_dict names a shared_dict entry; every branch must use the same descriptor
-(the shared one). A branch's type_map may be a subset of the shared type map (the model keeps
-the shared one: the union of all branches' type maps); every element of a branch's data must be
-in the branch's type map. Branch names are also the names of checkpoint entries
-(`heads.<name>.*`), the lcurve column prefixes and the `--branch` choices.
+The config (deepmd-kit's multi-task input: shared_dict, model_dict, loss_dict, data_dict, and how
+branches name shared parts) is laid out in training/multitask_config.py; branch names are also
+the names of checkpoint entries (`heads.<name>.*`), the lcurve column prefixes and the
+`--branch` choices.
 """
 
 from __future__ import annotations
@@ -65,10 +50,10 @@ from lamflow.model.training.metrics import dataset_metrics
 from lamflow.model.training.multitask_config import MultiTaskTrainConfig
 from lamflow.model.training.stats import (
     data_fingerprint,
+    env_stats,
     neighbor_counter,
     resolve_sel,
     sampled_energy_bias,
-    stat_buffers,
     stat_frames,
     stat_samples,
 )
@@ -145,23 +130,17 @@ def fit_multitask_statistics(model: MultiTaskModel, datasets: dict[str, DataSet]
     key = None if stat is None else stat.key(
         "env-multitask", {n: data_fingerprint(ds.systems, frames[n]) for n, ds in datasets.items()},
         cfg.descriptor.model_dump(mode="json"), cfg.data_stat_protect, len(model.type_map))
-    cached = None if stat is None else stat.get(key)
-    bufs = stat_buffers(model.descriptor)
-    if cached is not None and set(cached) == set(bufs):
-        for k, v in cached.items():
-            bufs[k].copy_(v)
-        log(f"env-matrix statistics from {stat.path}")
-    else:
-        samples = [x for n, ds in datasets.items() for x in stat_samples(ds, nbatch, dev, model.dtype, frames[n])]
-        model.descriptor.set_stats(samples, cfg.data_stat_protect)
-    if cfg.mask_type is not None:  # the MASK pseudo-type is never a centre in the data: give it the mean statistics
+
+    def mask_mean() -> None:  # the MASK pseudo-type is never a centre in the data: give it the mean statistics
         present = sorted({int(t) for ds in datasets.values() for s in ds.systems for t in np.unique(s.atype)})
         for m in model.descriptor.modules():
             if isinstance(m, EnvMatBlock):
                 m.mean[cfg.mask_type] = m.mean[present].mean(0)
                 m.stddev[cfg.mask_type] = m.stddev[present].mean(0)
-    if stat is not None and cached is None:
-        stat.put(key, {k: v.detach().cpu().clone() for k, v in bufs.items()})
+
+    env_stats(model.descriptor, stat, key,
+              lambda: [x for n, ds in datasets.items() for x in stat_samples(ds, nbatch, dev, model.dtype, frames[n])],
+              cfg.data_stat_protect, log, adjust=mask_mean if cfg.mask_type is not None else None)
     out = {}
     for name in model.energy_branches:  # N b = E - E_net on the branch's data, as stats.fit_statistics
         model.heads[name].out_bias.zero_()

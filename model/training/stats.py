@@ -117,6 +117,25 @@ def stat_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def env_stats(descriptor, stat: "StatFile | None", key, samples: Callable[[], list], protect: float, log=print,
+              adjust: Callable[[], None] | None = None) -> None:
+    """The descriptor's env-matrix statistics from the stat file under `key` when it holds them,
+    else from `samples()` (then `adjust()`, e.g. for a pseudo-type no frame has), stored under
+    `key` for the next run."""
+    bufs = stat_buffers(descriptor)
+    cached = None if stat is None else stat.get(key)
+    if cached is not None and set(cached) == set(bufs):
+        for k, v in cached.items():
+            bufs[k].copy_(v)
+        log(f"env-matrix statistics from {stat.path}")
+        return
+    descriptor.set_stats(samples(), protect)
+    if adjust is not None:
+        adjust()
+    if stat is not None:
+        stat.put(key, {k: v.detach().cpu().clone() for k, v in bufs.items()})
+
+
 def fit_statistics(model, ds: DataSet, nbatch: int, protect: float, log=print, stat: "StatFile | None" = None,
                    seed: int = 0) -> dict:
     """Set the descriptor's env-matrix stats and the energy bias from a sample of the training data."""
@@ -124,16 +143,7 @@ def fit_statistics(model, ds: DataSet, nbatch: int, protect: float, log=print, s
     frames = stat_frames(ds, nbatch, seed)
     key = None if stat is None else stat.key("env", data_fingerprint(ds.systems, frames),
                                                model.descriptor.cfg.model_dump(mode="json"), protect)
-    cached = None if stat is None else stat.get(key)
-    bufs = stat_buffers(model.descriptor)
-    if cached is not None and set(cached) == set(bufs):
-        for k, v in cached.items():
-            bufs[k].copy_(v)
-        log(f"env-matrix statistics from {stat.path}")
-    else:
-        model.descriptor.set_stats(list(stat_samples(ds, nbatch, dev, model.dtype, frames)), protect)
-        if stat is not None:
-            stat.put(key, {k: v.detach().cpu().clone() for k, v in bufs.items()})
+    env_stats(model.descriptor, stat, key, lambda: list(stat_samples(ds, nbatch, dev, model.dtype, frames)), protect, log)
     model.out_bias.zero_()
     bias, rmse = sampled_energy_bias(model, ds, frames, len(model.type_map))
     model.out_bias.copy_(torch.as_tensor(bias, dtype=model.dtype))
