@@ -18,7 +18,7 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
-from .artifacts import TRAINING_FILES, model_file
+from .artifacts import MODEL_FILE, TRAINING_FILES, model_file
 from .common import copy_outputs, pick_root, set_threads, split_paths, trace, user_errors_are_fatal, write_json
 from .training import launcher_for, run_training
 
@@ -33,7 +33,7 @@ def torchrun_student(launcher: list[str]):
         shutil.rmtree(out, ignore_errors=True)  # as in one process: a fresh student, never a resumed one
         metrics = run_training("single", tcfg.model_dump(mode="json"), out, source="stages.distill.config.student",
                                launcher=launcher, log=log)
-        return TrainResult(out, out / "model.ckpt", out / "lcurve.csv", metrics)
+        return TrainResult(out, out / MODEL_FILE, out / "lcurve.csv", metrics)
 
     return train_student
 

@@ -18,6 +18,7 @@ from typing import List
 
 from dflow.python import OP, OPIO, Artifact, OPIOSign, Parameter
 
+from .artifacts import TRAINING_FILES
 from .checkpoint_store import StoreConfig
 from .common import (
     copy_outputs,
@@ -32,8 +33,6 @@ from .common import (
     write_json,
 )
 from .training import launcher_for, run_training
-
-OUTPUT_FILES = ["model.ckpt", "lcurve.csv", "lcurve.png", "train.json"]
 
 
 def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *, type_map: list[str],
@@ -53,7 +52,7 @@ def run_pretrain(config: dict, data: Path, datasets: list[str], out_dir: Path, *
     cfg = train_config_dict(config, type_map, split_paths(root, name, "train"), split_paths(root, name, "valid"),
                             dataset_fmt(root, name), threads)
     metrics = run_training("single", cfg, work, source=f"stages.pretrain ({name})", store=store, launcher=launcher, log=log)
-    copy_outputs(work, out, OUTPUT_FILES)
+    copy_outputs(work, out, TRAINING_FILES)
     heads = {name: {"train": split_paths(root, name, "train"), "valid": split_paths(root, name, "valid"),
                     "fmt": dataset_fmt(root, name)}}
     summary = {"kind": "single-task", "heads": _with_baselines({name: _headline(metrics)}, heads, type_map),
@@ -75,7 +74,7 @@ def _run_multitask(config: dict, data: Path, datasets: list[str], out: Path, wor
 
     cfg = multitask_layout(config, heads, type_map, threads)
     metrics = run_training("multitask", cfg, work, source="stages.pretrain", store=store, launcher=launcher, log=log)
-    copy_outputs(work, out, OUTPUT_FILES)
+    copy_outputs(work, out, TRAINING_FILES)
     energy_heads = {h: p for h, p in heads.items() if h not in (config.get("denoise") or {})}
     summary = {"kind": "multi-task",
                "heads": _with_baselines({h: _headline(m) for h, m in metrics.get("branches", {}).items()}, energy_heads,

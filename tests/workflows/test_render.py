@@ -162,28 +162,34 @@ def test_gpu_fields_appear_on_gpu_stages_only(manifest):
             assert "nvidia.com" not in json.dumps(t)
 
 
-def test_no_secret_from_the_environment_reaches_the_manifest(tmp_path, monkeypatch):
+def render_with_real_keys(spec_path, secrets: dict, monkeypatch) -> tuple[dict, str]:
+    """Render as `lamflow submit` does once configure_argo has put the real keys (from the
+    environment) into dflow: (the manifest, the S3 secret key dflow held while rendering)."""
+    from dflow import config, s3_config
+
     from lamflow.workflows.dflow_config import ArgoEnv, configure_argo
 
-    secrets = {"LAMFLOW_ARGO_TOKEN": "tok-3f9a7c1e5b", "LAMFLOW_S3_ACCESS_KEY": "AKIA7QZ3EXAMPLE",
-               "LAMFLOW_S3_SECRET_KEY": "s3cr3t-9d8e7f6a5b4c"}
     for k, v in secrets.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("LAMFLOW_ARGO_HOST", "https://127.0.0.1:9")
     monkeypatch.setenv("LAMFLOW_S3_ENDPOINT", "127.0.0.1:9")
     monkeypatch.setenv("LAMFLOW_S3_BUCKET", "lamflow-artifacts")
-    spec = load_spec(gpu_doc(tmp_path))
-    env = ArgoEnv.from_env(spec)
-    from dflow import config, s3_config
-
+    spec = load_spec(spec_path)
     saved = dict(config), dict(s3_config)
     try:
-        configure_argo(env, spec)  # what `lamflow submit` does: dflow now holds the real keys
-        assert s3_config["secret_key"] == secrets["LAMFLOW_S3_SECRET_KEY"]
-        text = json.dumps(render_manifest(spec))
+        configure_argo(ArgoEnv.from_env(spec), spec)
+        return render_manifest(spec), s3_config["secret_key"]
     finally:
         config.update(saved[0])
         s3_config.update(saved[1])
+
+
+def test_no_secret_from_the_environment_reaches_the_manifest(tmp_path, monkeypatch):
+    secrets = {"LAMFLOW_ARGO_TOKEN": "tok-3f9a7c1e5b", "LAMFLOW_S3_ACCESS_KEY": "AKIA7QZ3EXAMPLE",
+               "LAMFLOW_S3_SECRET_KEY": "s3cr3t-9d8e7f6a5b4c"}
+    m, held = render_with_real_keys(gpu_doc(tmp_path), secrets, monkeypatch)
+    assert held == secrets["LAMFLOW_S3_SECRET_KEY"]  # dflow held the real keys while rendering
+    text = json.dumps(m)
     for k, v in secrets.items():
         assert v not in text, f"{k} leaked into the manifest"
     assert '\\"secret_key\\": \\"\\"' in text  # dflow's embedded s3 config has a blank key

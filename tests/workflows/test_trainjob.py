@@ -226,27 +226,11 @@ def test_a_trainjob_node_trains_from_published_inputs_and_hands_the_model_to_col
 
 
 def test_production_template_pretrains_on_two_nodes_of_eight_gpus_and_fine_tunes_on_one_each(monkeypatch):
-    from test_render import REPO
-
-    from lamflow.workflows.dflow_config import ArgoEnv, configure_argo
+    from test_render import REPO, render_with_real_keys
 
     secrets = {"LAMFLOW_ARGO_TOKEN": "tok-prod-8e1f2a", "LAMFLOW_S3_ACCESS_KEY": "AKIAPRODEXAMPLE7",
                "LAMFLOW_S3_SECRET_KEY": "prod-s3cr3t-1a2b3c4d"}
-    for k, v in secrets.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("LAMFLOW_ARGO_HOST", "https://127.0.0.1:9")
-    monkeypatch.setenv("LAMFLOW_S3_ENDPOINT", "127.0.0.1:9")
-    monkeypatch.setenv("LAMFLOW_S3_BUCKET", "lamflow-artifacts")
-    spec = load_spec(REPO / "templates" / "dpa2-production.yaml")
-    from dflow import config, s3_config
-
-    saved = dict(config), dict(s3_config)
-    try:
-        configure_argo(ArgoEnv.from_env(spec), spec)  # as `lamflow submit` does: dflow holds the real keys now
-        m = render_manifest(spec)
-    finally:
-        config.update(saved[0])
-        s3_config.update(saved[1])
+    m, _ = render_with_real_keys(REPO / "templates" / "dpa2-production.yaml", secrets, monkeypatch)
     text = json.dumps(m)
     for k, v in secrets.items():
         assert v not in text, f"{k} leaked into the manifest"
